@@ -1,0 +1,34 @@
+# Quickstart: `make train` and `make test`. Both set up .venv first (once).
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+ARGS   ?=
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup train test test-fast embedded-model setup-vllm clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# Pin torch first: unpinned, pip would pull several GB of CUDA packages on a CPU machine.
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[dev]"
+	touch $(STAMP)
+
+train: setup
+	$(VENV)/bin/grpo train $(ARGS)
+
+test: setup
+	$(PY) -m pytest $(ARGS)
+
+test-fast: setup
+	$(PY) -m pytest -m "not slow" $(ARGS)
+
+# Rebuild the embedded default model (grpo/embedded_model) with this project's own `grpo sft`.
+embedded-model: setup
+	$(PY) -m grpo.embedded $(ARGS)
+
+clean:
+	rm -rf $(VENV) runs outputs .pytest_cache
