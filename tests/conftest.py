@@ -1,0 +1,30 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A randomly initialised 1-layer Llama with the embedded model's tokenizer (built, not downloaded)."""
+    from grpo.embedded import build_tokenizer, init_model
+
+    out = tmp_path_factory.mktemp("tiny_model")
+    tok = build_tokenizer(out)
+    init_model(out, tok, hidden=64, layers=1, seed=0)
+    return out
+
+
+def run_grpo(*args: str, timeout: int = 600):
+    """Run the real CLI in a subprocess; returns CompletedProcess with text output."""
+    import subprocess
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "grpo", *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=ROOT, env=env)

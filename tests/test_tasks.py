@@ -1,0 +1,99 @@
+import json
+
+import pytest
+
+from tasks.arithmetic import ArithmeticTask, is_held_out
+from tasks.base import Sample, TaskError, build_task, render_prompt
+from tasks.file import FileTask
+
+
+def test_arithmetic_is_deterministic_and_answers_are_right():
+    t1, t2 = ArithmeticTask(seed=3), ArithmeticTask(seed=3)
+    for i in range(50):
+        s = t1.train_sample(i)
+        assert s == t2.train_sample(i)
+        assert int(s.answer) == s.meta["a"] + s.meta["b"]
+        assert s.prompt == f"What is {s.meta['a']} + {s.meta['b']}?"
+    assert ArithmeticTask(seed=4).train_sample(0) != t1.train_sample(0) or ArithmeticTask(seed=4).train_sample(1) != t1.train_sample(1)
+
+
+def test_held_out_problems_are_never_trained_on():
+    t = ArithmeticTask(seed=0, eval_size=64)
+    held = {(s.meta["a"], s.meta["op"], s.meta["b"]) for s in t.eval_samples()}
+    assert all(is_held_out(a, op, b, 0.1) for a, op, b in held)
+    train = {(s.meta["a"], s.meta["op"], s.meta["b"]) for s in (t.train_sample(i) for i in range(2000))}
+    assert not held & train
+
+
+def test_arithmetic_rejects_bad_options():
+    with pytest.raises(TaskError, match="ops"):
+        ArithmeticTask(ops=["/"])
+    with pytest.raises(TaskError, match="unexpected keyword|bad option"):
+        build_task({"_target_": "tasks.arithmetic.ArithmeticTask", "max_operandz": 3})
+
+
+def test_build_task_unknown_target():
+    with pytest.raises(TaskError, match="cannot import"):
+        build_task({"_target_": "tasks.nope.Nope", "name": "nope"})
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_file_task_jsonl_split_and_epochs(tmp_path):
+    rows = [{"prompt": f"q{i}", "answer": i, "extra": "x"} for i in range(10)]
+    t = FileTask(path=str(write_jsonl(tmp_path / "d.jsonl", rows)), eval_size=3, seed=1)
+    assert len(t.eval_samples()) == 3 and len(t.train) == 7
+    first_epoch = [t.train_sample(i).prompt for i in range(7)]
+    assert sorted(first_epoch) == sorted(s.prompt for s in t.train)  # each row once per epoch
+    assert {s.prompt for s in t.eval_samples()}.isdisjoint(first_epoch)
+    s = t.train_sample(0)
+    assert isinstance(s.answer, str) and s.fields()["extra"] == "x"
+
+
+def test_file_task_parquet(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"prompt": ["a", "b", "c", "d"], "answer": ["1", "2", "3", "4"]}), tmp_path / "d.parquet")
+    t = FileTask(path=str(tmp_path / "d.parquet"), eval_size=1)
+    assert len(t.train) == 3 and t.eval_samples()[0].answer in {"1", "2", "3", "4"}
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ({"prompt": "q"}, r"d.jsonl: row 1: missing field 'answer'"),
+        ({"answer": "3"}, r"d.jsonl: row 1: missing field 'prompt'"),
+        ({"prompt": 5, "answer": "3"}, r"d.jsonl: row 1: field 'prompt' must be a string"),
+    ],
+)
+def test_file_task_bad_rows_name_file_row_field(tmp_path, row, message):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "ok", "answer": "1"}, row])
+    with pytest.raises(TaskError, match=message):
+        FileTask(path=str(path))
+
+
+def test_file_task_bad_json_names_line(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"prompt": "a", "answer": "1"}\n{oops\n')
+    with pytest.raises(TaskError, match=r"d.jsonl: line 2: not valid JSON"):
+        FileTask(path=str(p))
+
+
+def test_file_task_missing_file(tmp_path):
+    with pytest.raises(TaskError, match="file not found"):
+        FileTask(path=str(tmp_path / "nope.jsonl"))
+
+
+def test_render_prompt_uses_chat_template(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    s = Sample(prompt="What is 1 + 2?")
+    assert render_prompt(tok, s) == "<|user|>What is 1 + 2?<|end|><|assistant|>"
+    assert render_prompt(tok, s, "Be brief.") == "<|system|>Be brief.<|end|><|user|>What is 1 + 2?<|end|><|assistant|>"
+    tok.chat_template = None
+    assert render_prompt(tok, s) == "What is 1 + 2?"
