@@ -1,0 +1,87 @@
+"""Checkpoints that are written atomically and resume a run exactly.
+
+Layout: <run_dir>/checkpoints/step_000040/
+    model/          the policy in Hugging Face format (from_pretrained, vLLM) with its tokenizer
+    state.pt        optimizer, scheduler, RNG states, data position, step
+and <run_dir>/checkpoints/latest, a one-line file naming the newest complete checkpoint.
+
+A checkpoint is assembled in a temporary sibling directory and renamed into place, and `latest`
+is replaced with os.replace, so a crash mid-write leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def rng_state() -> dict[str, Any]:
+    s = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        s["cuda"] = torch.cuda.get_rng_state_all()
+    return s
+
+
+def set_rng_state(s: dict[str, Any]) -> None:
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save(run_dir: Path, step: int, model, tokenizer, state: dict[str, Any], keep: int = 2) -> Path:
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:06d}"
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp_step_{step:06d}_"))
+    try:
+        model.save_pretrained(tmp / "model")
+        tokenizer.save_pretrained(tmp / "model")
+        torch.save({**state, "step": step, "rng": rng_state()}, tmp / "state.pt")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _write_atomic(root / "latest", final.name + "\n")
+    if keep > 0:
+        for old in sorted(root.glob("step_*"))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def find(run_dir: Path, resume: Any) -> Path | None:
+    """The checkpoint to resume from: `resume` is true (newest in run_dir) or a checkpoint path."""
+    if resume in (None, False, "", "false"):
+        return None
+    if resume is True or resume == "true":
+        latest = Path(run_dir) / "checkpoints" / "latest"
+        if not latest.exists():
+            raise FileNotFoundError(f"trainer.resume=true but {latest} does not exist: pass the run's hydra.run.dir")
+        return latest.parent / latest.read_text().strip()
+    p = Path(str(resume))
+    if not (p / "state.pt").exists():
+        raise FileNotFoundError(f"trainer.resume={resume}: not a checkpoint (no state.pt)")
+    return p
+
+
+def load_state(ckpt: Path) -> dict[str, Any]:
+    return torch.load(ckpt / "state.pt", weights_only=False)

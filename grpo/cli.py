@@ -1,0 +1,168 @@
+"""`grpo <command>`: train | sft | verify | verifiers | sandbox.
+
+Hydra stays here, at the edge: `train` and `sft` compose a config from conf/ plus the overrides
+on the command line and pass plain values on. Errors in what the user typed end the command with
+one line naming the problem (exit 2), not a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+USAGE = """usage: grpo <command> [args]
+
+commands:
+  train [key=value ...]      GRPO training (Hydra overrides, e.g. task=file task.path=x.jsonl)
+  sft [key=value ...]        supervised fine-tuning on prompt/completion rows
+  verify --verifier NAME FILE.jsonl
+                             score each line ({"completion", ...fields}); prints JSON lines
+  verifiers                  list the verifiers that can be named
+  sandbox run|serve ...      run a program in the sandbox, or serve the sandbox over HTTP
+"""
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+class UserError(Exception):
+    """A mistake in the command, config or data: reported in one line, exit status 2."""
+
+
+def _user_errors():
+    from grpo.modeling import ModelError
+    from grpo.trainer import ConfigError
+    from tasks.base import TaskError
+    from verifiers.registry import VerifierNotFound
+
+    return (UserError, ModelError, ConfigError, TaskError, VerifierNotFound, FileNotFoundError)
+
+
+def _hydra_job(config_name: str, fn, argv: list[str]) -> int:
+    import hydra
+    from omegaconf import OmegaConf
+
+    result = {"rc": 0}
+
+    @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name=config_name)
+    def job(cfg) -> None:
+        from hydra.core.hydra_config import HydraConfig
+
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        try:
+            plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        except Exception as e:  # a ??? left unset
+            print(f"grpo {config_name}: config error: {e}", file=sys.stderr)
+            result["rc"] = 2
+            return
+        try:
+            fn(plain, run_dir)
+        except _user_errors() as e:
+            print(f"grpo {config_name}: error: {e}", file=sys.stderr)
+            result["rc"] = 2
+
+    saved = sys.argv
+    sys.argv = [f"grpo {config_name}"] + argv
+    try:
+        job()
+    finally:
+        sys.argv = saved
+    return result["rc"]
+
+
+def _train(cfg: dict, run_dir: Path) -> None:
+    from grpo.trainer import train
+
+    train(cfg, run_dir)
+
+
+def _sft(cfg: dict, run_dir: Path) -> None:
+    from grpo.sft import run_sft
+
+    out = run_sft(cfg, run_dir)
+    print(f"sft done: model saved to {out}")
+
+
+def verify_main(argv: list[str]) -> int:
+    import argparse
+
+    from verifiers.registry import build_verifier
+
+    ap = argparse.ArgumentParser(prog="grpo verify", description="Score completions in a JSONL file.")
+    ap.add_argument("--verifier", required=True, help="a verifier name (see `grpo verifiers`)")
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("file", help="JSONL: one object per line with `completion` and the fields the verifier needs")
+    a = ap.parse_args(argv)
+    verifier = build_verifier(a.verifier)
+    rows = []
+    with open(a.file, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{a.file}: line {i}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("completion"), str):
+                raise UserError(f"{a.file}: line {i}: missing field 'completion' (a string)")
+            rows.append(row)
+    from verifiers.compose import score_isolated
+
+    for start in range(0, len(rows), a.batch_size):
+        chunk = rows[start:start + a.batch_size]
+        scores, _ = score_isolated(verifier, [r["completion"] for r in chunk], chunk)
+        for s in scores:
+            print(json.dumps({"reward": s.reward, "info": s.info}, default=str), flush=True)
+    return 0
+
+
+def verifiers_main(argv: list[str]) -> int:
+    from verifiers.registry import available
+
+    for name, origin in sorted(available().items()):
+        print(f"{name:16s} {origin}")
+    return 0
+
+
+def sandbox_main(argv: list[str]) -> int:
+    try:
+        from sandbox.cli import cli_main
+    except ImportError as e:
+        raise UserError(f"the sandbox is not available: {e}") from e
+    return cli_main(argv)
+
+
+COMMANDS = {
+    "train": lambda argv: _hydra_job("train", _train, argv),
+    "sft": lambda argv: _hydra_job("sft", _sft, argv),
+    "verify": verify_main,
+    "verifiers": verifiers_main,
+    "sandbox": sandbox_main,
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        sys.exit(0)
+    cmd, rest = argv[0], argv[1:]
+    if cmd not in COMMANDS:
+        print(f"grpo: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        rc = COMMANDS[cmd](rest)
+    except _user_errors() as e:
+        print(f"grpo {cmd}: error: {e}", file=sys.stderr)
+        rc = 2
+    sys.exit(rc or 0)
+
+
+def compose_config(config_name: str, overrides: list[str] | None = None) -> dict:
+    """The plain config that `grpo <config_name> overrides...` would run with (for Python use and tests)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(version_base="1.3", config_dir=CONF_DIR):
+        cfg = compose(config_name=config_name, overrides=list(overrides or []))
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)

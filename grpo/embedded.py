@@ -1,0 +1,125 @@
+"""The embedded default model: a ~1M-parameter Llama with a character-level tokenizer.
+
+Rebuild it with `make embedded-model` (= `python -m grpo.embedded`), which
+  1. writes a character-level tokenizer with a chat template,
+  2. initialises a LlamaForCausalLM from a config (head_dim 64, as vLLM's CPU backend needs),
+  3. writes procedural SFT data from the arithmetic task's *training* split, and
+  4. runs this project's own `grpo sft` on it, then copies the result into grpo/embedded_model.
+
+The SFT targets are right only `P_CORRECT` of the time (the rest are near misses such as
+off-by-one or a wrong carry), on purpose: the model learns the answer format and a spread of
+candidate answers, so sampling from it starts with a nonzero but clearly improvable reward, the
+situation GRPO is for. The default GRPO run then sharpens it towards the right answers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from grpo.modeling import EMBEDDED_MODEL_DIR
+from tasks.arithmetic import ArithmeticTask
+
+SPECIAL_TOKENS = ["<|pad|>", "<|end|>", "<|user|>", "<|assistant|>", "<|system|>", "<|unk|>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+P_CORRECT = 0.5
+NEAR_MISSES = (-10, -2, -1, 1, 2, 10)
+
+
+def build_tokenizer(out: Path):
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [chr(i) for i in range(32, 127)] + ["\n"]
+    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS + chars)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<|unk|>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")  # one token per character
+    core.decoder = decoders.Fuse()
+    core.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core, eos_token="<|end|>", pad_token="<|pad|>", unk_token="<|unk|>",
+        additional_special_tokens=["<|user|>", "<|assistant|>", "<|system|>"],
+    )
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(out)
+    return tok
+
+
+def init_model(out: Path, tok, hidden: int = 128, layers: int = 4, seed: int = 0):
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
+        num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64, head_dim=64,
+        max_position_embeddings=256, tie_word_embeddings=True, pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id, bos_token_id=None,
+    )
+    model = LlamaForCausalLM(cfg)
+    model.generation_config = GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model.save_pretrained(out)
+    return model
+
+
+def completion(answer: int) -> str:
+    return f"\\boxed{{{answer}}}"
+
+
+def sft_rows(n: int, seed: int) -> list[dict]:
+    """Training-split arithmetic problems; the target answer is right with probability P_CORRECT."""
+    task = ArithmeticTask(seed=seed + 1000)  # another stream than the GRPO run's, same split
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        s = task.train_sample(i)
+        ans = int(s.answer)
+        if rng.random() >= P_CORRECT:
+            ans = ans + rng.choice(NEAR_MISSES)
+        rows.append({"prompt": s.prompt, "completion": completion(ans)})
+    return rows
+
+
+def build(out_dir: Path, steps: int, rows: int, seed: int, extra: list[str]) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        init = tmp / "init"
+        tok = build_tokenizer(init)
+        init_model(init, tok, seed=seed)
+        data = tmp / "sft.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in sft_rows(rows, seed)))
+        run = tmp / "run"
+        cmd = [sys.executable, "-m", "grpo", "sft", f"model.path={init}", f"data.path={data}",
+               f"trainer.max_steps={steps}", f"trainer.seed={seed}", f"hydra.run.dir={run}", *extra]
+        print("+", " ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(run / "model", out_dir)
+    size = sum(f.stat().st_size for f in out_dir.iterdir())
+    print(f"embedded model written to {out_dir} ({size / 1e6:.1f} MB)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m grpo.embedded", description="Rebuild the embedded default model.")
+    ap.add_argument("--out", type=Path, default=EMBEDDED_MODEL_DIR)
+    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--rows", type=int, default=50000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for `grpo sft`")
+    a = ap.parse_args(argv)
+    build(a.out, a.steps, a.rows, a.seed, a.overrides)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""Rollouts with transformers' ``generate``: batched, KV cache, left padding, stops at EOS.
+
+The engine holds the trainer's own model object, so there are no weights to sync.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from grpo.rollout.base import Rollout, SamplingParams
+
+
+def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B] ragged -> input_ids [B, L], attention_mask [B, L], padded on the left."""
+    L = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), L), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, L - len(s):] = torch.tensor(s, dtype=torch.long)
+            mask[i, L - len(s):] = 1
+    return ids, mask
+
+
+class HFEngine:
+    def __init__(self, model, tokenizer, batch_size: int = 256):
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.eos_ids = _eos_ids(model, tokenizer)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingParams) -> Rollout:
+        rows = [p for p in prompt_ids for _ in range(n)]  # [N] prompt-major
+        out = Rollout(prompt_ids=rows, completion_ids=[], texts=[], logprobs=[], finished=[])
+        if sampling.seed is not None:
+            torch.manual_seed(sampling.seed)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for start in range(0, len(rows), self.batch_size):
+                self._generate_chunk(rows[start:start + self.batch_size], sampling, out)
+        finally:
+            self.model.train(was_training)
+        return out
+
+    def _generate_chunk(self, rows: list[list[int]], sp: SamplingParams, out: Rollout) -> None:
+        ids, mask = left_pad(rows, self.pad_id)  # [B, P]
+        greedy = sp.temperature <= 0
+        kwargs = dict(
+            do_sample=not greedy,
+            max_new_tokens=sp.max_new_tokens,
+            eos_token_id=self.eos_ids,
+            pad_token_id=self.pad_id,
+            return_dict_in_generate=True,
+            output_logits=True,
+            use_cache=True,
+        )
+        if not greedy:
+            kwargs.update(temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k or None)
+        if sp.stop:
+            kwargs.update(stop_strings=list(sp.stop), tokenizer=self.tokenizer)
+        gen = self.model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+        new = gen.sequences[:, ids.shape[1]:]  # [B, T]
+        # Sampling log-probs at temperature, before truncation; greedy decoding uses T = 1.
+        logits = torch.stack(gen.logits, dim=1).float()  # [B, T, V]
+        temp = sp.temperature if not greedy else 1.0
+        lp = torch.log_softmax(logits / temp, dim=-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)  # [B, T]
+        for i in range(new.shape[0]):
+            toks = new[i].tolist()
+            length, finished = len(toks), False
+            for t, tok in enumerate(toks):
+                if tok in self.eos_ids:
+                    length, finished = t + 1, True
+                    break
+            toks = toks[:length]
+            text = self.tokenizer.decode(toks, skip_special_tokens=True)
+            if not finished and sp.stop:
+                finished, toks, text = _cut_at_stop(toks, text, sp.stop, self.tokenizer)
+                length = len(toks)
+            out.completion_ids.append(toks)
+            out.logprobs.append(lp[i, :length].tolist())
+            out.texts.append(text)
+            out.finished.append(finished)
+
+    def update_weights(self, named_params: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """The engine shares the trainer's module: nothing to copy."""
+
+    def close(self) -> None:
+        pass
+
+
+def _cut_at_stop(toks: list[int], text: str, stops: list[str], tokenizer) -> tuple[bool, list[int], str]:
+    """Keep tokens up to and including the one that completes the first stop string."""
+    for t in range(1, len(toks) + 1):
+        prefix = tokenizer.decode(toks[:t], skip_special_tokens=True)
+        if any(s in prefix for s in stops):
+            return True, toks[:t], prefix
+    return False, toks, text
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    ids = []
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for e in (gen_eos if isinstance(gen_eos, list) else [gen_eos]) + [tokenizer.eos_token_id]:
+        if e is not None and e not in ids:
+            ids.append(int(e))
+    if not ids:
+        raise ValueError("the tokenizer has no eos_token and the model's generation_config names none")
+    return ids

@@ -1,0 +1,90 @@
+"""Metrics: `metrics.jsonl` in every run dir, and wandb on top when asked for.
+
+Each line of metrics.jsonl is one JSON object with `step`; training records carry `reward/mean`,
+`loss`, `kl`, `time/step` ...; evaluation records carry `eval/reward/mean` ...
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import netrc
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+
+def _clean(v: Any) -> Any:
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+class JsonlLogger:
+    def __init__(self, run_dir: Path, resume_step: int | None = None):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        if resume_step is not None and self.path.exists():
+            # Drop records past the checkpoint: the resumed run writes those steps again.
+            keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= resume_step]
+            self.path.write_text("".join(ln + "\n" for ln in keep))
+        self._f = self.path.open("a", encoding="utf-8")
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        self._f.write(json.dumps({"step": step, **{k: _clean(v) for k, v in metrics.items()}}) + "\n")
+        self._f.flush()
+
+    def log_samples(self, rows: list[dict[str, Any]], step: int) -> None:
+        pass
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def _has_wandb_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+
+
+class WandbLogger(JsonlLogger):
+    def __init__(self, run_dir: Path, config: dict[str, Any], project: str = "grpo", entity: str | None = None,
+                 name: str | None = None, tags: list[str] | None = None, mode: str = "auto",
+                 resume_step: int | None = None, **_: Any):
+        super().__init__(run_dir, resume_step)
+        import wandb
+
+        if mode == "auto":
+            mode = "online" if _has_wandb_key() else "offline"
+        self.mode = mode
+        id_file = Path(run_dir) / ".wandb_id"
+        run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
+        id_file.write_text(run_id)
+        self.run = wandb.init(project=project, entity=entity, name=name or Path(run_dir).name, tags=tags or [],
+                              config=config, dir=str(run_dir), mode=mode, id=run_id, resume="allow")
+        self._wandb = wandb
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        super().log(metrics, step)
+        self.run.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+
+    def log_samples(self, rows: list[dict[str, Any]], step: int) -> None:
+        if rows:
+            cols = list(rows[0])
+            table = self._wandb.Table(columns=["step", *cols], data=[[step, *[r[c] for c in cols]] for r in rows])
+            self.run.log({"samples": table}, step=step)
+
+    def close(self) -> None:
+        super().close()
+        self.run.finish()
+
+
+def build_logger(cfg: dict[str, Any], run_dir: Path, full_config: dict[str, Any], resume_step: int | None):
+    backend = cfg.get("backend", "jsonl")
+    if backend == "jsonl":
+        return JsonlLogger(run_dir, resume_step)
+    if backend == "wandb":
+        opts = {k: v for k, v in cfg.items() if k != "backend"}
+        return WandbLogger(run_dir, full_config, resume_step=resume_step, **opts)
+    raise ValueError(f"logger.backend must be wandb or jsonl, got {backend!r}")

@@ -1,0 +1,61 @@
+import torch
+
+from grpo.modeling import load_model, load_tokenizer, pack, token_logprobs
+from grpo.rollout.base import SamplingParams
+from grpo.rollout.hf import HFEngine, left_pad
+
+
+def test_left_pad():
+    ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def engine(path):
+    tok = load_tokenizer(str(path))
+    model = load_model(str(path))
+    return tok, model, HFEngine(model, tok)
+
+
+def test_greedy_is_independent_of_batch_padding(tiny_model_dir):
+    tok, model, eng = engine(tiny_model_dir)
+    short = tok("<|user|>1+1<|end|><|assistant|>", add_special_tokens=False)["input_ids"]
+    long = tok("<|user|>What is 12 + 34 and more text?<|end|><|assistant|>", add_special_tokens=False)["input_ids"]
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=8)
+    alone = eng.generate([short], 1, greedy)
+    batched = eng.generate([long, short], 1, greedy)
+    # Left padding with correct position ids: the short prompt decodes the same with or without a longer neighbour.
+    assert batched.completion_ids[1] == alone.completion_ids[0]
+    torch.testing.assert_close(torch.tensor(batched.logprobs[1]), torch.tensor(alone.logprobs[0]), atol=1e-5, rtol=0)
+
+
+def test_sampling_shapes_and_logprobs_match_the_trainer(tiny_model_dir):
+    tok, model, eng = engine(tiny_model_dir)
+    prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in ("<|user|>a<|end|><|assistant|>", "<|user|>bcd<|end|>")]
+    torch.manual_seed(0)
+    ro = eng.generate(prompts, 3, SamplingParams(temperature=0.7, max_new_tokens=6))
+    assert len(ro.completion_ids) == 6 and ro.prompt_ids[0] == ro.prompt_ids[2] == prompts[0] and ro.prompt_ids[3] == prompts[1]
+    for ids, lps, fin in zip(ro.completion_ids, ro.logprobs, ro.finished):
+        assert len(ids) == len(lps) and 1 <= len(ids) <= 6
+        assert fin == (ids[-1] == tok.eos_token_id)
+        assert all(lp <= 0 for lp in lps)
+    # The trainer's forward (left-padded prompts, right-padded completions) gives the same log-probs.
+    ids, attn, pos, comp, mask = pack(ro.prompt_ids, ro.completion_ids, tok.pad_token_id)
+    with torch.no_grad():
+        logp = token_logprobs(model, ids, attn, pos, comp.shape[1], temperature=0.7)
+    for i, lps in enumerate(ro.logprobs):
+        torch.testing.assert_close(logp[i, : len(lps)], torch.tensor(lps), atol=1e-4, rtol=0)
+
+
+def test_stops_at_eos(tiny_model_dir):
+    tok, model, eng = engine(tiny_model_dir)
+    # An LM head whose only output is a large EOS bias: every completion must be exactly [EOS].
+    head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=True)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+        head.bias[tok.eos_token_id] = 50.0
+    model.lm_head = head
+    ro = eng.generate([[tok.convert_tokens_to_ids("a")]], 4, SamplingParams(temperature=1.0, max_new_tokens=5))
+    assert all(c == [tok.eos_token_id] for c in ro.completion_ids)
+    assert ro.texts == [""] * 4 and all(ro.finished)

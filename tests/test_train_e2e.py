@@ -1,0 +1,116 @@
+"""Short real training runs on a tiny config-built model (CPU, seconds each)."""
+
+import json
+
+import pytest
+import torch
+
+from grpo.cli import compose_config
+from grpo.trainer import train
+from tests.conftest import run_grpo
+
+pytestmark = pytest.mark.slow
+TOY = "task.verifiers=[{_target_: tests.toy_verifiers.DigitFraction}]"
+
+
+def cfg_for(model_dir, *overrides):
+    return compose_config("train", [
+        f"model.path={model_dir}", "logger=jsonl", "trainer.prompts_per_step=4", "algorithm.group_size=4",
+        "rollout.max_new_tokens=6", "trainer.eval_size=8", "task.eval_size=8", TOY, *overrides])
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_run_writes_metrics_and_a_loadable_checkpoint(tiny_model_dir, tmp_path):
+    summary = train(cfg_for(tiny_model_dir, "trainer.max_steps=3", "trainer.eval_every=2", "trainer.save_every=0",
+                            "algorithm.beta=0.1", "algorithm.epochs=2"), tmp_path)
+    recs = read_metrics(tmp_path)
+    train_recs = [r for r in recs if "reward/mean" in r]
+    eval_recs = [r for r in recs if "eval/reward/mean" in r]
+    assert [r["step"] for r in train_recs] == [1, 2, 3]
+    assert [r["step"] for r in eval_recs] == [0, 2, 3]  # before training, every 2 steps, after the last
+    for key in ("loss", "kl", "time/step", "reward/digit_fraction/mean", "clip/frac", "entropy", "grad_norm",
+                "rollout/logprob_abs_diff/max", "groups/zero_std_frac"):
+        assert key in train_recs[0], key
+    # The hf engine samples from the trainer's own module: its log-probs agree with the trainer's.
+    assert all(r["rollout/logprob_abs_diff/max"] < 1e-4 for r in train_recs)
+    # beta > 0 and a changed policy after step 1: the k3 KL of step 2+ is positive.
+    assert train_recs[-1]["kl"] > 0
+    ckpt = tmp_path / "checkpoints" / "step_000003"
+    assert summary["checkpoint"] == str(ckpt)
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_000003"
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(ckpt / "model")
+    assert loaded.config.head_dim == 64
+    assert not list(tmp_path.glob("checkpoints/.tmp*"))  # no half-written checkpoint left behind
+
+
+def test_resume_reproduces_the_uninterrupted_run(tiny_model_dir, tmp_path):
+    common = ["trainer.eval_every=0", "trainer.save_every=2", "optim.lr=1e-2", "algorithm.beta=0.05"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    train(cfg_for(tiny_model_dir, "trainer.max_steps=4", *common), full)
+    train(cfg_for(tiny_model_dir, "trainer.max_steps=2", *common), part)
+    train(cfg_for(tiny_model_dir, "trainer.max_steps=4", "trainer.resume=true", *common), part)
+    a = {r["step"]: r for r in read_metrics(full) if "loss" in r}
+    b = {r["step"]: r for r in read_metrics(part) if "loss" in r}
+    assert sorted(b) == [1, 2, 3, 4]  # no duplicated or missing steps in the resumed log
+    for step in (3, 4):
+        for key in ("reward/mean", "loss", "grad_norm", "kl", "completion/len_mean"):
+            assert a[step][key] == b[step][key], (step, key)
+    from safetensors.torch import load_file
+
+    wa = load_file(full / "checkpoints/step_000004/model/model.safetensors")
+    wb = load_file(part / "checkpoints/step_000004/model/model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_a_raising_verifier_costs_samples_not_the_run(tiny_model_dir, tmp_path):
+    train(cfg_for(tiny_model_dir, "trainer.max_steps=2", "trainer.eval_every=0",
+                  "task.verifiers=[{_target_: tests.toy_verifiers.RaisesOnOdd}]"), tmp_path)
+    recs = [r for r in read_metrics(tmp_path) if "loss" in r]
+    assert len(recs) == 2
+    errors = sum(r["verifier/raises_on_odd/errors"] for r in recs)
+    # Rows with an odd first operand raise (reward 0); the others get 1, so the mean is the even share.
+    assert 0 < errors < 2 * 16
+    for r in recs:
+        assert r["reward/mean"] == pytest.approx(1 - r["verifier/raises_on_odd/errors"] / 16)
+
+
+def test_wandb_logger_writes_offline_run(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc with a key
+    cfg = cfg_for(tiny_model_dir, "trainer.max_steps=1", "trainer.eval_every=0")
+    cfg["logger"] = compose_config("train", ["logger=wandb"])["logger"]
+    train(cfg, tmp_path / "run")
+    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+    assert any("reward/mean" in r for r in read_metrics(tmp_path / "run"))
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["task=nope"], "Could not find 'task/nope'"),
+        (["trainer.max_stepz=3"], "max_stepz"),
+        (["model.path=/does/not/exist"], "model.path='/does/not/exist': no such directory"),
+        (["task.verifiers=[nope]"], "unknown verifier 'nope'"),
+        (["algorithm.loss_agg=sum"], "algorithm.loss_agg='sum': use one of"),
+    ],
+)
+def test_bad_config_stops_before_training_with_one_clear_message(args, message, tmp_path):
+    r = run_grpo("train", f"hydra.run.dir={tmp_path}", "logger=jsonl", *args, timeout=120)
+    assert r.returncode != 0
+    assert message in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_file_task_row_without_answer_is_reported(tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"prompt": "What is 1 + 1?", "answer": "2"}\n{"prompt": "What is 2 + 2?"}\n')
+    r = run_grpo("train", f"hydra.run.dir={tmp_path / 'run'}", "logger=jsonl", "task=file", f"task.path={data}", timeout=120)
+    assert r.returncode == 2
+    assert f"{data}: row 1: missing field 'answer'" in r.stderr
