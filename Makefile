@@ -10,6 +10,10 @@ STAMP  := $(VENV)/.installed
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
+	@# The code sandbox needs bubblewrap (bwrap) and util-linux (prlimit, setpriv) on the host.
+	@command -v bwrap >/dev/null || { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get update -qq && apt-get install -y -qq bubblewrap util-linux >/dev/null; \
+	  else echo "warning: bwrap not found; install bubblewrap for the code sandbox (see README)"; fi; }
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# Pin torch first: unpinned, pip would pull several GB of CUDA packages on a CPU machine.

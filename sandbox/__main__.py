@@ -1,0 +1,5 @@
+import sys
+
+from sandbox.cli import cli_main
+
+sys.exit(cli_main(sys.argv[1:]))

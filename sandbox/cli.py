@@ -1,0 +1,50 @@
+"""``grpo sandbox ...``: run a file in the sandbox, or serve sandboxes over HTTP."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from sandbox.core import Limits, Sandbox, SandboxUnavailable
+
+
+def cli_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="grpo sandbox", description="Run untrusted programs in an OS-level sandbox.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="run a Python file in a fresh sandbox")
+    r.add_argument("file")
+    r.add_argument("--stdin", help="file to feed on stdin")
+    r.add_argument("--timeout", type=float, default=10.0, help="wall and CPU seconds")
+    r.add_argument("--memory-mb", type=int, default=1024)
+    r.add_argument("--json", action="store_true", help="print the whole result as JSON")
+    s = sub.add_parser("serve", help="serve sandboxes over HTTP (no authentication: keep it private)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8377)
+    s.add_argument("--workers", type=int, default=2, help="sandboxes running at once")
+    s.add_argument("--max-queue", type=int, default=64, help="requests allowed to wait")
+    s.add_argument("--max-body", type=int, default=16 << 20, help="largest request in bytes")
+    a = p.parse_args(argv)
+    try:
+        if a.cmd == "run":
+            with open(a.file, "rb") as f:
+                program = f.read()
+            stdin = b""
+            if a.stdin:
+                with open(a.stdin, "rb") as f:
+                    stdin = f.read()
+            res = Sandbox().run(program, stdin, Limits(wall_time=a.timeout, cpu_time=a.timeout, memory_mb=a.memory_mb))
+            if a.json:
+                print(json.dumps(res.to_json(), indent=2))
+            else:
+                sys.stdout.buffer.write(res.stdout)
+                sys.stderr.buffer.write(res.stderr)
+                sys.stdout.flush()
+                print(f"[sandbox] status={res.status} exit={res.exit_code} wall={res.wall_time}s", file=sys.stderr)
+            return 0 if res.status == "ok" else (res.exit_code or 1)
+        from sandbox.server import serve
+        serve(a.host, a.port, workers=a.workers, max_queue=a.max_queue, max_body=a.max_body)
+        return 0
+    except SandboxUnavailable as e:
+        print(f"grpo sandbox: {e}", file=sys.stderr)
+        return 2
