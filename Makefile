@@ -10,9 +10,9 @@ STAMP  := $(VENV)/.installed
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
-	@# The code sandbox needs bubblewrap (bwrap) and util-linux (prlimit, setpriv) on the host.
-	@command -v bwrap >/dev/null || { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	  apt-get update -qq && apt-get install -y -qq bubblewrap util-linux >/dev/null; \
+	@# The code sandbox needs bubblewrap (bwrap), util-linux (prlimit, setpriv) and /usr/bin/python3 on the host.
+	@{ command -v bwrap && test -x /usr/bin/python3; } >/dev/null || { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get update -qq && apt-get install -y -qq bubblewrap util-linux python3 >/dev/null; \
 	  else echo "warning: bwrap not found; install bubblewrap for the code sandbox (see README)"; fi; }
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip

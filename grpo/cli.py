@@ -16,6 +16,7 @@ USAGE = """usage: grpo <command> [args]
 commands:
   train [key=value ...]      GRPO training (Hydra overrides, e.g. task=file task.path=x.jsonl)
   sft [key=value ...]        supervised fine-tuning on prompt/completion rows
+  eval [key=value ...]       evaluate a model or checkpoint on a task (pass@1, pass@k, maj@k)
   verify --verifier NAME FILE.jsonl
                              score each line ({"completion", ...fields}); prints JSON lines
   verifiers                  list the verifiers that can be named
@@ -83,6 +84,12 @@ def _sft(cfg: dict, run_dir: Path) -> None:
     print(f"sft done: model saved to {out}")
 
 
+def _eval(cfg: dict, run_dir: Path) -> None:
+    from grpo.evaluate import run_eval
+
+    run_eval(cfg, run_dir)
+
+
 def verify_main(argv: list[str]) -> int:
     import argparse
 
@@ -135,6 +142,7 @@ def sandbox_main(argv: list[str]) -> int:
 COMMANDS = {
     "train": lambda argv: _hydra_job("train", _train, argv),
     "sft": lambda argv: _hydra_job("sft", _sft, argv),
+    "eval": lambda argv: _hydra_job("eval", _eval, argv),
     "verify": verify_main,
     "verifiers": verifiers_main,
     "sandbox": sandbox_main,

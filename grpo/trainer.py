@@ -105,7 +105,7 @@ class Trainer:
 
         # Everything that can fail on user input is built before the first step.
         self.task = build_task(cfg["task"], seed=self.t["seed"])
-        self.reward_fn = RewardFunction(cfg["task"]["verifiers"])
+        self.reward_fn = RewardFunction(cfg["task"]["verifiers"], **cfg.get("verifier", {}))
         self.eval_set = self.task.eval_samples()[: self.t["eval_size"]]
         if not self.eval_set:
             raise TaskError("the task holds out no samples for evaluation")

@@ -48,7 +48,8 @@ def score_isolated(verifier: Any, completions: Sequence[str], samples: Sequence[
 
 
 class RewardFunction:
-    def __init__(self, specs: Sequence[str | Mapping[str, Any]]):
+    def __init__(self, specs: Sequence[str | Mapping[str, Any]], fail_fast: bool = False, timeout: float | None = None):
+        self.fail_fast, self.timeout = fail_fast, timeout  # TODO(issue 6): enforce both
         if not specs:
             raise ValueError("a task needs at least one verifier (task.verifiers)")
         self.entries = []
