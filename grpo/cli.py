@@ -34,9 +34,9 @@ def _user_errors():
     from grpo.modeling import ModelError
     from grpo.trainer import ConfigError
     from tasks.base import TaskError
-    from verifiers.registry import VerifierNotFound
+    from verifiers.registry import VerifierConfigError
 
-    return (UserError, ModelError, ConfigError, TaskError, VerifierNotFound, FileNotFoundError)
+    return (UserError, ModelError, ConfigError, TaskError, VerifierConfigError, FileNotFoundError)
 
 
 def _hydra_job(config_name: str, fn, argv: list[str]) -> int:
@@ -93,14 +93,23 @@ def _eval(cfg: dict, run_dir: Path) -> None:
 def verify_main(argv: list[str]) -> int:
     import argparse
 
-    from verifiers.registry import build_verifier
+    from verifiers.compose import RewardFunction
 
     ap = argparse.ArgumentParser(prog="grpo verify", description="Score completions in a JSONL file.")
-    ap.add_argument("--verifier", required=True, help="a verifier name (see `grpo verifiers`)")
+    ap.add_argument("--verifier", required=True,
+                    help="a verifier name (see `grpo verifiers`), or module:Class for any importable verifier")
+    ap.add_argument("--args", default="{}", help='constructor arguments as a JSON object, e.g. \'{"think": true}\'')
+    ap.add_argument("--timeout", type=float, default=120.0, help="seconds per batch before its samples get 0")
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("file", help="JSONL: one object per line with `completion` and the fields the verifier needs")
     a = ap.parse_args(argv)
-    verifier = build_verifier(a.verifier)
+    try:
+        kwargs = json.loads(a.args)
+    except json.JSONDecodeError as e:
+        raise UserError(f"--args: not valid JSON ({e.msg})") from None
+    if not isinstance(kwargs, dict):
+        raise UserError("--args: must be a JSON object")
+    spec = {("_target_" if ":" in a.verifier else "name"): a.verifier, **kwargs}
     rows = []
     with open(a.file, encoding="utf-8") as f:
         for i, line in enumerate(f, 1):
@@ -113,13 +122,19 @@ def verify_main(argv: list[str]) -> int:
             if not isinstance(row, dict) or not isinstance(row.get("completion"), str):
                 raise UserError(f"{a.file}: line {i}: missing field 'completion' (a string)")
             rows.append(row)
-    from verifiers.compose import score_isolated
-
-    for start in range(0, len(rows), a.batch_size):
-        chunk = rows[start:start + a.batch_size]
-        scores, _ = score_isolated(verifier, [r["completion"] for r in chunk], chunk)
-        for s in scores:
-            print(json.dumps({"reward": s.reward, "info": s.info}, default=str), flush=True)
+    errors = 0
+    # The same isolation as training: a raising, hanging or out-of-range verifier costs only its rows.
+    with RewardFunction([spec], timeout=a.timeout) as reward_fn:
+        label = reward_fn.labels[0]
+        for start in range(0, len(rows), a.batch_size):
+            chunk = rows[start:start + a.batch_size]
+            rewards, infos, metrics = reward_fn([r["completion"] for r in chunk], chunk)
+            errors += int(metrics[f"verifier/{label}/errors"])
+            for r, info in zip(rewards, infos):
+                print(json.dumps({"reward": r, "info": info[label]}, default=str), flush=True)
+    if errors:
+        print(f"grpo verify: {errors} of {len(rows)} rows got 0 because verifier {label!r} failed on them "
+              "(see the warnings above)", file=sys.stderr)
     return 0
 
 
@@ -128,6 +143,7 @@ def verifiers_main(argv: list[str]) -> int:
 
     for name, origin in sorted(available().items()):
         print(f"{name:16s} {origin}")
+    print("(any importable verifier also works as {_target_: module.Class}; see docs/verifiers.md)")
     return 0
 
 
