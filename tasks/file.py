@@ -9,14 +9,26 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from tasks.base import Sample, TaskError
 
+_FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 
-def read_rows(path: str, split: str = "train") -> list[dict[str, Any]]:
-    """Rows of a .jsonl/.json/.parquet file, or of a `datasets` hub dataset when no such file exists."""
+
+def is_single_file(path: str) -> bool:
+    """A .jsonl/.json/.parquet file (no splits), as opposed to a hub name or a dataset directory."""
+    return Path(path).suffix in _FILE_SUFFIXES
+
+
+def read_rows(path: str, split: str = "train", config: str | None = None) -> list[dict[str, Any]]:
+    """Rows of a .jsonl/.json/.parquet file, or of a `datasets` hub dataset when no such file exists.
+
+    ``split`` and ``config`` (the hub dataset's configuration, e.g. "main" for openai/gsm8k) apply
+    to hub datasets and dataset directories only; a single file is one split.
+    """
     p = Path(path).expanduser()
     if p.suffix == ".jsonl" or (p.suffix == ".json" and p.exists()):
         if not p.exists():
@@ -42,11 +54,16 @@ def read_rows(path: str, split: str = "train") -> list[dict[str, Any]]:
                 raise TaskError(f"{path}: file not found")
             ds = datasets.load_dataset("parquet", data_files=str(p), split="train")
         else:
-            ds = datasets.load_dataset(path, split=split)
+            ds = datasets.load_dataset(path, config, split=split)
     except TaskError:
         raise
     except Exception as e:  # hub names out of reach, unknown formats
-        raise TaskError(f"{path}: cannot load dataset (split {split!r}): {type(e).__name__}: {e}") from e
+        where = f"config {config!r}, split {split!r}" if config else f"split {split!r}"
+        hint = ""
+        if "ConnectionError" in type(e).__name__ or "Offline" in str(e) or "reach" in str(e):
+            hint = (" -- the hub is out of reach: download the dataset where there is network, or point the"
+                    " path at a local .jsonl/.parquet copy (HF_HUB_OFFLINE=1 skips the network retries)")
+        raise TaskError(f"{path}: cannot load dataset ({where}): {type(e).__name__}: {e}{hint}") from e
     return [dict(r) for r in ds]
 
 
@@ -69,6 +86,23 @@ def to_sample(row: dict[str, Any], where: str, prompt_field: str, answer_field: 
         answer = str(answer) if isinstance(answer, (int, float)) else answer
     meta = {k: v for k, v in row.items() if k not in (prompt_field, answer_field, "tests")}
     return Sample(prompt=prompt, messages=messages, answer=answer, tests=row.get("tests"), meta=meta)
+
+
+def hold_out(samples: list[Sample], eval_size: int, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """(train, eval): a seeded subset of at most half the rows is held out, both kept in file order."""
+    order = list(range(len(samples)))
+    random.Random(f"{seed}:split").shuffle(order)
+    k = min(eval_size, len(samples) // 2)
+    held = [samples[i] for i in sorted(order[:k])]
+    return [samples[i] for i in sorted(order[k:])] or samples, held
+
+
+def epoch_sample(train: list[Sample], seed: int, index: int) -> Sample:
+    """Row `index` of an endless stream: a fresh seeded permutation of `train` per epoch."""
+    epoch, pos = divmod(index, len(train))
+    order = list(range(len(train)))
+    random.Random(f"{seed}:epoch:{epoch}").shuffle(order)
+    return train[order[pos]]
 
 
 class FileTask:
@@ -95,21 +129,48 @@ class FileTask:
             self.eval = [to_sample(r, f"{eval_path}: row {i}", prompt_field, answer_field) for i, r in enumerate(erows)]
             self.train = samples
         else:
-            # Hold out a seeded subset, at most half the file.
-            order = list(range(len(samples)))
-            random.Random(f"{seed}:split").shuffle(order)
-            k = min(eval_size, len(samples) // 2)
-            self.eval = [samples[i] for i in sorted(order[:k])]
-            self.train = [samples[i] for i in sorted(order[k:])] or samples
+            self.train, self.eval = hold_out(samples, eval_size, seed)
         self.seed = seed
 
     def train_sample(self, index: int) -> Sample:
-        # A fresh seeded permutation per epoch over the file: deterministic in (seed, index).
-        n = len(self.train)
-        epoch, pos = divmod(index, n)
-        order = list(range(n))
-        random.Random(f"{self.seed}:epoch:{epoch}").shuffle(order)
-        return self.train[order[pos]]
+        return epoch_sample(self.train, self.seed, index)  # deterministic in (seed, index)
 
     def eval_samples(self) -> list[Sample]:
         return list(self.eval)
+
+
+def load_splits(
+    convert: Callable[[dict[str, Any], str], Sample],
+    path: str | None,
+    split: str,
+    config: str | None,
+    eval_path: str | None,
+    eval_split: str | None,
+    eval_config: str | None,
+    eval_size: int | None,
+    seed: int,
+    task: str,
+) -> tuple[list[Sample], list[Sample]]:
+    """(train, eval) samples of a dataset with a train split and a held-out split.
+
+    The held-out samples come from ``eval_path`` (another file or hub dataset), else from the
+    ``eval_split`` of ``path`` when ``path`` has splits (a hub name or dataset directory), else a
+    seeded subset of ``path`` is held out. ``eval_size`` keeps the first rows of a held-out split
+    (null = all of them) or sets the size of the subset held out of a single file (null = 64).
+    ``convert(row, where)`` turns one row into a Sample, raising TaskError that names ``where``.
+    """
+    if not path:
+        raise TaskError(f"task {task}: set task.path to a hub dataset name or a local .jsonl/.parquet file")
+
+    def samples(src: str, spl: str, cfg: str | None) -> list[Sample]:
+        rows = read_rows(src, spl, cfg)
+        if not rows:
+            raise TaskError(f"{src}: no rows")
+        label = src if is_single_file(src) else f"{src} (split {spl})"
+        return [convert(r, f"{label}: row {i}") for i, r in enumerate(rows)]
+
+    train = samples(path, split, config)
+    if eval_path or (eval_split and not is_single_file(path)):
+        held = samples(eval_path or path, eval_split or split, eval_config if eval_path else config)
+        return train, held if eval_size is None else held[:eval_size]
+    return hold_out(train, 64 if eval_size is None else eval_size, seed)
