@@ -6,6 +6,10 @@ Rebuild it with `make embedded-model` (= `python -m grpo.embedded`), which
   3. writes procedural SFT data from the arithmetic task's *training* split, and
   4. runs this project's own `grpo sft` on it, then copies the result into grpo/embedded_model.
 
+`python -m grpo.embedded --task code` builds grpo/embedded_code_model (`model.path=embedded-code`)
+the same way from the code task's training split (tasks/code_functions.py), with near misses that
+use a wrong constant or a wrong operation.
+
 The SFT targets are right only `P_CORRECT` of the time (the rest are near misses such as
 off-by-one or a wrong carry), on purpose: the model learns the answer format and a spread of
 candidate answers, so sampling from it starts with a nonzero but clearly improvable reward, the
@@ -23,7 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from grpo.modeling import EMBEDDED_MODEL_DIR
+from grpo.modeling import EMBEDDED_CODE_MODEL_DIR, EMBEDDED_MODEL_DIR
 from tasks.arithmetic import ArithmeticTask
 
 SPECIAL_TOKENS = ["<|pad|>", "<|end|>", "<|user|>", "<|assistant|>", "<|system|>", "<|unk|>"]
@@ -89,14 +93,32 @@ def sft_rows(n: int, seed: int) -> list[dict]:
     return rows
 
 
-def build(out_dir: Path, steps: int, rows: int, seed: int, extra: list[str]) -> None:
+def code_sft_rows(n: int, seed: int) -> list[dict]:
+    """Training-split code problems; the target program is right with probability P_CORRECT."""
+    from tasks.code_functions import CodeFunctionsTask, near_miss
+
+    task = CodeFunctionsTask(seed=seed + 1000)  # another stream than the GRPO run's, same split
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        s = task.train_sample(i)
+        target = s.meta["solution"] if rng.random() < P_CORRECT else near_miss(s, rng)
+        rows.append({"prompt": s.prompt, "completion": target})
+    return rows
+
+
+# task -> (output dir, SFT rows, default SFT steps); the code data is learnt in fewer steps.
+TASKS = {"arithmetic": (EMBEDDED_MODEL_DIR, sft_rows, 3000), "code": (EMBEDDED_CODE_MODEL_DIR, code_sft_rows, 1500)}
+
+
+def build(out_dir: Path, steps: int, rows: int, seed: int, extra: list[str], make_rows=sft_rows) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         init = tmp / "init"
         tok = build_tokenizer(init)
         init_model(init, tok, seed=seed)
         data = tmp / "sft.jsonl"
-        data.write_text("".join(json.dumps(r) + "\n" for r in sft_rows(rows, seed)))
+        data.write_text("".join(json.dumps(r) + "\n" for r in make_rows(rows, seed)))
         run = tmp / "run"
         cmd = [sys.executable, "-m", "grpo", "sft", f"model.path={init}", f"data.path={data}",
                f"trainer.max_steps={steps}", f"trainer.seed={seed}", f"hydra.run.dir={run}", *extra]
@@ -112,13 +134,15 @@ def build(out_dir: Path, steps: int, rows: int, seed: int, extra: list[str]) -> 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m grpo.embedded", description="Rebuild the embedded default model.")
-    ap.add_argument("--out", type=Path, default=EMBEDDED_MODEL_DIR)
-    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--task", choices=sorted(TASKS), default="arithmetic", help="which SFT data (and default --out)")
+    ap.add_argument("--out", type=Path, default=None, help="default: grpo/embedded_model, or grpo/embedded_code_model")
+    ap.add_argument("--steps", type=int, default=None, help="default: 3000 (arithmetic), 1500 (code)")
     ap.add_argument("--rows", type=int, default=50000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for `grpo sft`")
     a = ap.parse_args(argv)
-    build(a.out, a.steps, a.rows, a.seed, a.overrides)
+    out, make_rows, steps = TASKS[a.task]
+    build(a.out or out, a.steps or steps, a.rows, a.seed, a.overrides, make_rows)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 EMBEDDED_MODEL_DIR = Path(__file__).resolve().parent / "embedded_model"
+EMBEDDED_CODE_MODEL_DIR = Path(__file__).resolve().parent / "embedded_code_model"  # warm-started on task=code
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
 
@@ -16,11 +17,16 @@ class ModelError(ValueError):
 
 
 def resolve_model_path(path: str) -> str:
-    """``embedded`` names the model shipped in the package; a local dir must exist; else a hub id."""
+    """``embedded`` / ``embedded-code`` name the models shipped in the package; a local dir must exist; else a hub id."""
     if path in (None, "", "embedded"):
         if not (EMBEDDED_MODEL_DIR / "config.json").exists():
             raise ModelError(f"the embedded model is missing from {EMBEDDED_MODEL_DIR}: rebuild it with `make embedded-model`")
         return str(EMBEDDED_MODEL_DIR)
+    if path == "embedded-code":
+        if not (EMBEDDED_CODE_MODEL_DIR / "config.json").exists():
+            raise ModelError(f"the embedded code model is missing from {EMBEDDED_CODE_MODEL_DIR}: "
+                             "rebuild it with `python -m grpo.embedded --task code`")
+        return str(EMBEDDED_CODE_MODEL_DIR)
     p = Path(path).expanduser()
     looks_local = path.startswith((".", "/", "~")) or p.exists() or path.count("/") > 1
     if looks_local:
