@@ -235,10 +235,11 @@ class Trainer:
             torch.manual_seed(self.t["seed"] + 1_000_003 * (self.step + 1))
             sampled = self.engine.generate(prompts, 1, self.sampling)
             greedy = self.engine.generate(prompts, 1, sampling_params(self.r, greedy=True))
-        rs, _, _ = self.reward_fn(sampled.texts, fields)
+        rs, _, per_verifier = self.reward_fn(sampled.texts, fields)
         rg, _, _ = self.reward_fn(greedy.texts, fields)
         metrics = {
             "eval/reward/mean": sum(rs) / len(rs),
+            **{f"eval/{k}": v for k, v in per_verifier.items() if k.startswith(("reward/", "verifier/"))},
             "eval/greedy/reward/mean": sum(rg) / len(rg),
             "eval/pass@1": sum(r >= 1.0 for r in rg) / len(rg),
             "eval/completion/len_mean": sum(len(c) for c in sampled.completion_ids) / len(rs),
