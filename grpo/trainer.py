@@ -92,6 +92,12 @@ def sampling_params(rcfg: dict[str, Any], greedy: bool = False) -> SamplingParam
         top_k=int(rcfg["top_k"]), max_new_tokens=int(rcfg["max_new_tokens"]), stop=list(rcfg.get("stop") or []))
 
 
+def encode_prompts(tokenizer, samples, system_prompt: str | None = None) -> list[list[int]]:
+    """Prompt token ids as the engines see them: chat template applied, no extra special tokens."""
+    return [tokenizer(render_prompt(tokenizer, s, system_prompt), add_special_tokens=False)["input_ids"]
+            for s in samples]
+
+
 class Trainer:
     def __init__(self, cfg: dict[str, Any], run_dir: Path):
         self.cfg, self.run_dir = cfg, Path(run_dir)
@@ -140,8 +146,7 @@ class Trainer:
 
     # ---- one step -------------------------------------------------------------------------
     def encode_prompts(self, samples) -> list[list[int]]:
-        sp = self.t.get("system_prompt")
-        return [self.tok(render_prompt(self.tok, s, sp), add_special_tokens=False)["input_ids"] for s in samples]
+        return encode_prompts(self.tok, samples, self.t.get("system_prompt"))
 
     def logprobs(self, model, batch, rows: slice, T: int, with_entropy: bool = False):
         ids, attn, pos = (x[rows] for x in batch[:3])

@@ -1,0 +1,221 @@
+"""`grpo eval`: sample k completions per held-out prompt and report mean reward, pass@k and maj@k.
+
+    grpo eval model.path=runs/<run>/checkpoints/step_000120/model task=gsm8k eval.samples=8
+
+It builds the model, the engine, the prompts and the rewards with the trainer's own helpers
+(`build_engine`, `sampling_params`, `encode_prompts`, `RewardFunction`), so a score here is the
+score the training run's evaluation would give. It writes one JSON line per completion and a
+summary JSON next to it, and prints a table.
+
+Metrics, for P prompts with n completions each, c_i of them correct (reward 1) for prompt i:
+- reward/mean: mean reward over all P * n completions.
+- pass@k: mean over prompts of 1 - C(n - c_i, k) / C(n, k), the unbiased estimator of Chen et al.
+  (2021) of "at least one of k samples is correct". pass@1 is then the mean of c_i / n.
+- maj@k: for each prompt, a majority vote over the extracted answers of its first k completions
+  (the `extracted` field of a verifier's info, e.g. the math verifier's); the earliest completion
+  giving the winning answer is scored. Completions without an answer do not vote; ties go to the
+  answer seen first. Answers are compared as normalised strings (plain numbers by value), not by
+  mathematical equivalence, so `1/2` and `0.5` are separate votes.
+k runs over the powers of 2 below n, and n.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from grpo.modeling import load_model, load_tokenizer
+from grpo.trainer import ConfigError, build_engine, encode_prompts, pick_device, sampling_params, seed_everything
+from tasks.base import TaskError, build_task
+from verifiers.compose import RewardFunction
+from verifiers.math_extract import plain_number
+
+log = logging.getLogger(__name__)
+
+
+# ---- metrics (pure) ------------------------------------------------------------------------
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased estimate of P(at least one of k draws without replacement from n is correct), c correct."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"need 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:  # every k-subset holds a correct completion
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)  # exact integers, one rounding
+
+
+def k_values(n: int) -> list[int]:
+    """1, 2, 4, ... below n, then n itself."""
+    ks, k = [], 1
+    while k < n:
+        ks.append(k)
+        k *= 2
+    return ks + [n]
+
+
+def vote_key(answer: Any) -> str | None:
+    """What two answers must share to count as the same vote: plain numbers by value, else the text
+    without whitespace. None (no answer extracted) does not vote."""
+    if answer is None:
+        return None
+    text = str(answer).strip()
+    if not text:
+        return None
+    value = plain_number(text)
+    if value is not None:
+        return f"number:{value}"
+    return "".join(text.split())
+
+
+def majority_index(answers: list[Any]) -> int | None:
+    """Index of the earliest completion giving the most common answer; None when nothing voted."""
+    keys = [vote_key(a) for a in answers]
+    counts = Counter(k for k in keys if k is not None)
+    if not counts:
+        return None
+    best = max(counts.values())
+    return next(i for i, k in enumerate(keys) if k is not None and counts[k] == best)  # ties: seen first
+
+
+def summarize(rewards: list[list[float]], answers: list[list[Any]] | None) -> dict[str, float]:
+    """rewards[i][j]: reward of completion j of prompt i ([P][n]); answers likewise (None: no maj@k)."""
+    n = len(rewards[0])
+    if any(len(r) != n for r in rewards):
+        raise ValueError("every prompt needs the same number of completions")
+    P = len(rewards)
+    correct = [sum(r >= 1.0 for r in row) for row in rewards]  # c_i
+    out = {"reward/mean": sum(map(sum, rewards)) / (P * n)}
+    for k in k_values(n):
+        out[f"pass@{k}"] = sum(pass_at_k(n, c, k) for c in correct) / P
+    if answers is not None:
+        for k in k_values(n):
+            hits = 0
+            for row_r, row_a in zip(rewards, answers):
+                i = majority_index(row_a[:k])
+                hits += i is not None and row_r[i] >= 1.0
+            out[f"maj@{k}"] = hits / P
+    return out
+
+
+# ---- the command ---------------------------------------------------------------------------
+def resolve_model_dir(path: str) -> str:
+    """A model dir as is; a checkpoint dir (…/step_N) -> its model/; a run dir -> its newest checkpoint."""
+    p = Path(str(path)).expanduser()
+    if not p.is_dir() or (p / "config.json").exists():
+        return str(path)
+    if (p / "model" / "config.json").exists():
+        return str(p / "model")
+    latest = p / "checkpoints" / "latest"
+    if latest.exists():
+        model = latest.parent / latest.read_text().strip() / "model"
+        if (model / "config.json").exists():
+            return str(model)
+    return str(path)  # load_model explains what is missing
+
+
+def extracted_answers(infos: list[dict[str, Any]]) -> tuple[str | None, list[Any] | None]:
+    """The first verifier (in config order) whose infos carry an `extracted` answer, and those answers.
+
+    infos[j] maps each verifier's label to its info for completion j, in the order of task.verifiers.
+    """
+    names = list(dict.fromkeys(name for i in infos for name in i))
+    for name in names:
+        if any(isinstance(i.get(name), dict) and "extracted" in i[name] for i in infos):
+            return name, [(i.get(name) or {}).get("extracted") for i in infos]
+    return None, None
+
+
+def format_table(s: dict[str, Any]) -> str:
+    lines = [f"grpo eval: {s['model']} on {s['task']}: {s['prompts']} prompts x {s['samples']} samples "
+             f"(temperature {s['temperature']})",
+             f"  reward/mean  {s['reward/mean']:.4f}",
+             f"  {'k':>4}  {'pass@k':>8}  {'maj@k':>8}"]
+    for k in k_values(s["samples"]):
+        maj = s.get(f"maj@{k}")
+        lines.append(f"  {k:>4}  {s[f'pass@{k}']:>8.4f}  {'-' if maj is None else f'{maj:.4f}':>8}")
+    if s.get("answers_from") is None:
+        lines.append("  maj@k: no verifier reports extracted answers")
+    lines.append(f"  completion length {s['completion/len_mean']:.1f} tokens, "
+                 f"{s['completion/truncated_frac']:.1%} cut at max_new_tokens")
+    lines += [f"samples: {s['output']}", f"summary: {s['summary']}"]
+    return "\n".join(lines)
+
+
+def run_eval(cfg: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    e, t, mcfg = cfg["eval"], cfg["trainer"], cfg["model"]
+    n = int(e["samples"])
+    if n < 1:
+        raise ConfigError(f"eval.samples={n}: must be >= 1")
+    rcfg = dict(cfg["rollout"])
+    if e.get("temperature") is not None:
+        rcfg["temperature"] = float(e["temperature"])
+    if rcfg["temperature"] <= 0 and n > 1:
+        raise ConfigError(f"eval.temperature=0 is greedy decoding: all {n} samples would be the same; "
+                          "use eval.samples=1 or a temperature > 0")
+    if "verifiers" not in cfg["task"]:
+        raise ConfigError("task.verifiers is not set: name at least one verifier, e.g. task.verifiers=[math]")
+    seed_everything(int(t["seed"]))
+
+    task = build_task(cfg["task"], seed=int(t["seed"]))
+    samples = task.eval_samples()
+    if e.get("max_prompts"):
+        samples = samples[: int(e["max_prompts"])]
+    if not samples:
+        raise TaskError(f"task {cfg['task'].get('name')!r} holds out no samples to evaluate")
+    reward_fn = RewardFunction(cfg["task"]["verifiers"], **cfg.get("verifier", {}))
+    model_dir = resolve_model_dir(mcfg["path"])
+    tok = load_tokenizer(model_dir)
+    model = load_model(model_dir, mcfg["dtype"], device=pick_device(mcfg.get("device", "auto"))).eval()
+    engine = build_engine(rcfg, model, tok, {**mcfg, "path": model_dir})
+    sp = sampling_params(rcfg, greedy=rcfg["temperature"] <= 0)
+    try:
+        t0 = time.time()
+        ro = engine.generate(encode_prompts(tok, samples, t.get("system_prompt")), n, sp)
+        t1 = time.time()
+        fields = [s.fields() for s in samples for _ in range(n)]  # [P * n] prompt-major, like ro
+        rewards, infos, rmetrics = reward_fn(ro.texts, fields)
+        t2 = time.time()
+    finally:
+        reward_fn.close()
+        engine.close()
+    source, answers = extracted_answers(infos)
+
+    P = len(samples)
+    grid = [rewards[i * n:(i + 1) * n] for i in range(P)]  # [P][n]
+    agrid = [answers[i * n:(i + 1) * n] for i in range(P)] if answers is not None else None
+    output = Path(e.get("output") or Path(run_dir) / "eval_samples.jsonl")
+    summary_path = output.with_name(output.stem + ".summary.json")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with output.open("w", encoding="utf-8") as f:
+        for j, (text, ids, fin, r, info) in enumerate(zip(ro.texts, ro.completion_ids, ro.finished, rewards, infos)):
+            s = samples[j // n]
+            rec = {"prompt_index": j // n, "sample_index": j % n,
+                   "prompt": s.prompt if s.messages is None else s.messages, "answer": s.answer,
+                   "completion": text, "reward": r, "correct": r >= 1.0, "finished": fin,
+                   "completion_tokens": len(ids), "info": info}
+            f.write(json.dumps(rec, default=str) + "\n")
+
+    summary = {
+        "model": str(mcfg["path"]), "model_dir": model_dir, "task": cfg["task"].get("name"),
+        "prompts": P, "samples": n, "temperature": rcfg["temperature"],
+        "max_new_tokens": int(rcfg["max_new_tokens"]), "engine": rcfg.get("engine", "hf"), "seed": int(t["seed"]),
+        **summarize(grid, agrid),
+        "answers_from": source,
+        **{k: v for k, v in rmetrics.items() if k.startswith(("reward/", "verifier/"))},
+        "completion/len_mean": sum(len(c) for c in ro.completion_ids) / len(ro.completion_ids),
+        "completion/truncated_frac": 1.0 - sum(ro.finished) / len(ro.finished),
+        "time/generate": t1 - t0, "time/score": t2 - t1,
+        "output": str(output), "summary": str(summary_path),
+    }
+    summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+    print(format_table(summary), flush=True)
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return summary
