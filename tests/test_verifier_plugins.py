@@ -226,3 +226,15 @@ def test_example_plugin_trains_beside_a_raising_verifier_and_its_metrics_reach_j
     data = records[0].read_bytes()
     for key in ("reward/concise/mean", "reward/fmt/mean", "verifier/raises_on_odd/errors"):
         assert key.encode() in data, key
+
+
+@pytest.mark.slow
+def test_fail_fast_stops_a_run_at_the_first_verifier_error_naming_it(tiny_model_dir, tmp_path):
+    r = run_with(tmp_path / "nothing", "train", f"model.path={tiny_model_dir}", "logger=jsonl", "trainer.max_steps=2",
+                 "trainer.prompts_per_step=4", "algorithm.group_size=2", "rollout.max_new_tokens=4",
+                 "trainer.eval_size=4", "task.eval_size=4", "trainer.eval_every=0", "verifier.fail_fast=true",
+                 "task.verifiers=[{_target_: tests.toy_verifiers.RaisesOnOdd}]", f"hydra.run.dir={tmp_path / 'run'}")
+    assert r.returncode != 0
+    assert "VerifierError: verifier 'raises_on_odd': raised RuntimeError: odd operand (verifier.fail_fast=true)" in r.stderr
+    recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert not [x for x in recs if "loss" in x]  # stopped before any training step was logged
