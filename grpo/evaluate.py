@@ -29,8 +29,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from grpo.modeling import load_model, load_tokenizer
 from grpo.trainer import ConfigError, build_engine, encode_prompts, pick_device, sampling_params, seed_everything
 from tasks.base import TaskError, build_task
@@ -153,8 +151,7 @@ def run_eval(cfg: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     if n < 1:
         raise ConfigError(f"eval.samples={n}: must be >= 1")
     rcfg = dict(cfg["rollout"])
-    if e.get("temperature") is not None:
-        rcfg["temperature"] = float(e["temperature"])
+    rcfg["temperature"] = float(rcfg["temperature"] if e.get("temperature") is None else e["temperature"])
     if rcfg["temperature"] <= 0 and n > 1:
         raise ConfigError(f"eval.temperature=0 is greedy decoding: all {n} samples would be the same; "
                           "use eval.samples=1 or a temperature > 0")
@@ -169,13 +166,15 @@ def run_eval(cfg: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     if not samples:
         raise TaskError(f"task {cfg['task'].get('name')!r} holds out no samples to evaluate")
     reward_fn = RewardFunction(cfg["task"]["verifiers"], **cfg.get("verifier", {}))
-    model_dir = resolve_model_dir(mcfg["path"])
-    tok = load_tokenizer(model_dir)
-    model = load_model(model_dir, mcfg["dtype"], device=pick_device(mcfg.get("device", "auto"))).eval()
-    engine = build_engine(rcfg, model, tok, {**mcfg, "path": model_dir})
-    sp = sampling_params(rcfg, greedy=rcfg["temperature"] <= 0)
+    engine = None
     try:
+        model_dir = resolve_model_dir(mcfg["path"])
+        tok = load_tokenizer(model_dir)
+        model = load_model(model_dir, mcfg["dtype"], device=pick_device(mcfg.get("device", "auto"))).eval()
+        engine = build_engine(rcfg, model, tok, {**mcfg, "path": model_dir})
+        sp = sampling_params(rcfg, greedy=rcfg["temperature"] <= 0)
         t0 = time.time()
+        seed_everything(int(t["seed"]))  # the samples depend on the seed, not on what loading drew
         ro = engine.generate(encode_prompts(tok, samples, t.get("system_prompt")), n, sp)
         t1 = time.time()
         fields = [s.fields() for s in samples for _ in range(n)]  # [P * n] prompt-major, like ro
@@ -183,7 +182,8 @@ def run_eval(cfg: dict[str, Any], run_dir: Path) -> dict[str, Any]:
         t2 = time.time()
     finally:
         reward_fn.close()
-        engine.close()
+        if engine is not None:
+            engine.close()
     source, answers = extracted_answers(infos)
 
     P = len(samples)
@@ -215,7 +215,4 @@ def run_eval(cfg: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     }
     summary_path.write_text(json.dumps(summary, indent=2) + "\n")
     print(format_table(summary), flush=True)
-    del model
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
     return summary
