@@ -171,7 +171,8 @@ def test_example_plugin_is_listed_and_scores_through_grpo_verify(installed_examp
     assert r.returncode == 0, r.stderr
     assert "concise          plugin grpo-concise 0.1.0: grpo_concise.verifier:ConciseVerifier" in r.stdout
     rows = tmp_path / "rows.jsonl"
-    rows.write_text(json.dumps({"completion": "x" * 10}) + "\n" + json.dumps({"completion": "x" * 30, "max_chars": 20}) + "\n")
+    rows.write_text(json.dumps({"completion": "x" * 10}) + "\n"
+                    + json.dumps({"completion": "x" * 30, "max_chars": 20}) + "\n")
     r = run_with(installed_example, "verify", "--verifier", "concise", "--args", '{"max_chars": 50}', str(rows),
                  timeout=120)
     assert r.returncode == 0, r.stderr
@@ -235,6 +236,7 @@ def test_fail_fast_stops_a_run_at_the_first_verifier_error_naming_it(tiny_model_
                  "trainer.eval_size=4", "task.eval_size=4", "trainer.eval_every=0", "verifier.fail_fast=true",
                  "task.verifiers=[{_target_: tests.toy_verifiers.RaisesOnOdd}]", f"hydra.run.dir={tmp_path / 'run'}")
     assert r.returncode != 0
-    assert "VerifierError: verifier 'raises_on_odd': raised RuntimeError: odd operand (verifier.fail_fast=true)" in r.stderr
+    assert ("VerifierError: verifier 'raises_on_odd': raised RuntimeError: odd operand (verifier.fail_fast=true)"
+            in r.stderr)
     recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert not [x for x in recs if "loss" in x]  # stopped before any training step was logged

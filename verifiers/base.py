@@ -82,6 +82,8 @@ def check_score(name: str, s: Any, i: int) -> Score:
         r, info = s.reward, s.info
     else:
         r = s
+    if type(r).__module__ == "numpy" and hasattr(r, "item"):  # numpy scalars, np.bool_ included
+        r = r.item()
     if isinstance(r, bool):  # Score(x == y) is a natural way to write a 0/1 reward
         r = float(r)
     if not isinstance(r, numbers.Real):

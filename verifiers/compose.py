@@ -205,12 +205,13 @@ class _Worker:
             await asyncio.wait(tasks, timeout=1.0)
         asyncio.get_running_loop().stop()
 
-    def stop(self) -> None:
+    def stop(self, wait: bool = True) -> None:
         if self.loop is not None:
             asyncio.run_coroutine_threadsafe(self._drain(), self.loop)
         else:
             self._q.put(None)
-        self.thread.join(timeout=2.0)
+        if wait:
+            self.thread.join(timeout=2.0)
         if self.loop is not None and not self.thread.is_alive():
             self.loop.close()
 
@@ -310,8 +311,8 @@ class Entry:
                 close()
         except Exception as e:  # noqa: BLE001 - closing must not hide the run's result
             log.warning("verifier %r: close() failed: %s: %s", self.label, type(e).__name__, e)
-        if self.worker is not None:
-            self.worker.stop()
+        if self.worker is not None:  # a hung call is not waited for: its daemon thread is left behind
+            self.worker.stop(wait=self.pending is None or self.pending.done())
             self.worker = None
 
 
@@ -367,7 +368,8 @@ class RewardFunction:
     def labels(self) -> list[str]:
         return [e.label for e in self.entries]
 
-    def __call__(self, completions: Sequence[str], samples: Sequence[Mapping]) -> tuple[list[float], list[dict], dict[str, float]]:
+    def __call__(self, completions: Sequence[str],
+                 samples: Sequence[Mapping]) -> tuple[list[float], list[dict], dict[str, float]]:
         """Returns (rewards [N] in [0, 1], infos [N] as {label: info}, metrics)."""
         completions, samples = list(completions), list(samples)
         n = len(completions)
@@ -399,17 +401,3 @@ class RewardFunction:
     def __exit__(self, *exc) -> None:
         self.close()
 
-
-def score_isolated(verifier: Any, completions: Sequence[str], samples: Sequence[Mapping],
-                   timeout: float | None = None) -> tuple[list[Score], int]:
-    """Score a batch with one verifier under the same isolation; returns (scores, samples that errored)."""
-    e = Entry(getattr(verifier, "name", None) or type(verifier).__name__, 1.0, verifier)
-    deadline = None if not timeout else time.monotonic() + timeout
-    try:
-        call, fut = e.start(list(completions), list(samples), deadline, False)
-        scores, errors = e.finish(call, fut, deadline, timeout)
-        e.report(call, False)
-        return scores, errors
-    finally:
-        if e.worker is not None and e.pending is None:
-            e.worker.stop()
