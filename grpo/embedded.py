@@ -121,7 +121,7 @@ def build(out_dir: Path, steps: int, rows: int, seed: int, extra: list[str], mak
         data.write_text("".join(json.dumps(r) + "\n" for r in make_rows(rows, seed)))
         run = tmp / "run"
         cmd = [sys.executable, "-m", "grpo", "sft", f"model.path={init}", f"data.path={data}",
-               f"trainer.max_steps={steps}", f"trainer.seed={seed}", f"hydra.run.dir={run}", *extra]
+               f"trainer.max_steps={steps}", f"trainer.seed={seed}", "trainer.batch_size=64", f"hydra.run.dir={run}", *extra]
         print("+", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
         if out_dir.exists():
