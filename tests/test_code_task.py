@@ -171,3 +171,23 @@ def test_grpo_train_on_a_code_file_runs_two_steps(tiny_model_dir, tmp_path):
     # The code verifier ran on every completion without errors; a random model earns nothing.
     assert all(r["verifier/code/errors"] == 0 and r["reward/code/mean"] == 0.0 for r in train)
     assert (run / "checkpoints" / "step_000002" / "model" / "config.json").exists()
+
+
+def test_shipped_code_model_writes_held_out_programs_greedily():
+    # The warm start GRPO relies on: the model's most likely program is right on unseen
+    # (operation, constant) pairs, while sampling still spreads over near misses.
+    import torch
+
+    from grpo.modeling import load_model, load_tokenizer, resolve_model_path
+    from tasks.base import render_prompt
+
+    assert resolve_model_path("embedded-code").endswith("embedded_code_model")
+    tok, model = load_tokenizer("embedded-code"), load_model("embedded-code").eval()
+    samples = CodeFunctionsTask(seed=0).eval_samples()[:12]
+    right = 0
+    for s in samples:
+        ids = tok(render_prompt(tok, s), add_special_tokens=False, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=40, do_sample=False)
+        right += tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True) == s.meta["solution"]
+    assert right >= 10, right
