@@ -86,6 +86,15 @@ def test_bad_options_are_reported():
     assert isinstance(build_task(cfg), CodeFunctionsTask)
 
 
+def test_experiment_config_leaves_room_for_the_longest_program():
+    cfg = compose_config("train", ["+experiment=code"])
+    assert cfg["task"]["name"] == "code" and cfg["model"]["path"] == "embedded-code"
+    t = build_task(cfg["task"])
+    longest = max(len(s.meta["solution"]) for s in [t.train_sample(i) for i in range(500)] + t.eval_samples())
+    assert cfg["rollout"]["max_new_tokens"] > longest  # one token per character, plus EOS
+    assert cfg["task"]["verifiers"][0] == {"name": "code", "parallelism": 2, "test_time": 4.0}
+
+
 @pytest.fixture(scope="module")
 def code_verifier():
     from verifiers.code import CodeVerifier
