@@ -24,8 +24,9 @@ pytestmark = pytest.mark.slow
 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+# A small token budget per engine step, so that a batch of prompts does not fit in one prefill.
 RCFG = dict(engine="vllm", temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=8, stop=[], kv_cache_gib=0.0625,
-            max_num_seqs=64)
+            max_num_seqs=64, max_model_len=256, max_num_batched_tokens=256)
 PROMPTS = ["<|user|>12+7<|end|><|assistant|>", "<|user|>a longer prompt, 3*4<|end|><|assistant|>",
            "<|user|>9<|end|><|assistant|>"]
 
@@ -136,6 +137,16 @@ def test_seeds_make_samples_reproducible(setup):
     d = engine.generate(prompts, 3, unseeded)
     e = engine.generate(prompts, 3, unseeded)
     assert c.completion_ids == d.completion_ids != e.completion_ids
+
+
+def test_seeded_batch_larger_than_one_engine_step(setup):
+    """More prompt tokens than one step's budget: vLLM would prefill in chunks and, on CPU, crash on seeds."""
+    tok, policy, engine, prompts = setup
+    many = [p + [tok.convert_tokens_to_ids(c)] * 20 for p in prompts for c in "0123456789"]  # 30 x ~40 tokens
+    assert sum(map(len, many)) > RCFG["max_num_batched_tokens"] * 3
+    ro = engine.generate(many, 2, SamplingParams(temperature=1.0, max_new_tokens=8, seed=1))
+    assert len(ro.completion_ids) == 60
+    assert max_gap(ro.logprobs, trainer_logprobs(policy, ro, tok.pad_token_id, 1.0)) < 1e-4
 
 
 def test_logprobs_mode_choice():

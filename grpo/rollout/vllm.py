@@ -148,6 +148,12 @@ class VLLMEngine:
                           enable_sleep_mode=self.sleep_level > 0)
         else:
             kwargs["kv_cache_memory_bytes"] = int(float(rcfg.get("kv_cache_gib", 0.25)) * (1 << 30))
+            # A prompt prefilled in chunks has its sampled token discarded and vLLM rewinds that
+            # request's generator, which torch's CPU generators cannot do: seeded requests crash
+            # ("CPU Generator does not use offset"). Whole-prompt prefill never rewinds.
+            kwargs["enable_chunked_prefill"] = False
+        if rcfg.get("max_num_batched_tokens"):
+            kwargs["max_num_batched_tokens"] = int(rcfg["max_num_batched_tokens"])
         self.llm = LLM(**kwargs)
         self._dir = Path(tempfile.mkdtemp(prefix="grpo-weights-", dir=_weights_dir(model)))
         # The trainer's weights may not be the files' (a resumed checkpoint, an SFT'd module): push them now.
