@@ -116,6 +116,7 @@ def main() -> int:
             dt = time.perf_counter() - t0
             rates[name].append(n_tok / dt)
             tokens[name].append(n_tok)
+            print(f"  {name}: {n_tok} tokens in {dt:.2f}s = {n_tok / dt:.0f} tokens/s", flush=True)
     ours.close()
 
     print(f"\nmodel: {a.build or a.model} ({n_params / 1e6:.1f}M params, float32, CPU, {a.threads} threads); "
