@@ -20,9 +20,9 @@ from tests.conftest import run_grpo  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
-# Two cores shared with the rest of the suite: keep vLLM's worker to one thread.
-os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Two cores shared with the rest of the suite: vLLM's worker unpinned, on one thread (set only while
+# an engine starts, so the rest of the session keeps its own settings).
+VLLM_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"}
 
 # A small token budget per engine step, so that a batch of prompts does not fit in one prefill.
 RCFG = dict(engine="vllm", temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=8, stop=[], kv_cache_gib=0.0625,
@@ -35,7 +35,10 @@ PROMPTS = ["<|user|>12+7<|end|><|assistant|>", "<|user|>a longer prompt, 3*4<|en
 def setup(tiny_model_dir):
     tok = load_tokenizer(str(tiny_model_dir))
     policy = load_model(str(tiny_model_dir))
-    engine = VLLMEngine(policy, tok, {"path": str(tiny_model_dir), "dtype": "float32", "device": "cpu"}, RCFG)
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in VLLM_ENV.items():
+            mp.setenv(k, os.environ.get(k, v))
+        engine = VLLMEngine(policy, tok, {"path": str(tiny_model_dir), "dtype": "float32", "device": "cpu"}, RCFG)
     prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
     yield tok, policy, engine, prompts
     engine.close()
@@ -156,8 +159,10 @@ def test_logprobs_mode_choice():
     assert choose_logprobs_mode(0.7, 0.9, 0) == ("processed_logprobs", False)  # nothing exposes it
 
 
-def test_grpo_train_with_vllm_keeps_the_logprob_gap_small(tiny_model_dir, tmp_path):
+def test_grpo_train_with_vllm_keeps_the_logprob_gap_small(tiny_model_dir, tmp_path, monkeypatch):
     """`grpo train rollout=vllm` at a learning rate where stale weights would show: every step's gap < 1e-3."""
+    for k, v in VLLM_ENV.items():
+        monkeypatch.setenv(k, os.environ.get(k, v))
     res = run_grpo(
         "train", "rollout=vllm", f"model.path={tiny_model_dir}", "model.device=cpu", "logger=jsonl",
         f"hydra.run.dir={tmp_path}", "trainer.prompts_per_step=4", "algorithm.group_size=4", "trainer.max_steps=4",
