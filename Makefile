@@ -24,7 +24,8 @@ $(STAMP): pyproject.toml
 train: setup
 	$(VENV)/bin/grpo train $(ARGS)
 
-test: setup
+# The full suite includes the vLLM engine tests, so `make test` installs vLLM first.
+test: setup-vllm
 	$(PY) -m pytest $(ARGS)
 
 test-fast: setup

@@ -80,8 +80,10 @@ def build_engine(rcfg: dict[str, Any], model, tokenizer, model_cfg: dict[str, An
 
         return HFEngine(model, tokenizer, batch_size=rcfg.get("batch_size", 256))
     if engine == "vllm":
-        from grpo.rollout.vllm import VLLMEngine  # the only place vllm is imported
-
+        try:
+            from grpo.rollout.vllm import VLLMEngine  # the only place vllm is imported
+        except ImportError as e:  # its message says how to install vLLM
+            raise ConfigError(str(e)) from e
         return VLLMEngine(model, tokenizer, model_cfg, rcfg)
     raise ConfigError(f"rollout.engine={engine!r}: use hf or vllm")
 

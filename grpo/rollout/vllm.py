@@ -2,16 +2,17 @@
 
 The trainer owns the policy; vLLM serves a copy of it. After every optimizer step
 `update_weights` writes the trainer's parameters to one safetensors file (in /dev/shm when it
-has room) and asks each vLLM worker, through `LLM.collective_rpc`, to load it with the model's own
-`load_weights` (the same path vLLM loads a checkpoint with: it fuses q/k/v and gate/up and shards
-for tensor parallelism). Then the prefix cache is reset, since cached KV blocks were computed with
-the old weights. The sync is checked: a parameter the worker did not load is an error, not a
-silently stale engine.
+has room) and asks each vLLM worker, through `LLM.collective_rpc`, to reload its model in place
+from it with vLLM's `reload_weights` (the model's own `load_weights` underneath: it fuses q/k/v
+and gate/up and shards for tensor parallelism). Then the prefix cache is reset, since cached KV
+blocks were computed with the old weights.
 
-Why a worker extension instead of vLLM's `reload_weights` RPC: in vLLM 0.32 that path reloads
-layer by layer and puts the old tensor back into any layer that received no weights of its own,
-which for a model with tied embeddings (the embedded model, small Qwen models) restores the stale
-LM head. `worker_extension_cls` is vLLM's supported way to add an RPC method to its workers.
+Why a worker extension (`worker_extension_cls`, vLLM's supported way to add an RPC method to its
+workers) around that reload: it records which parameters received weights, so a parameter the
+worker did not load fails the step instead of leaving a silently stale engine; and it re-prepares
+layers that share a tied parameter but received no weights of their own, because vLLM 0.32's
+layerwise reload leaves the CPU kernel copy of a tied LM head stale (the embedded model and small
+Qwen models tie it).
 
 Log-probs. vLLM returns one log-prob per sampled token, computed in one of four modes fixed for
 the whole engine (`logprobs_mode`). The rollout protocol wants log-probs at temperature before
