@@ -60,6 +60,11 @@ def main() -> int:
     report = {"runs": a.runs, "threads": a.threads, "failed": len(bad), "runs_per_s_wall": round(a.runs / wall, 1),
               "cpu_ms_per_run": round(cpu * 1000, 2), "cores": cores,
               "capacity_runs_per_s_idle": round(cores / cpu, 1), "loadavg_1m_after": float(load)}
+    rows = [("isolated runs", a.runs), ("threads", a.threads), ("failed", len(bad)),
+            ("runs/s (wall)", report["runs_per_s_wall"]), ("CPU ms per run", report["cpu_ms_per_run"]),
+            (f"runs/s if the {cores} cores were idle", report["capacity_runs_per_s_idle"]),
+            ("load average after", report["loadavg_1m_after"]), ("target runs/s", a.target)]
+    print("\n".join(f"{k:<32}{v:>10}" for k, v in rows))
     print(json.dumps(report))
     return 0 if not bad and max(report["runs_per_s_wall"], report["capacity_runs_per_s_idle"]) >= a.target else 1
 
