@@ -110,18 +110,14 @@ def verify_main(argv: list[str]) -> int:
     if not isinstance(kwargs, dict):
         raise UserError("--args: must be a JSON object")
     spec = {("_target_" if ":" in a.verifier else "name"): a.verifier, **kwargs}
-    rows = []
-    with open(a.file, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{a.file}: line {i}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("completion"), str):
-                raise UserError(f"{a.file}: line {i}: missing field 'completion' (a string)")
-            rows.append(row)
+    from tasks.file import read_rows
+
+    rows = read_rows(a.file) if a.file.endswith(".jsonl") else None
+    if rows is None:
+        raise UserError(f"{a.file}: expected a .jsonl file")
+    for i, row in enumerate(rows):
+        if not isinstance(row.get("completion"), str):
+            raise UserError(f"{a.file}: row {i}: missing field 'completion' (a string)")
     errors = 0
     # The same isolation as training: a raising, hanging or out-of-range verifier costs only its rows.
     with RewardFunction([spec], timeout=a.timeout) as reward_fn:

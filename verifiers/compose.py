@@ -125,6 +125,11 @@ def _score_sync(v: Any, label: str, call: _Call, completions: list[str], samples
             except Exception as e1:  # noqa: BLE001
                 call.fail(i, e1)
         return
+    _put_all(call, label, out)
+
+
+def _put_all(call: _Call, label: str, out: list) -> None:
+    """Record a batch's scores; a bad value costs only its own sample."""
     for i, s in enumerate(out):
         try:
             call.put(i, check_score(label, s, i))
@@ -159,11 +164,7 @@ async def _score_async(v: Any, label: str, call: _Call, completions: list[str], 
         except asyncio.TimeoutError:  # the caller reports the samples left without a result
             pass
         return
-    for i, s in enumerate(out):
-        try:
-            call.put(i, check_score(label, s, i))
-        except VerifierOutputError as e:
-            call.fail(i, e)
+    _put_all(call, label, out)
 
 
 class _Worker:
