@@ -1,0 +1,47 @@
+import json
+
+import pytest
+import torch
+
+from grpo.cli import compose_config
+from grpo.sft import batch_tensors, encode_rows, run_sft
+from grpo.modeling import load_tokenizer
+from tasks.base import TaskError
+
+
+def test_labels_cover_only_the_completion_and_eos(tiny_model_dir):
+    tok = load_tokenizer(str(tiny_model_dir))
+    pairs = encode_rows(tok, [{"prompt": "1+1", "completion": "2"}, {"prompt": "10+10", "completion": "20"}], "x.jsonl",
+                        "prompt", "completion")
+    # "<|user|>1+1<|end|><|assistant|>" = 1 + 3 + 2 tokens; completion "2" + EOS = 2 tokens
+    assert [len(p) for p, _ in pairs] == [6, 8] and [len(c) for _, c in pairs] == [2, 3]
+    ids, attn, labels = batch_tensors(pairs, tok.pad_token_id)
+    assert ids.shape == (2, 11)  # the longer row: 8 + 3
+    assert labels[0].tolist() == [-100] * 6 + [tok.convert_tokens_to_ids("2"), tok.eos_token_id] + [-100] * 3
+    assert (labels[1] != -100).sum() == 3 and attn[0].sum() == 8
+
+
+def test_rows_without_completion_are_named(tiny_model_dir):
+    tok = load_tokenizer(str(tiny_model_dir))
+    with pytest.raises(TaskError, match=r"d.jsonl: row 1: missing field 'completion'"):
+        encode_rows(tok, [{"prompt": "a", "completion": "b"}, {"prompt": "c"}], "d.jsonl", "prompt", "completion")
+
+
+@pytest.mark.slow
+def test_sft_learns_a_fixed_mapping(tiny_model_dir, tmp_path):
+    data = tmp_path / "d.jsonl"
+    rows = [{"prompt": f"say {w}", "completion": w.upper()} for w in ("cat", "dog", "owl", "bee")]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = compose_config("sft", [f"model.path={tiny_model_dir}", f"data.path={data}", "trainer.max_steps=150",
+                                 "trainer.batch_size=8", "trainer.log_every=10", "optim.lr=3e-3", "optim.warmup_steps=5"])
+    out = run_sft(cfg, tmp_path)
+    losses = [json.loads(x)["loss"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    # A random model starts near ln(vocab ~ 102) = 4.6 nats; four fixed 4-token targets are memorised.
+    assert losses[0] > 2.0 and losses[-1] < 0.3
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tok = load_tokenizer(str(out))
+    ids = tok("<|user|>say owl<|end|><|assistant|>", add_special_tokens=False, return_tensors="pt")["input_ids"]
+    gen = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True) == "OWL"
