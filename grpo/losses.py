@@ -45,6 +45,7 @@ def policy_loss(
     agg: str = "token_mean",
     max_len: int | None = None,
     kl_estimator: str = "k3",
+    is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped surrogate with an optional KL term to a reference, per token:
 
@@ -53,6 +54,9 @@ def policy_loss(
     logp, old_logp, ref_logp, mask: [N, T]; advantages: [N] (broadcast over tokens).
     old_logp is detached (it is the sampling policy); with one update per batch pass
     logp.detach() so ratio = 1 and the gradient is the plain policy gradient.
+    is_weights: optional [N, T] per-token weights on the clipped term (not on the KL), e.g.
+    truncated importance sampling min(exp(old_logp - engine_logp), C) when the rollout engine's
+    sampling distribution differs slightly from the trainer's.
     Returns (scalar loss, metrics) where metrics hold the clip fractions (share of tokens
     whose ratio was clipped below / above and where clipping changed the objective), the
     mean KL (over tokens, 0 without ref_logp) and the mean ratio.
@@ -63,6 +67,8 @@ def policy_loss(
     ratio = torch.exp(logp - old_logp.detach())  # [N, T]
     clipped = ratio.clamp(1.0 - clip_low, 1.0 + clip_high)  # [N, T]
     per_token = -torch.min(ratio * adv, clipped * adv)  # [N, T]
+    if is_weights is not None:
+        per_token = per_token * is_weights.detach()
 
     kl_mean = 0.0
     if ref_logp is not None:

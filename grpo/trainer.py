@@ -57,8 +57,8 @@ def check_algorithm(a: dict[str, Any]) -> None:
         raise ConfigError(f"algorithm.group_size={a['group_size']}: must be >= 1")
     if int(a["epochs"]) < 1:
         raise ConfigError(f"algorithm.epochs={a['epochs']}: must be >= 1")
-    if a["beta"] < 0 or a["clip_low"] < 0 or a["clip_high"] < 0:
-        raise ConfigError("algorithm.beta, clip_low and clip_high must be >= 0")
+    if a["beta"] < 0 or a["clip_low"] < 0 or a["clip_high"] < 0 or a.get("tis_cap", 0) < 0:
+        raise ConfigError("algorithm.beta, clip_low, clip_high and tis_cap must be >= 0")
 
 
 def seed_everything(seed: int) -> None:
@@ -179,6 +179,12 @@ class Trainer:
             old_logp = torch.cat([self.logprobs(self.policy, batch, s, T) for s in mbs]) if self.a["epochs"] > 1 else None
             ref_logp = torch.cat([self.logprobs(self.ref, batch, s, T) for s in mbs]) if self.ref is not None else None
 
+        # The engine's sampling log-probs of the sampled tokens, [N, T] like the trainer's.
+        eng = torch.zeros(N, T, device=self.device)
+        for i, lp in enumerate(ro.logprobs):
+            eng[i, :len(lp)] = torch.tensor(lp)
+        tis_cap = float(self.a.get("tis_cap") or 0.0)
+
         agg = self.a["loss_agg"]
         first_logp = torch.zeros(N, T, device=self.device)
         acc: dict[str, float] = {}
@@ -187,10 +193,13 @@ class Trainer:
             for s in mbs:
                 logp, ent = self.logprobs(self.policy, batch, s, T, with_entropy=True)  # [n, T]
                 old = old_logp[s] if old_logp is not None else logp.detach()
+                # Truncated importance sampling: reweight tokens the engine sampled with a slightly
+                # different distribution than the trainer's (off when tis_cap = 0).
+                tis = (old - eng[s]).exp().clamp(max=tis_cap) if tis_cap > 0 else None
                 loss, m = policy_loss(
                     logp, old, adv[s], mask[s], self.a["clip_low"], self.a["clip_high"],
                     ref_logp[s] if ref_logp is not None else None, self.a["beta"], agg,
-                    max_len=self.sampling.max_new_tokens, kl_estimator=self.a["kl_estimator"])
+                    max_len=self.sampling.max_new_tokens, kl_estimator=self.a["kl_estimator"], is_weights=tis)
                 # Weight each micro-batch so the sum equals the loss over the whole batch.
                 share = mask[s].sum() / n_tok if agg == "token_mean" else (s.stop - s.start) / N
                 (loss * share).backward()
@@ -207,11 +216,8 @@ class Trainer:
         self.engine.update_weights(self.policy.named_parameters())
         t3 = time.time()
 
-        # The engine's sampling log-probs against the trainer's for the same tokens (same weights).
-        eng = torch.zeros(N, T)
-        for i, lp in enumerate(ro.logprobs):
-            eng[i, :len(lp)] = torch.tensor(lp)
-        gap = (eng.to(self.device) - first_logp).abs() * mask  # [N, T]
+        # The engine's log-probs against the trainer's for the same tokens, before the update.
+        gap = (eng - first_logp).abs() * mask  # [N, T]
         groups = rewards_t.view(-1, self.G)
         lengths = mask.sum(1).float()
         return {

@@ -143,3 +143,13 @@ def test_vectorised_loss_matches_a_loop():
                 toks.append(-min(r * adv[i], min(max(r, 0.9), 1.3) * adv[i]))
         rows.append(sum(toks) / len(toks))
     assert loss.item() == pytest.approx(float(sum(rows) / 3), rel=1e-5)
+
+
+def test_importance_weights_scale_the_clipped_term_not_the_kl():
+    # ratio 1, A = +1 on two tokens, weights 0.5 and 2 -> surrogate -(0.5 + 2) / 2 = -1.25;
+    # the KL term (beta 0.1, k3 = 0.19315 per token) is not weighted: + 0.1 * 0.19315
+    lp = torch.full((1, 2), math.log(0.5))
+    ref = torch.full((1, 2), math.log(0.25))
+    w = torch.tensor([[0.5, 2.0]])
+    loss, _ = policy_loss(lp, lp, torch.tensor([1.0]), torch.ones(1, 2), ref_logp=ref, beta=0.1, is_weights=w)
+    assert loss.item() == pytest.approx(-1.25 + 0.1 * (0.5 + math.log(2) - 1))

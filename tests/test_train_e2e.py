@@ -67,6 +67,19 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_model_dir, tmp_path):
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_tis_with_a_matching_engine_changes_nothing(tiny_model_dir, tmp_path):
+    # The hf engine samples from the trainer's own module, so p_trainer / p_engine = 1 (to 1e-6) and
+    # truncated importance sampling must leave the loss and the update as they are.
+    common = ["trainer.max_steps=2", "trainer.eval_every=0", "trainer.save_every=0", "optim.lr=1e-2"]
+    train(cfg_for(tiny_model_dir, *common), tmp_path / "off")
+    train(cfg_for(tiny_model_dir, *common, "algorithm.tis_cap=2.0"), tmp_path / "on")
+    off = [r for r in read_metrics(tmp_path / "off") if "loss" in r]
+    on = [r for r in read_metrics(tmp_path / "on") if "loss" in r]
+    for a, b in zip(off, on):
+        assert a["reward/mean"] == b["reward/mean"]
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+
+
 def test_a_raising_verifier_costs_samples_not_the_run(tiny_model_dir, tmp_path):
     train(cfg_for(tiny_model_dir, "trainer.max_steps=2", "trainer.eval_every=0",
                   "task.verifiers=[{_target_: tests.toy_verifiers.RaisesOnOdd}]"), tmp_path)
