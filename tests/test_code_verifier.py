@@ -254,3 +254,34 @@ def test_mbpp_and_humaneval_converters(v):
     assert t["assert"] == ["check(double)"]
     assert score(v, "def double(x):\n    return 2 * x", t)[0] == 1.0
     assert score(v, "def double(x):\n    return x", t)[0] == 0.0
+
+
+class CountingSandbox:
+    """The real local sandbox, counting how many programs it runs."""
+
+    def __init__(self):
+        from sandbox import Sandbox
+
+        self.inner, self.runs = Sandbox(), 0
+
+    def run(self, *a, **kw):
+        self.runs += 1
+        return self.inner.run(*a, **kw)
+
+
+def test_identical_programs_of_a_batch_run_once():
+    sb = CountingSandbox()
+    v = CodeVerifier(sandbox=sb, parallelism=2)
+    tests = {"stdio": [{"input": "1\n", "output": "2\n"}, {"input": "5\n", "output": "6\n"}]}
+    good, bad = "print(int(input()) + 1)", "print(int(input()) + 2)"
+    scores = v.score([good, bad, good, good], [{"tests": tests}] * 4)
+    assert [s.reward for s in scores] == [1.0, 0.0, 1.0, 1.0]
+    assert sb.runs == 2 * 2  # two distinct programs x two tests
+    assert scores[2].info["same_as"] == 0 and scores[3].info["same_as"] == 0
+    # The same program against different tests is a different pair: run again.
+    other = {"stdio": [{"input": "1\n", "output": "3\n"}]}
+    assert [s.reward for s in v.score([good, good], [{"tests": tests}, {"tests": other}])] == [1.0, 0.0]
+    assert sb.runs == 4 + 3
+    off = CodeVerifier(sandbox=sb, parallelism=2, dedup=False)
+    off.score([good, good], [{"tests": tests}] * 2)
+    assert sb.runs == 7 + 4

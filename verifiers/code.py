@@ -197,20 +197,25 @@ class CodeVerifier:
 
     test_time: wall seconds per test run (CPU limit too); sample_time: wall seconds for all the
     tests of one sample (tests beyond it fail); parallelism: concurrent sandbox runs;
-    sandbox: a ``sandbox.Sandbox`` or ``sandbox.client.SandboxClient`` (default: local).
+    sandbox: a ``sandbox.Sandbox`` or ``sandbox.client.SandboxClient`` (default: local);
+    dedup: run each distinct (program, tests) pair of a batch once and give its copies the same
+    score (GRPO groups often repeat a program; programs whose result depends on chance or
+    time should turn this off).
     """
 
     name = "code"
 
     def __init__(self, *, test_time: float = 4.0, sample_time: float = 30.0, memory_mb: int = 1024,
                  max_procs: int = 32, stdout_bytes: int = 1 << 20, parallelism: int | None = None,
-                 float_tol: float = 1e-9, max_tests: int | None = None, sandbox: Any = None):
+                 float_tol: float = 1e-9, max_tests: int | None = None, sandbox: Any = None,
+                 dedup: bool = True):
         self.limits = Limits(wall_time=test_time, cpu_time=test_time, memory_mb=memory_mb,
                              max_procs=max_procs, stdout_bytes=stdout_bytes)
         self.sample_time = float(sample_time)
         self.parallelism = parallelism or max(2, os.cpu_count() or 2)
         self.float_tol = float_tol
         self.max_tests = max_tests
+        self.dedup = dedup
         self.sandbox = sandbox if sandbox is not None else default_sandbox()
         if isinstance(self.sandbox, Sandbox):
             self.sandbox.check()  # fail at construction, not in the middle of training
@@ -281,8 +286,17 @@ class CodeVerifier:
             raise ValueError(f"{n} completions for {len(samples)} samples")
         scores: list[Score | None] = [None] * n
         per_sample_jobs: list[list] = [[] for _ in range(n)]
+        first_of: dict[tuple[str, str], int] = {}
+        copy_of: dict[int, int] = {}
         for i, (comp, sample) in enumerate(zip(completions, samples)):
             program = extract_program(comp if isinstance(comp, str) else "")
+            if self.dedup:
+                key = (program, _tests_key(sample.get("tests")))
+                if key[1] is not None and key in first_of:
+                    copy_of[i] = first_of[key]
+                    scores[i] = Score(0.0)  # placeholder: filled from the first copy below
+                    continue
+                first_of.setdefault(key, i)
             if not program.strip():
                 scores[i] = Score(0.0, {"error": "no program in completion"})
                 continue
@@ -330,7 +344,17 @@ class CodeVerifier:
                 info["first_failure"] = fails[0]
                 info["failures"] = {o: fails.count(o) for o in set(fails)}
             scores[i] = Score(passed / len(res), info)
+        for i, j in copy_of.items():
+            scores[i] = Score(scores[j].reward, {**scores[j].info, "same_as": j})
         return scores  # type: ignore[return-value]
+
+
+def _tests_key(tests: Any) -> str | None:
+    """A canonical text of a sample's tests, or None when they cannot be compared."""
+    try:
+        return tests if isinstance(tests, str) else json.dumps(tests, sort_keys=True)
+    except (TypeError, ValueError):
+        return None
 
 
 def _error_of(channel: bytes) -> str | None:
