@@ -79,32 +79,31 @@ def completion(answer: int) -> str:
     return f"\\boxed{{{answer}}}"
 
 
-def sft_rows(n: int, seed: int) -> list[dict]:
-    """Training-split arithmetic problems; the target answer is right with probability P_CORRECT."""
-    task = ArithmeticTask(seed=seed + 1000)  # another stream than the GRPO run's, same split
+def half_right_rows(task, n: int, seed: int, right, near_miss) -> list[dict]:
+    """SFT rows from a task's training split whose target is right(sample) with probability
+    P_CORRECT and near_miss(sample, rng) otherwise."""
     rng = random.Random(seed)
     rows = []
     for i in range(n):
         s = task.train_sample(i)
-        ans = int(s.answer)
-        if rng.random() >= P_CORRECT:
-            ans = ans + rng.choice(NEAR_MISSES)
-        rows.append({"prompt": s.prompt, "completion": completion(ans)})
+        target = right(s) if rng.random() < P_CORRECT else near_miss(s, rng)
+        rows.append({"prompt": s.prompt, "completion": target})
     return rows
+
+
+def sft_rows(n: int, seed: int) -> list[dict]:
+    """Arithmetic: the boxed sum, or the sum off by 1, 2 or 10."""
+    task = ArithmeticTask(seed=seed + 1000)  # another stream than the GRPO run's, same split
+    return half_right_rows(task, n, seed, lambda s: completion(int(s.answer)),
+                           lambda s, rng: completion(int(s.answer) + rng.choice(NEAR_MISSES)))
 
 
 def code_sft_rows(n: int, seed: int) -> list[dict]:
-    """Training-split code problems; the target program is right with probability P_CORRECT."""
+    """Code: the reference program, or one with a wrong constant or operation."""
     from tasks.code_functions import CodeFunctionsTask, near_miss
 
     task = CodeFunctionsTask(seed=seed + 1000)  # another stream than the GRPO run's, same split
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        s = task.train_sample(i)
-        target = s.meta["solution"] if rng.random() < P_CORRECT else near_miss(s, rng)
-        rows.append({"prompt": s.prompt, "completion": target})
-    return rows
+    return half_right_rows(task, n, seed, lambda s: s.meta["solution"], near_miss)
 
 
 # task -> (output dir, SFT rows, SFT steps, SFT batch size); the code data is learnt in less.
