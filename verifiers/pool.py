@@ -237,11 +237,8 @@ class WorkerPool:
                             self._failed_starts = 0
                             return results  # type: ignore[return-value]
                     if w.chunk:
-                        i = w.chunk.popleft()
-                        results[i] = ("crashed", f"worker exited with code {w.proc.poll()}")
+                        _fail_head(w, results, pending, "crashed", f"worker exited with code {w.proc.poll()}")
                         done += 1
-                        pending.extendleft(reversed(w.chunk))
-                        w.chunk.clear()
                     self._replace(w)
                     continue
                 if msg == "ready":
@@ -260,13 +257,17 @@ class WorkerPool:
                 if (w.chunk or not w.ready) and now >= w.deadline:
                     if w.chunk:
                         self.stats["timeouts"] += 1
-                        i = w.chunk.popleft()
-                        results[i] = ("timeout", f"no result within {self.timeout:g} s")
+                        _fail_head(w, results, pending, "timeout", f"no result within {self.timeout:g} s")
                         done += 1
-                        pending.extendleft(reversed(w.chunk))
-                        w.chunk.clear()
                     self._replace(w)
         return [r if r is not None else ("crashed", "not run") for r in results]
+
+
+def _fail_head(w, results: list, pending, status: str, why: str) -> None:
+    """The task a worker was on gets (status, why); the rest of its chunk goes back in the queue."""
+    results[w.chunk.popleft()] = (status, why)
+    pending.extendleft(reversed(w.chunk))
+    w.chunk.clear()
 
 
 # -- the worker side ---------------------------------------------------------------------------
