@@ -59,3 +59,35 @@ def test_stops_at_eos(tiny_model_dir):
     ro = eng.generate([[tok.convert_tokens_to_ids("a")]], 4, SamplingParams(temperature=1.0, max_new_tokens=5))
     assert all(c == [tok.eos_token_id] for c in ro.completion_ids)
     assert ro.texts == [""] * 4 and all(ro.finished)
+
+
+def test_model_generation_config_penalties_do_not_change_sampling(tiny_model_dir):
+    # A repetition penalty in the model's generation_config would make generate() sample from a
+    # distribution the trainer never computes; the engine neutralises it, so greedy decoding is
+    # the argmax of the raw logits and the reported log-probs match the trainer's.
+    tok, model, eng = engine(tiny_model_dir)
+    model.generation_config.repetition_penalty = 5.0
+    model.generation_config.no_repeat_ngram_size = 1
+    prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in ("<|user|>aaaa<|end|><|assistant|>", "<|user|>1<|end|>")]
+    ro = eng.generate(prompts, 1, SamplingParams(temperature=0.0, max_new_tokens=8))
+    ids, attn, pos, comp, mask = pack(ro.prompt_ids, ro.completion_ids, tok.pad_token_id)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=attn, position_ids=pos).logits[:, -comp.shape[1] - 1:-1]
+    for i, c in enumerate(ro.completion_ids):
+        assert out[i, : len(c)].argmax(-1).tolist() == c
+
+
+def test_stop_string_cut_when_pad_is_eos(tiny_model_dir):
+    tok, model, eng = engine(tiny_model_dir)
+    eng.pad_id = tok.eos_token_id  # as for tokenizers without a pad token
+    head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=True)
+    with torch.no_grad():  # the model always says "5": the stop string ends the row after one token
+        head.weight.zero_()
+        head.bias.zero_()
+        head.bias[tok.convert_tokens_to_ids("5")] = 50.0
+    model.lm_head = head
+    ro = eng.generate([[tok.convert_tokens_to_ids("a")], [tok.convert_tokens_to_ids("b")] * 3], 1,
+                      SamplingParams(temperature=1.0, max_new_tokens=4, stop=["5"]))
+    five = tok.convert_tokens_to_ids("5")
+    assert ro.completion_ids == [[five], [five]] and ro.finished == [True, True] and ro.texts == ["5", "5"]
+    assert all(len(lp) == 1 for lp in ro.logprobs)  # no EOS the model never sampled

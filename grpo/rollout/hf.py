@@ -12,6 +12,13 @@ import torch
 from grpo.rollout.base import Rollout, SamplingParams
 
 
+NEUTRAL_PROCESSING = dict(
+    repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0,
+    min_length=0, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, min_p=0.0, suppress_tokens=[],
+    begin_suppress_tokens=[], renormalize_logits=False,
+)
+
+
 def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """[B] ragged -> input_ids [B, L], attention_mask [B, L], padded on the left."""
     L = max(len(s) for s in seqs)
@@ -56,6 +63,10 @@ class HFEngine:
             return_dict_in_generate=True,
             output_logits=True,
             use_cache=True,
+            # Neutralise logits processors a model's generation_config may carry (repetition
+            # penalties and the like): the trainer's log-probs see none of them, so the engine
+            # must not sample with them.
+            **NEUTRAL_PROCESSING,
         )
         if not greedy:
             kwargs.update(temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k or None)
@@ -69,19 +80,18 @@ class HFEngine:
         lp = torch.log_softmax(logits / temp, dim=-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)  # [B, T]
         for i in range(new.shape[0]):
             toks = new[i].tolist()
-            length, finished = len(toks), False
-            for t, tok in enumerate(toks):
-                if tok in self.eos_ids:
-                    length, finished = t + 1, True
-                    break
+            # generate() pads finished rows; with pad == eos a stop-string row ends in padding that
+            # looks like EOS, so the stop string is looked for first, then the first EOS.
+            eos_at = next((t for t, tok in enumerate(toks) if tok in self.eos_ids), None)
+            length, finished = (eos_at + 1, True) if eos_at is not None else (len(toks), False)
+            if sp.stop:
+                cut = _stop_end(toks[:length], sp.stop, self.tokenizer)
+                if cut is not None:
+                    length, finished = cut, True
             toks = toks[:length]
-            text = self.tokenizer.decode(toks, skip_special_tokens=True)
-            if not finished and sp.stop:
-                finished, toks, text = _cut_at_stop(toks, text, sp.stop, self.tokenizer)
-                length = len(toks)
             out.completion_ids.append(toks)
             out.logprobs.append(lp[i, :length].tolist())
-            out.texts.append(text)
+            out.texts.append(self.tokenizer.decode(toks, skip_special_tokens=True))
             out.finished.append(finished)
 
     def update_weights(self, named_params: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -91,13 +101,12 @@ class HFEngine:
         pass
 
 
-def _cut_at_stop(toks: list[int], text: str, stops: list[str], tokenizer) -> tuple[bool, list[int], str]:
-    """Keep tokens up to and including the one that completes the first stop string."""
+def _stop_end(toks: list[int], stops: list[str], tokenizer) -> int | None:
+    """Number of tokens up to and including the one that completes the first stop string, if any."""
     for t in range(1, len(toks) + 1):
-        prefix = tokenizer.decode(toks[:t], skip_special_tokens=True)
-        if any(s in prefix for s in stops):
-            return True, toks[:t], prefix
-    return False, toks, text
+        if any(s in tokenizer.decode(toks[:t], skip_special_tokens=True) for s in stops):
+            return t
+    return None
 
 
 def _eos_ids(model, tokenizer) -> list[int]:
