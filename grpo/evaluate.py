@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from grpo.modeling import load_model, load_tokenizer
-from grpo.trainer import ConfigError, build_engine, encode_prompts, pick_device, sampling_params, seed_everything
+from grpo.modeling import pick_device
+from grpo.trainer import ConfigError, build_engine, encode_prompts, sampling_params, seed_everything
 from tasks.base import TaskError, build_task
 from verifiers.compose import RewardFunction
 from verifiers.math_extract import plain_number

@@ -38,6 +38,13 @@ def resolve_model_path(path: str) -> str:
     return path  # a hub id such as Qwen/Qwen2.5-0.5B-Instruct
 
 
+def pick_device(name: str) -> str:
+    """`auto` = cuda when available, else cpu."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
 def torch_dtype(name: str) -> torch.dtype:
     if name not in _DTYPES:
         raise ModelError(f"model.dtype={name!r}: use one of {sorted(_DTYPES)}")
@@ -65,6 +72,17 @@ def load_model(path: str, dtype: str = "float32", gradient_checkpointing: bool =
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
     return model.to(device)
+
+
+def disable_dropout(model) -> None:
+    """Zero every dropout of a policy: the engine samples without it, so log-probs must be computed
+    without it too, or the ratio is noisy before any update."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        for attr in ("attention_dropout", "dropout", "attn_dropout"):
+            if isinstance(getattr(m, attr, None), float):
+                setattr(m, attr, 0.0)
 
 
 def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int):

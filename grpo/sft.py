@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from grpo.modeling import load_model, load_tokenizer
+from grpo.modeling import load_model, load_tokenizer, pick_device
 from tasks.base import Sample, TaskError, render_prompt
 from tasks.file import read_rows, to_sample
 
@@ -57,10 +57,13 @@ def run_sft(cfg: dict[str, Any], run_dir: Path) -> Path:
     torch.manual_seed(cfg["trainer"]["seed"])
     rng = random.Random(cfg["trainer"]["seed"])
     tok = load_tokenizer(cfg["model"]["path"])
-    model = load_model(cfg["model"]["path"], cfg["model"]["dtype"], cfg["model"].get("gradient_checkpointing", False))
+    device = pick_device(cfg["model"].get("device", "auto"))
+    model = load_model(cfg["model"]["path"], cfg["model"]["dtype"], cfg["model"].get("gradient_checkpointing", False), device)
     data = cfg["data"]
     rows = read_rows(data["path"])
     pairs = encode_rows(tok, rows, data["path"], data["prompt_field"], data["completion_field"], data.get("system_prompt"))
+    if not pairs:
+        raise TaskError(f"{data['path']}: no rows")
     steps, bs = cfg["trainer"]["max_steps"], cfg["trainer"]["batch_size"]
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["optim"]["lr"], weight_decay=cfg["optim"]["weight_decay"])
     warm = cfg["optim"]["warmup_steps"]
@@ -73,7 +76,7 @@ def run_sft(cfg: dict[str, Any], run_dir: Path) -> Path:
     with metrics_path.open("a") as mf:
         for step in range(1, steps + 1):
             batch = [pairs[rng.randrange(len(pairs))] for _ in range(bs)]
-            ids, attn, labels = batch_tensors(batch, tok.pad_token_id)
+            ids, attn, labels = (x.to(device) for x in batch_tensors(batch, tok.pad_token_id))
             loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
             loss.backward()
             gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["optim"]["max_grad_norm"])

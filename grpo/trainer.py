@@ -36,7 +36,7 @@ from grpo import checkpoint
 from grpo.advantages import SCALES, group_advantages
 from grpo.kl import ESTIMATORS
 from grpo.losses import AGGREGATIONS, policy_loss
-from grpo.modeling import load_model, load_tokenizer, pack, token_logprobs
+from grpo.modeling import disable_dropout, load_model, load_tokenizer, pack, pick_device, token_logprobs
 from grpo.rollout.base import SamplingParams
 from grpo.tracking import build_logger
 from tasks.base import TaskError, build_task, render_prompt
@@ -53,24 +53,30 @@ def check_algorithm(a: dict[str, Any]) -> None:
     for key, allowed in (("adv_scale", SCALES), ("loss_agg", AGGREGATIONS), ("kl_estimator", ESTIMATORS)):
         if a[key] not in allowed:
             raise ConfigError(f"algorithm.{key}={a[key]!r}: use one of {', '.join(allowed)}")
-    if int(a["group_size"]) < 1:
-        raise ConfigError(f"algorithm.group_size={a['group_size']}: must be >= 1")
-    if int(a["epochs"]) < 1:
-        raise ConfigError(f"algorithm.epochs={a['epochs']}: must be >= 1")
-    if a["beta"] < 0 or a["clip_low"] < 0 or a["clip_high"] < 0 or a.get("tis_cap", 0) < 0:
-        raise ConfigError("algorithm.beta, clip_low, clip_high and tis_cap must be >= 0")
+
+
+def check_numbers(cfg: dict[str, Any]) -> None:
+    """Values that must be numbers in range, checked before any model is loaded."""
+    rules = [("trainer", "prompts_per_step", int, 1), ("trainer", "max_steps", int, 0), ("trainer", "eval_every", int, 0),
+             ("trainer", "save_every", int, 0), ("trainer", "micro_batch_size", int, 0), ("trainer", "eval_size", int, 1),
+             ("rollout", "max_new_tokens", int, 1), ("algorithm", "group_size", int, 1), ("algorithm", "epochs", int, 1),
+             ("algorithm", "beta", float, 0), ("algorithm", "clip_low", float, 0), ("algorithm", "clip_high", float, 0),
+             ("algorithm", "tis_cap", float, 0), ("optim", "lr", float, 0), ("rollout", "temperature", float, 0)]
+    for group, key, kind, low in rules:
+        v = cfg[group].get(key, low)
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (kind is float or float(v).is_integer())
+        if not ok or v < low:
+            what = "a whole number" if kind is int else "a number"
+            raise ConfigError(f"{group}.{key}={v!r}: must be {what} >= {low}")
+    if cfg["rollout"]["temperature"] <= 0 and cfg["algorithm"]["group_size"] > 1:
+        raise ConfigError("rollout.temperature=0 makes the G samples of a prompt identical (no learning signal): "
+                          "use a temperature > 0 for training")
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def pick_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
 
 
 def build_engine(rcfg: dict[str, Any], model, tokenizer, model_cfg: dict[str, Any]):
@@ -105,6 +111,7 @@ class Trainer:
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.t, self.a, self.r = cfg["trainer"], cfg["algorithm"], cfg["rollout"]
+        check_numbers(cfg)
         check_algorithm(self.a)
         if "verifiers" not in cfg["task"]:
             raise ConfigError("task.verifiers is not set: name at least one verifier, e.g. task.verifiers=[math]")
@@ -121,9 +128,13 @@ class Trainer:
         mcfg = cfg["model"]
         self.device = pick_device(mcfg.get("device", "auto"))
         self.ckpt = checkpoint.find(self.run_dir, self.t.get("resume"))
+        if not self.ckpt and (self.run_dir / "metrics.jsonl").exists():
+            raise ConfigError(f"{self.run_dir} already holds a run: continue it with trainer.resume=true, "
+                              "or start a new one in another hydra.run.dir")
         policy_src = str(self.ckpt / "model") if self.ckpt else mcfg["path"]
         self.tok = load_tokenizer(mcfg["path"])
         self.policy = load_model(policy_src, mcfg["dtype"], mcfg.get("gradient_checkpointing", False), self.device)
+        disable_dropout(self.policy)
         self.policy.train()
         self.ref = None
         if self.a["beta"] > 0:
@@ -188,7 +199,8 @@ class Trainer:
         agg = self.a["loss_agg"]
         first_logp = torch.zeros(N, T, device=self.device)
         acc: dict[str, float] = {}
-        for epoch in range(int(self.a["epochs"])):
+        last_epoch = int(self.a["epochs"]) - 1
+        for epoch in range(last_epoch + 1):
             self.opt.zero_grad(set_to_none=True)
             for s in mbs:
                 logp, ent = self.logprobs(self.policy, batch, s, T, with_entropy=True)  # [n, T]
@@ -203,14 +215,18 @@ class Trainer:
                 # Weight each micro-batch so the sum equals the loss over the whole batch.
                 share = mask[s].sum() / n_tok if agg == "token_mean" else (s.stop - s.start) / N
                 (loss * share).backward()
+                w = float(mask[s].sum() / n_tok)
+                if epoch == last_epoch:  # clipping only happens after the first update
+                    for k, v in m.items():
+                        if k.startswith(("clip/", "ratio/")):
+                            acc[k] = acc.get(k, 0.0) + w * v
                 if epoch == 0:
                     first_logp[s] = logp.detach()
-                    w = float(mask[s].sum() / n_tok)
-                    for k, v in m.items():
-                        acc[k] = acc.get(k, 0.0) + w * v
+                    acc["kl"] = acc.get("kl", 0.0) + w * m["kl"]
                     acc["entropy"] = acc.get("entropy", 0.0) + float((ent * mask[s]).sum() / n_tok)
                     acc["loss"] = acc.get("loss", 0.0) + float(loss.detach()) * float(share)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg["optim"]["max_grad_norm"])
+            lr = self.sched.get_last_lr()[0]  # the rate this step uses
             self.opt.step()
             self.sched.step()
         self.engine.update_weights(self.policy.named_parameters())
@@ -227,7 +243,7 @@ class Trainer:
             "groups/zero_std_frac": float((groups.std(1) == 0).float().mean()) if self.G > 1 else 1.0,
             **acc,
             "grad_norm": float(grad_norm),
-            "lr": self.sched.get_last_lr()[0],
+            "lr": lr,
             "completion/len_mean": float(lengths.mean()),
             "completion/len_max": float(lengths.max()),
             "completion/truncated_frac": 1.0 - sum(ro.finished) / N,
@@ -244,7 +260,7 @@ class Trainer:
         """
         prompts = self.encode_prompts(self.eval_set)
         fields = [s.fields() for s in self.eval_set]
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=list(range(torch.cuda.device_count()))):
             torch.manual_seed(self.t["seed"] + 1_000_003 * (self.step + 1))
             sampled = self.engine.generate(prompts, 1, self.sampling)
             greedy = self.engine.generate(prompts, 1, sampling_params(self.r, greedy=True))

@@ -112,6 +112,9 @@ def test_wandb_logger_writes_offline_run(tiny_model_dir, tmp_path, monkeypatch):
         (["model.path=/does/not/exist"], "model.path='/does/not/exist': no such directory"),
         (["task.verifiers=[nope]"], "unknown verifier 'nope'"),
         (["algorithm.loss_agg=sum"], "algorithm.loss_agg='sum': use one of"),
+        (["trainer.prompts_per_step=0"], "trainer.prompts_per_step=0: must be a whole number >= 1"),
+        (["algorithm.beta=abc"], "algorithm.beta='abc': must be a number >= 0"),
+        (["rollout.temperature=0"], "rollout.temperature=0 makes the G samples of a prompt identical"),
     ],
 )
 def test_bad_config_stops_before_training_with_one_clear_message(args, message, tmp_path):
@@ -127,3 +130,40 @@ def test_file_task_row_without_answer_is_reported(tmp_path):
     r = run_grpo("train", f"hydra.run.dir={tmp_path / 'run'}", "logger=jsonl", "task=file", f"task.path={data}", timeout=120)
     assert r.returncode == 2
     assert f"{data}: row 1: missing field 'answer'" in r.stderr
+
+
+def test_run_dir_reuse_resume_after_a_torn_line_and_checkpoint_pruning(tiny_model_dir, tmp_path):
+    from grpo.trainer import ConfigError
+
+    common = ["trainer.eval_every=0", "trainer.save_every=1", "trainer.keep_checkpoints=2"]
+    train(cfg_for(tiny_model_dir, "trainer.max_steps=3", *common), tmp_path)
+    # keep 2: step 1 pruned, steps 2 and 3 kept
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == ["step_000002", "step_000003"]
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train(cfg_for(tiny_model_dir, "trainer.max_steps=3", *common), tmp_path)
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 4, "reward/me')  # a line torn by a kill
+    # Resume from step 2 with keep 1: the checkpoint just written must survive, whatever is newer.
+    train(cfg_for(tiny_model_dir, "trainer.max_steps=3", f"trainer.resume={tmp_path / 'checkpoints/step_000002'}",
+                  "trainer.eval_every=0", "trainer.save_every=1", "trainer.keep_checkpoints=1"), tmp_path)
+    steps = [r["step"] for r in read_metrics(tmp_path) if "loss" in r]
+    assert steps == [1, 2, 3]
+    latest = (tmp_path / "checkpoints" / "latest").read_text().strip()
+    assert (tmp_path / "checkpoints" / latest / "state.pt").exists()
+
+
+def test_dropout_is_off_in_the_policy(tiny_model_dir, tmp_path):
+    # With attention dropout 0.5 left on, the trainer's log-probs would be noisy; the engine samples
+    # without dropout, so the gap stays at float noise only if the trainer turned it off.
+    import shutil
+
+    from transformers import AutoConfig
+
+    model_dir = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, model_dir)
+    cfg = AutoConfig.from_pretrained(model_dir)
+    cfg.attention_dropout = 0.5
+    cfg.save_pretrained(model_dir)
+    train(cfg_for(model_dir, "trainer.max_steps=1", "trainer.eval_every=0"), tmp_path / "run")
+    rec = [r for r in read_metrics(tmp_path / "run") if "loss" in r][0]
+    assert rec["rollout/logprob_abs_diff/max"] < 1e-4
