@@ -63,7 +63,9 @@ def save(run_dir: Path, step: int, model, tokenizer, state: dict[str, Any], keep
         raise
     _write_atomic(root / "latest", final.name + "\n")
     if keep > 0:
-        for old in sorted(root.glob("step_*"))[:-keep]:
+        # Keep this checkpoint and the keep-1 newest before it; never the one just written.
+        older = [p for p in sorted(root.glob("step_*")) if p.name < final.name]
+        for old in older[: max(0, len(older) - (keep - 1))]:
             shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -76,7 +78,10 @@ def find(run_dir: Path, resume: Any) -> Path | None:
         latest = Path(run_dir) / "checkpoints" / "latest"
         if not latest.exists():
             raise FileNotFoundError(f"trainer.resume=true but {latest} does not exist: pass the run's hydra.run.dir")
-        return latest.parent / latest.read_text().strip()
+        ckpt = latest.parent / latest.read_text().strip()
+        if not (ckpt / "state.pt").exists():
+            raise FileNotFoundError(f"{latest} names {ckpt.name}, which is not a complete checkpoint")
+        return ckpt
     p = Path(str(resume))
     if not (p / "state.pt").exists():
         raise FileNotFoundError(f"trainer.resume={resume}: not a checkpoint (no state.pt)")

@@ -19,12 +19,20 @@ def _clean(v: Any) -> Any:
     return None if isinstance(v, float) and not math.isfinite(v) else v
 
 
+def _step_of(line: str) -> int | None:
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return None
+
+
 class JsonlLogger:
     def __init__(self, run_dir: Path, resume_step: int | None = None):
         self.path = Path(run_dir) / "metrics.jsonl"
         if resume_step is not None and self.path.exists():
-            # Drop records past the checkpoint: the resumed run writes those steps again.
-            keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= resume_step]
+            # Drop records past the checkpoint (the resumed run writes those steps again) and a
+            # line torn by a kill.
+            keep = [ln for ln in self.path.read_text().splitlines() if _step_of(ln) is not None and _step_of(ln) <= resume_step]
             self.path.write_text("".join(ln + "\n" for ln in keep))
         self._f = self.path.open("a", encoding="utf-8")
 
