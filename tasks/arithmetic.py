@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 import zlib
 
-from tasks.base import Sample, TaskError
+from tasks.base import Sample, TaskError, distinct_draws
 
 _OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 
@@ -45,6 +45,13 @@ class ArithmeticTask:
             raise TaskError(f"task arithmetic: held_out_fraction must be in (0, 1), got {held_out_fraction}")
         self.seed, self.lo, self.hi, self.ops = seed, min_operand, max_operand, list(ops)
         self.fraction, self.eval_size = held_out_fraction, eval_size
+        size = (max_operand - min_operand + 1) ** 2 * len(self.ops)
+        if size <= 200_000:  # small spaces can leave a split empty, and drawing from it would never end
+            held = sum(is_held_out(a, op, b, held_out_fraction) for a in range(min_operand, max_operand + 1)
+                       for b in range(min_operand, max_operand + 1) for op in self.ops)
+            if held == 0 or held == size:
+                raise TaskError(f"task arithmetic: operands {min_operand}..{max_operand} give {size} problems, "
+                                f"too few to split {held_out_fraction:.0%} off for evaluation: widen the range")
 
     def _draw(self, rng: random.Random, held_out: bool) -> Sample:
         while True:
@@ -57,5 +64,5 @@ class ArithmeticTask:
         return self._draw(random.Random(f"{self.seed}:train:{index}"), held_out=False)
 
     def eval_samples(self) -> list[Sample]:
-        rng = random.Random(f"{self.seed}:eval")  # fixed held-out set for the run
-        return [self._draw(rng, held_out=True) for _ in range(self.eval_size)]
+        rng = random.Random(f"{self.seed}:eval")  # fixed held-out set for the run, no repeats
+        return distinct_draws(lambda: self._draw(rng, held_out=True), self.eval_size)

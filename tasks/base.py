@@ -42,6 +42,21 @@ class Sample:
         return msgs
 
 
+def distinct_draws(draw, n: int, max_tries: int | None = None) -> list[Sample]:
+    """Up to n samples with distinct prompts from repeated draw() calls (a held-out set without
+    repeats); stops early when max_tries (default 50 * n) draws found no more new ones."""
+    out, seen = [], set()
+    for _ in range(max_tries or 50 * n):
+        if len(out) == n:
+            break
+        s = draw()
+        key = s.prompt if s.prompt is not None else repr(s.messages)
+        if key not in seen:
+            seen.add(key)
+            out.append(s)
+    return out
+
+
 def render_prompt(tokenizer: Any, sample: Sample, system_prompt: str | None = None) -> str:
     """The text the model continues: the chat template when the tokenizer has one, else the raw prompt."""
     if getattr(tokenizer, "chat_template", None):

@@ -22,7 +22,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from tasks.base import Sample, TaskError
+from tasks.base import Sample, TaskError, distinct_draws
 
 
 @dataclass(frozen=True)
@@ -129,5 +129,5 @@ class CodeFunctionsTask:
         return self._draw(random.Random(f"{self.seed}:code:train:{index}"), self.train_pairs)
 
     def eval_samples(self) -> list[Sample]:
-        rng = random.Random(f"{self.seed}:code:eval")  # fixed held-out set for the run
-        return [self._draw(rng, self.held_pairs) for _ in range(self.eval_size)]
+        rng = random.Random(f"{self.seed}:code:eval")  # fixed held-out set for the run, no repeats
+        return distinct_draws(lambda: self._draw(rng, self.held_pairs), self.eval_size)

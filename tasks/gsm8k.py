@@ -21,8 +21,6 @@ def gsm8k_answer(solution: str) -> str | None:
     """``"... #### 1,234"`` -> ``"1234"``; a bare number stays as it is; else None."""
     text = solution.rsplit("####", 1)[1] if "####" in solution else solution
     text = text.strip().replace(",", "").replace("$", "").rstrip(".").strip()
-    if "####" in solution:
-        return text or None
     return text if _NUMBER_RE.fullmatch(text) else None
 
 

@@ -97,3 +97,14 @@ def test_render_prompt_uses_chat_template(tiny_model_dir):
     assert render_prompt(tok, s, "Be brief.") == "<|system|>Be brief.<|end|><|user|>What is 1 + 2?<|end|><|assistant|>"
     tok.chat_template = None
     assert render_prompt(tok, s) == "What is 1 + 2?"
+
+
+def test_held_out_set_has_no_repeats_and_tiny_ranges_are_refused():
+    t = ArithmeticTask(seed=0, eval_size=128)
+    prompts = [s.prompt for s in t.eval_samples()]
+    assert len(prompts) == 128 and len(set(prompts)) == 128
+    # 0..20: 441 problems, about 44 held out: the set stops at what exists instead of repeating
+    small = ArithmeticTask(seed=0, max_operand=20, eval_size=128).eval_samples()
+    assert 20 < len(small) < 128 and len({s.prompt for s in small}) == len(small)
+    with pytest.raises(TaskError, match="too few to split"):
+        ArithmeticTask(min_operand=5, max_operand=6)  # 4 problems: a split would be empty
