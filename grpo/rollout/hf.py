@@ -14,7 +14,7 @@ from grpo.rollout.base import Rollout, SamplingParams
 
 NEUTRAL_PROCESSING = dict(
     repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0,
-    min_length=0, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, min_p=0.0, suppress_tokens=[],
+    typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, min_p=0.0, suppress_tokens=[],
     begin_suppress_tokens=[], renormalize_logits=False,
 )
 
