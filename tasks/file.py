@@ -30,6 +30,15 @@ def read_rows(path: str, split: str = "train", config: str | None = None) -> lis
     to hub datasets and dataset directories only; a single file is one split.
     """
     p = Path(path).expanduser()
+    if p.suffix == ".json" and p.exists() and p.read_text(encoding="utf-8").lstrip().startswith("["):
+        try:  # a JSON array of row objects
+            rows = json.loads(p.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise TaskError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+        for i, row in enumerate(rows):
+            if not isinstance(row, dict):
+                raise TaskError(f"{path}: row {i}: expected a JSON object, got {type(row).__name__}")
+        return rows
     if p.suffix == ".jsonl" or (p.suffix == ".json" and p.exists()):
         if not p.exists():
             raise TaskError(f"{path}: file not found")

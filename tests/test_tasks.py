@@ -108,3 +108,13 @@ def test_held_out_set_has_no_repeats_and_tiny_ranges_are_refused():
     assert 20 < len(small) < 128 and len({s.prompt for s in small}) == len(small)
     with pytest.raises(TaskError, match="too few to split"):
         ArithmeticTask(min_operand=5, max_operand=6)  # 4 problems: a split would be empty
+
+
+def test_file_task_reads_a_json_array(tmp_path):
+    p = tmp_path / "d.json"
+    p.write_text(json.dumps([{"prompt": f"q{i}", "answer": str(i)} for i in range(6)], indent=1))
+    t = FileTask(path=str(p), eval_size=2)
+    assert len(t.train) == 4 and len(t.eval_samples()) == 2
+    p.write_text('[{"prompt": "a", "answer": "1"}, 3]')
+    with pytest.raises(TaskError, match=r"d.json: row 1: expected a JSON object"):
+        FileTask(path=str(p))
