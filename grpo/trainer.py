@@ -274,7 +274,7 @@ class Trainer:
             "eval/completion/len_mean": sum(len(c) for c in sampled.completion_ids) / len(rs),
         }
         k = int(self.t.get("log_samples", 0))
-        table = [{"prompt": s.prompt or str(s.messages), "answer": str(s.answer), "completion": c, "reward": r}
+        table = [{"prompt": s.prompt or str(s.messages), "answer": str(s.answer if s.answer is not None else s.tests), "completion": c, "reward": r}
                  for s, c, r in list(zip(self.eval_set, sampled.texts, rs))[:k]]
         return metrics, table
 
@@ -299,7 +299,7 @@ class Trainer:
         if not self.ckpt:
             first_eval = last_eval = self.run_eval()
         bar = tqdm(total=max_steps, initial=self.step, desc="grpo", unit="step", dynamic_ncols=True)
-        last_ckpt = None
+        last_ckpt = self.ckpt  # a resumed run with nothing left to do still names its checkpoint
         try:
             while self.step < max_steps:
                 metrics = self.train_step()
