@@ -14,7 +14,7 @@ pytest.importorskip("vllm", reason="vllm is not installed: `make setup-vllm` ins
 
 from grpo.modeling import load_model, load_tokenizer, pack, token_logprobs  # noqa: E402
 from grpo.rollout.base import SamplingParams  # noqa: E402
-from grpo.rollout.hf import HFEngine, _cut_at_stop  # noqa: E402
+from grpo.rollout.hf import HFEngine, _stop_end  # noqa: E402
 from grpo.rollout.vllm import VLLMEngine, choose_logprobs_mode  # noqa: E402
 from tests.conftest import run_grpo  # noqa: E402
 
@@ -119,7 +119,10 @@ def test_stop_strings_cut_like_the_hf_engine(setup):
     n_cut = 0
     for ids, t, fin, ids2, t2, fin2, lp2 in zip(free.completion_ids, free.texts, free.finished, cut.completion_ids,
                                                 cut.texts, cut.finished, cut.logprobs):
-        stopped, want_ids, want_text = _cut_at_stop(ids, t, stop, tok)
+        end = _stop_end(ids, stop, tok)
+        stopped = end is not None
+        want_ids = ids[:end] if stopped else ids
+        want_text = tok.decode(want_ids, skip_special_tokens=True) if stopped else t
         n_cut += stopped and want_ids != ids
         assert (ids2, t2, fin2) == (want_ids, want_text, stopped or fin)
         assert len(lp2) == len(ids2)
