@@ -7,6 +7,7 @@ the run before training with the file, the row index and the field in the messag
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 from collections.abc import Callable
@@ -106,12 +107,20 @@ def hold_out(samples: list[Sample], eval_size: int, seed: int) -> tuple[list[Sam
     return [samples[i] for i in sorted(order[k:])] or samples, held
 
 
-def epoch_sample(train: list[Sample], seed: int, index: int) -> Sample:
-    """Row `index` of an endless stream: a fresh seeded permutation of `train` per epoch."""
-    epoch, pos = divmod(index, len(train))
-    order = list(range(len(train)))
+@functools.lru_cache(maxsize=4)
+def _epoch_order(seed: int, epoch: int, n: int) -> tuple[int, ...]:
+    order = list(range(n))
     random.Random(f"{seed}:epoch:{epoch}").shuffle(order)
-    return train[order[pos]]
+    return tuple(order)
+
+
+def epoch_sample(train: list[Sample], seed: int, index: int) -> Sample:
+    """Row `index` of an endless stream: a fresh seeded permutation of `train` per epoch.
+
+    The permutation depends only on (seed, epoch, len(train)), so it is computed once per epoch
+    rather than once per sample."""
+    epoch, pos = divmod(index, len(train))
+    return train[_epoch_order(seed, epoch, len(train))[pos]]
 
 
 class FileTask:
