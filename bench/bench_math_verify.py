@@ -97,7 +97,7 @@ json.dump({"verdicts": verdicts, "inner_s": time.perf_counter() - t0}, open(sys.
 OURS = """
 import json, sys, time
 t0 = time.perf_counter()
-from verifiers.math import MathVerifier
+from grpo.verifiers.math import MathVerifier
 steps = json.load(open(sys.argv[1]))
 verdicts = []
 v = MathVerifier()
@@ -110,7 +110,7 @@ json.dump({"verdicts": verdicts, "inner_s": time.perf_counter() - t0}, open(sys.
 
 LATENCY = """
 import json, sys, time, statistics, random
-from verifiers.math import MathVerifier
+from grpo.verifiers.math import MathVerifier
 v = MathVerifier()
 kind = sys.argv[1]
 def batch(k):

@@ -36,8 +36,8 @@ def build_model(spec: str, out: Path) -> str:
 
 
 def prompts_for(tok, k: int) -> list[list[int]]:
-    from tasks.arithmetic import ArithmeticTask
-    from tasks.base import render_prompt
+    from grpo.tasks.arithmetic import ArithmeticTask
+    from grpo.tasks.base import render_prompt
 
     task = ArithmeticTask(seed=0)
     return [tok(render_prompt(tok, task.train_sample(i), None), add_special_tokens=False)["input_ids"]

@@ -19,7 +19,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from sandbox import Limits, Sandbox  # noqa: E402
+from grpo.sandbox import Limits, Sandbox  # noqa: E402
 
 
 def reap() -> None:

@@ -23,7 +23,8 @@ commands:
   sandbox run|serve ...      run a program in the sandbox, or serve the sandbox over HTTP
 """
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+CONF_DIR = str(Path(__file__).resolve().parent / "conf") if (Path(__file__).resolve().parent / "conf").is_dir() \
+    else str(Path(__file__).resolve().parent.parent / "conf")
 
 
 class UserError(Exception):
@@ -33,8 +34,8 @@ class UserError(Exception):
 def _user_errors():
     from grpo.modeling import ModelError
     from grpo.trainer import ConfigError
-    from tasks.base import TaskError
-    from verifiers.registry import VerifierConfigError
+    from grpo.tasks.base import TaskError
+    from grpo.verifiers.registry import VerifierConfigError
 
     return (UserError, ModelError, ConfigError, TaskError, VerifierConfigError, FileNotFoundError)
 
@@ -93,7 +94,7 @@ def _eval(cfg: dict, run_dir: Path) -> None:
 def verify_main(argv: list[str]) -> int:
     import argparse
 
-    from verifiers.compose import RewardFunction
+    from grpo.verifiers.compose import RewardFunction
 
     ap = argparse.ArgumentParser(prog="grpo verify", description="Score completions in a JSONL file.")
     ap.add_argument("--verifier", required=True,
@@ -110,7 +111,7 @@ def verify_main(argv: list[str]) -> int:
     if not isinstance(kwargs, dict):
         raise UserError("--args: must be a JSON object")
     spec = {("_target_" if ":" in a.verifier else "name"): a.verifier, **kwargs}
-    from tasks.file import read_rows
+    from grpo.tasks.file import read_rows
 
     rows = read_rows(a.file) if a.file.endswith(".jsonl") else None
     if rows is None:
@@ -135,7 +136,7 @@ def verify_main(argv: list[str]) -> int:
 
 
 def verifiers_main(argv: list[str]) -> int:
-    from verifiers.registry import available
+    from grpo.verifiers.registry import available
 
     for name, origin in sorted(available().items()):
         print(f"{name:16s} {origin}")
@@ -145,7 +146,7 @@ def verifiers_main(argv: list[str]) -> int:
 
 def sandbox_main(argv: list[str]) -> int:
     try:
-        from sandbox.cli import cli_main
+        from grpo.sandbox.cli import cli_main
     except ImportError as e:
         raise UserError(f"the sandbox is not available: {e}") from e
     return cli_main(argv)

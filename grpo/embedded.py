@@ -28,7 +28,7 @@ import tempfile
 from pathlib import Path
 
 from grpo.modeling import EMBEDDED_CODE_MODEL_DIR, EMBEDDED_MODEL_DIR
-from tasks.arithmetic import ArithmeticTask
+from grpo.tasks.arithmetic import ArithmeticTask
 
 SPECIAL_TOKENS = ["<|pad|>", "<|end|>", "<|user|>", "<|assistant|>", "<|system|>", "<|unk|>"]
 CHAT_TEMPLATE = (
@@ -100,7 +100,7 @@ def sft_rows(n: int, seed: int) -> list[dict]:
 
 def code_sft_rows(n: int, seed: int) -> list[dict]:
     """Code: the reference program, or one with a wrong constant or operation."""
-    from tasks.code_functions import CodeFunctionsTask, near_miss
+    from grpo.tasks.code_functions import CodeFunctionsTask, near_miss
 
     task = CodeFunctionsTask(seed=seed + 1000)  # another stream than the GRPO run's, same split
     return half_right_rows(task, n, seed, lambda s: s.meta["solution"], near_miss)

@@ -32,9 +32,9 @@ from typing import Any
 from grpo.modeling import load_model, load_tokenizer
 from grpo.modeling import pick_device
 from grpo.trainer import ConfigError, build_engine, encode_prompts, sampling_params, seed_everything
-from tasks.base import TaskError, build_task
-from verifiers.compose import RewardFunction
-from verifiers.math_extract import plain_number
+from grpo.tasks.base import TaskError, build_task
+from grpo.verifiers.compose import RewardFunction
+from grpo.verifiers.math_extract import plain_number
 
 log = logging.getLogger(__name__)
 

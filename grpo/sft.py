@@ -17,8 +17,8 @@ from typing import Any
 import torch
 
 from grpo.modeling import load_model, load_tokenizer, pick_device
-from tasks.base import Sample, TaskError, render_prompt
-from tasks.file import read_rows, to_sample
+from grpo.tasks.base import Sample, TaskError, render_prompt
+from grpo.tasks.file import read_rows, to_sample
 
 log = logging.getLogger(__name__)
 

@@ -39,8 +39,8 @@ from grpo.losses import AGGREGATIONS, policy_loss
 from grpo.modeling import disable_dropout, load_model, load_tokenizer, pack, pick_device, token_logprobs
 from grpo.rollout.base import SamplingParams
 from grpo.tracking import build_logger
-from tasks.base import TaskError, build_task, render_prompt
-from verifiers.compose import RewardFunction
+from grpo.tasks.base import TaskError, build_task, render_prompt
+from grpo.verifiers.compose import RewardFunction
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
 import sys
 
-from sandbox.cli import cli_main
+from grpo.sandbox.cli import cli_main
 
 sys.exit(cli_main(sys.argv[1:]))

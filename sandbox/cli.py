@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from sandbox.core import Limits, Sandbox, SandboxUnavailable
+from grpo.sandbox.core import Limits, Sandbox, SandboxUnavailable
 
 
 def cli_main(argv: list[str]) -> int:
@@ -42,7 +42,7 @@ def cli_main(argv: list[str]) -> int:
                 sys.stdout.flush()
                 print(f"[sandbox] status={res.status} exit={res.exit_code} wall={res.wall_time}s", file=sys.stderr)
             return 0 if res.status == "ok" else (res.exit_code or 1)
-        from sandbox.server import serve
+        from grpo.sandbox.server import serve
         serve(a.host, a.port, workers=a.workers, max_queue=a.max_queue, max_body=a.max_body)
         return 0
     except SandboxUnavailable as e:

@@ -10,7 +10,7 @@ import urllib.request
 from dataclasses import asdict
 from typing import Any
 
-from sandbox.core import Limits, Result
+from grpo.sandbox.core import Limits, Result
 
 
 class SandboxServiceError(RuntimeError):

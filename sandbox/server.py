@@ -17,7 +17,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from sandbox.core import Limits, Sandbox
+from grpo.sandbox.core import Limits, Sandbox
 
 
 class _Handler(BaseHTTPRequestHandler):

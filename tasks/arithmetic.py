@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 import zlib
 
-from tasks.base import Sample, TaskError, distinct_draws
+from grpo.tasks.base import Sample, TaskError, distinct_draws
 
 _OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 

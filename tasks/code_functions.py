@@ -22,7 +22,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from tasks.base import Sample, TaskError, distinct_draws
+from grpo.tasks.base import Sample, TaskError, distinct_draws
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from tasks.base import Sample, TaskError
-from tasks.file import epoch_sample, load_splits, to_sample
-from tasks.gsm8k import DEFAULT_INSTRUCTION, with_instruction
+from grpo.tasks.base import Sample, TaskError
+from grpo.tasks.file import epoch_sample, load_splits, to_sample
+from grpo.tasks.gsm8k import DEFAULT_INSTRUCTION, with_instruction
 
 _BOX_COMMANDS = ("\\boxed", "\\fbox")
 

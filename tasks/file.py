@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tasks.base import Sample, TaskError
+from grpo.tasks.base import Sample, TaskError
 
 _FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from tasks.base import Sample, TaskError
-from tasks.file import epoch_sample, load_splits, to_sample
+from grpo.tasks.base import Sample, TaskError
+from grpo.tasks.file import epoch_sample, load_splits, to_sample
 
 DEFAULT_INSTRUCTION = "Solve the problem step by step, then put the final answer in \\boxed{}."
 _NUMBER_RE = re.compile(r"[+-]?\d+(?:\.\d+)?")

@@ -6,9 +6,9 @@ import random
 import pytest
 
 from grpo.cli import compose_config
-from tasks.base import TaskError, build_task
-from tasks.code_functions import FAMILIES, CodeFunctionsTask, is_held_out, near_miss
-from tasks.file import FileTask
+from grpo.tasks.base import TaskError, build_task
+from grpo.tasks.code_functions import FAMILIES, CodeFunctionsTask, is_held_out, near_miss
+from grpo.tasks.file import FileTask
 
 
 def pair(s):
@@ -97,7 +97,7 @@ def test_experiment_config_leaves_room_for_the_longest_program():
 
 @pytest.fixture(scope="module")
 def code_verifier():
-    from verifiers.code import CodeVerifier
+    from grpo.verifiers.code import CodeVerifier
 
     v = CodeVerifier(parallelism=2)
     yield v
@@ -188,7 +188,7 @@ def test_shipped_code_model_writes_held_out_programs_greedily():
     import torch
 
     from grpo.modeling import load_model, load_tokenizer, resolve_model_path
-    from tasks.base import render_prompt
+    from grpo.tasks.base import render_prompt
 
     assert resolve_model_path("embedded-code").endswith("embedded_code_model")
     tok, model = load_tokenizer("embedded-code"), load_model("embedded-code").eval()

@@ -10,9 +10,9 @@ import uuid
 
 import pytest
 
-from verifiers.base import check_scores
-from verifiers.code import CodeVerifier, compare_stdio, compare_values, extract_program
-from verifiers.code_convert import from_apps, from_humaneval, from_livecodebench, from_mbpp
+from grpo.verifiers.base import check_scores
+from grpo.verifiers.code import CodeVerifier, compare_stdio, compare_values, extract_program
+from grpo.verifiers.code_convert import from_apps, from_humaneval, from_livecodebench, from_mbpp
 
 STDIO = {"stdio": [{"input": "1 2\n", "output": "3\n"}, {"input": "5 7\n", "output": "12"}]}
 CALL = {"call": {"fn_name": "f", "cases": [{"args": [2], "expected": 4}, {"args": [5], "expected": 10}]}}
@@ -260,7 +260,7 @@ class CountingSandbox:
     """The real local sandbox, counting how many programs it runs."""
 
     def __init__(self):
-        from sandbox import Sandbox
+        from grpo.sandbox import Sandbox
 
         self.inner, self.runs = Sandbox(), 0
 

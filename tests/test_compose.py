@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from verifiers.base import Score, check_scores
-from verifiers.compose import RewardFunction, VerifierError
-from verifiers.registry import VerifierConfigError, VerifierNotFound
+from grpo.verifiers.base import Score, check_scores
+from grpo.verifiers.compose import RewardFunction, VerifierError
+from grpo.verifiers.registry import VerifierConfigError, VerifierNotFound
 
 
 class Fixed:
@@ -111,7 +111,7 @@ def test_two_entries_with_one_label_are_refused_with_a_hint():
     ({"name": "format", "label": "a/b"}, r"label 'a/b' may hold only"),
     ({"name": "format", "colour": "red"}, r"verifier 'format': bad arguments \{'colour': 'red'\}"),
     ({"name": "format", "boxed": False}, r"verifier 'format': construction failed: ValueError"),
-    ({"name": "format", "_target_": "verifiers.format.FormatVerifier"}, r"give `name` or `_target_`, not both"),
+    ({"name": "format", "_target_": "grpo.verifiers.format.FormatVerifier"}, r"give `name` or `_target_`, not both"),
     ({"weight": 1.0}, r"needs `name` or `_target_`"),
     ({"_target_": "tests.nowhere.Thing"}, r"cannot import module 'tests.nowhere'"),
     ({"_target_": "tests.test_compose:Nothing"}, r"has no attribute 'Nothing'"),
@@ -134,7 +134,7 @@ def test_target_takes_dotted_and_colon_paths_and_labels_by_the_verifiers_own_nam
 def test_a_raising_verifier_costs_only_the_samples_that_raise(caplog):
     v = RaisesOn("boom")
     with RewardFunction([v, Fixed("q")], timeout=10) as rf:
-        with caplog.at_level(logging.WARNING, logger="verifiers.compose"):
+        with caplog.at_level(logging.WARNING, logger="grpo.verifiers.compose"):
             rewards, infos, m = rf(["ok", "boom", "fine"], SAMPLES)
             rf(["boom", "ok", "boom"], SAMPLES)
     # The batch raised, so each sample was retried alone: only "boom" gets 0 (plus q=0.5 each).
@@ -197,7 +197,7 @@ def test_a_hanging_verifier_costs_its_samples_and_is_refused_until_it_returns(ca
     h = Hangs()
     with RewardFunction([h, Fixed("q")], timeout=0.3) as rf:
         t0 = time.monotonic()
-        with caplog.at_level(logging.WARNING, logger="verifiers.compose"):
+        with caplog.at_level(logging.WARNING, logger="grpo.verifiers.compose"):
             rewards, infos, m = rf(TEXTS, SAMPLES)
         assert time.monotonic() - t0 < 2.0
         assert rewards == [0.5, 0.5, 1.0]  # the other verifier still counts

@@ -12,7 +12,7 @@ from grpo.evaluate import k_values, majority_index, pass_at_k, run_eval, summari
 from grpo.modeling import EMBEDDED_MODEL_DIR
 from grpo.trainer import ConfigError
 from tests.conftest import run_grpo
-from verifiers.base import Score
+from grpo.verifiers.base import Score
 
 
 @pytest.mark.parametrize("n, c, k, expected", [

@@ -2,8 +2,8 @@
 
 import pytest
 
-from verifiers.base import check_scores
-from verifiers.format import FormatVerifier
+from grpo.verifiers.base import check_scores
+from grpo.verifiers.format import FormatVerifier
 
 
 def rewards(v, texts):

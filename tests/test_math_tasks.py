@@ -5,9 +5,9 @@ import json
 import pytest
 
 from grpo.cli import compose_config
-from tasks.base import Sample, TaskError, build_task, render_prompt
-from tasks.competition_math import MathTask, last_boxed
-from tasks.gsm8k import DEFAULT_INSTRUCTION, GSM8KTask, gsm8k_answer
+from grpo.tasks.base import Sample, TaskError, build_task, render_prompt
+from grpo.tasks.competition_math import MathTask, last_boxed
+from grpo.tasks.gsm8k import DEFAULT_INSTRUCTION, GSM8KTask, gsm8k_answer
 
 
 def write_jsonl(path, rows):

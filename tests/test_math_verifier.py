@@ -9,9 +9,9 @@ import math
 
 import pytest
 
-from verifiers.base import check_scores
-from verifiers.math import MathVerifier
-from verifiers.math_extract import extract, find_boxes, plain_number
+from grpo.verifiers.base import check_scores
+from grpo.verifiers.math import MathVerifier
+from grpo.verifiers.math_extract import extract, find_boxes, plain_number
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from verifiers.math import MathVerifier
+from grpo.verifiers.math import MathVerifier
 
 DATA = Path(__file__).resolve().parents[2] / "shared/data/math_equivalence_dev.jsonl"
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from verifiers.math import MathVerifier
-from verifiers.pool import WorkerPool
+from grpo.verifiers.math import MathVerifier
+from grpo.verifiers.pool import WorkerPool
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -121,7 +121,7 @@ def test_verifier_timeout_reason_from_a_hanging_comparison():
 
 
 def _score_in_child(q):
-    from verifiers.math import MathVerifier
+    from grpo.verifiers.math import MathVerifier
 
     with MathVerifier(num_workers=1) as v:
         q.put([s.reward for s in v.score(["\\boxed{\\frac{1}{2}}", "\\boxed{3}"], [{"answer": "0.5"}, {"answer": "4"}])])
@@ -160,7 +160,7 @@ def test_interpreter_exit_stops_workers_without_close():
     # workers must not outlive it (atexit hook), and the workers must not re-run the script.
     script = textwrap.dedent("""
         import sys
-        from verifiers.math import MathVerifier
+        from grpo.verifiers.math import MathVerifier
         v = MathVerifier(num_workers=2)
         s = v.score(["\\\\boxed{\\\\frac{1}{2}}"], [{"answer": "0.5"}])
         print(s[0].reward, *v.pool.pids())
@@ -178,7 +178,7 @@ def test_interpreter_exit_stops_workers_without_close():
 def test_workers_exit_when_the_parent_is_killed():
     script = textwrap.dedent("""
         import sys, time
-        from verifiers.math import MathVerifier
+        from grpo.verifiers.math import MathVerifier
         v = MathVerifier(num_workers=1)
         v.score(["\\\\boxed{\\\\frac{1}{2}}"], [{"answer": "0.5"}])
         print(*v.pool.pids(), flush=True)

@@ -13,7 +13,7 @@ import uuid
 
 import pytest
 
-from sandbox import Limits, Sandbox, run
+from grpo.sandbox import Limits, Sandbox, run
 
 FAST = Limits(wall_time=3, cpu_time=3, memory_mb=256, max_procs=16)
 
@@ -334,7 +334,7 @@ def test_bad_limits_rejected():
 
 
 def test_missing_bwrap_gives_a_clear_error():
-    from sandbox import SandboxUnavailable
+    from grpo.sandbox import SandboxUnavailable
     sb = Sandbox(bwrap="/nonexistent/bwrap")
     with pytest.raises(SandboxUnavailable, match="bubblewrap"):
         sb.run("print(1)")

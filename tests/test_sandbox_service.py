@@ -12,9 +12,9 @@ import urllib.request
 
 import pytest
 
-from sandbox.client import SandboxClient, SandboxServiceError
-from sandbox.server import SandboxServer
-from verifiers.code import CodeVerifier
+from grpo.sandbox.client import SandboxClient, SandboxServiceError
+from grpo.sandbox.server import SandboxServer
+from grpo.verifiers.code import CodeVerifier
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

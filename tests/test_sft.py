@@ -6,7 +6,7 @@ import torch
 from grpo.cli import compose_config
 from grpo.sft import batch_tensors, encode_rows, run_sft
 from grpo.modeling import load_tokenizer
-from tasks.base import TaskError
+from grpo.tasks.base import TaskError
 
 
 def test_labels_cover_only_the_completion_and_eos(tiny_model_dir):

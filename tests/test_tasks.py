@@ -2,9 +2,9 @@ import json
 
 import pytest
 
-from tasks.arithmetic import ArithmeticTask, is_held_out
-from tasks.base import Sample, TaskError, build_task, render_prompt
-from tasks.file import FileTask
+from grpo.tasks.arithmetic import ArithmeticTask, is_held_out
+from grpo.tasks.base import Sample, TaskError, build_task, render_prompt
+from grpo.tasks.file import FileTask
 
 
 def test_arithmetic_is_deterministic_and_answers_are_right():
@@ -29,12 +29,12 @@ def test_arithmetic_rejects_bad_options():
     with pytest.raises(TaskError, match="ops"):
         ArithmeticTask(ops=["/"])
     with pytest.raises(TaskError, match="unexpected keyword|bad option"):
-        build_task({"_target_": "tasks.arithmetic.ArithmeticTask", "max_operandz": 3})
+        build_task({"_target_": "grpo.tasks.arithmetic.ArithmeticTask", "max_operandz": 3})
 
 
 def test_build_task_unknown_target():
     with pytest.raises(TaskError, match="cannot import"):
-        build_task({"_target_": "tasks.nope.Nope", "name": "nope"})
+        build_task({"_target_": "grpo.tasks.nope.Nope", "name": "nope"})
 
 
 def write_jsonl(path, rows):

@@ -17,11 +17,11 @@ import pytest
 
 from grpo.cli import verifiers_main, verify_main
 from tests.conftest import ROOT
-from verifiers.compose import RewardFunction
-from verifiers.registry import VerifierNotFound, available, discover
+from grpo.verifiers.compose import RewardFunction
+from grpo.verifiers.registry import VerifierNotFound, available, discover
 
 VERIFIER_SRC = '''
-from verifiers.base import Score
+from grpo.verifiers.base import Score
 
 class {cls}:
     name = "{own}"
@@ -66,7 +66,7 @@ def test_an_installed_plugin_is_found_by_name_and_reported_with_its_origin(site,
     verifiers_main([])
     out = capsys.readouterr().out
     assert "loud             plugin acme-verifiers 1.2: acme_v1:Loud" in out
-    assert "math             builtin: verifiers.math:MathVerifier" in out
+    assert "math             builtin: grpo.verifiers.math:MathVerifier" in out
 
 
 def test_two_plugins_with_one_name_are_reported_and_target_picks_one(site):
@@ -84,7 +84,7 @@ def test_two_plugins_with_one_name_are_reported_and_target_picks_one(site):
 def test_a_plugin_that_reuses_a_builtin_name_never_replaces_the_builtin(site, caplog):
     make_dist(site, "acme-fmt", "0.1", {"format": "acme_f:Format"}, "acme_f", ("Format",))
     assert "shadowed plugin(s): plugin acme-fmt 0.1: acme_f:Format" in available()["format"]
-    with caplog.at_level(logging.WARNING, logger="verifiers.registry"):
+    with caplog.at_level(logging.WARNING, logger="grpo.verifiers.registry"):
         with RewardFunction(["format"]) as rf:
             _, infos, _ = rf(["\\boxed{1}"], [{}])
     assert infos[0]["format"]["reason"] == "ok"  # the built-in answered

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from verifiers.base import Score
+from grpo.verifiers.base import Score
 
 
 class BoxedExact:

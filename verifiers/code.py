@@ -45,8 +45,8 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from sandbox.core import Limits, Result, Sandbox, default_sandbox
-from verifiers.base import Score
+from grpo.sandbox.core import Limits, Result, Sandbox, default_sandbox
+from grpo.verifiers.base import Score
 
 __all__ = ["CodeVerifier", "extract_program", "compare_stdio", "compare_values"]
 
@@ -197,7 +197,7 @@ class CodeVerifier:
 
     test_time: wall seconds per test run (CPU limit too); sample_time: wall seconds for all the
     tests of one sample (tests beyond it fail); parallelism: concurrent sandbox runs;
-    sandbox: a ``sandbox.Sandbox`` or ``sandbox.client.SandboxClient`` (default: local);
+    sandbox: a ``grpo.sandbox.Sandbox`` or ``grpo.sandbox.client.SandboxClient`` (default: local);
     dedup: run each distinct (program, tests) pair of a batch once and give its copies the same
     score (GRPO groups often repeat a program; programs whose result depends on chance or
     time should turn this off).

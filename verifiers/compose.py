@@ -46,8 +46,8 @@ import traceback
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from verifiers.base import Score, VerifierOutputError, check_batch, check_score, has_score_method, is_async
-from verifiers.registry import VerifierConfigError, build_verifier, spec_parts
+from grpo.verifiers.base import Score, VerifierOutputError, check_batch, check_score, has_score_method, is_async
+from grpo.verifiers.registry import VerifierConfigError, build_verifier, spec_parts
 
 log = logging.getLogger(__name__)
 

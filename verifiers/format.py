@@ -18,8 +18,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from verifiers.base import Score
-from verifiers.math_extract import boxed_answer, strip_thinking
+from grpo.verifiers.base import Score
+from grpo.verifiers.math_extract import boxed_answer, strip_thinking
 
 
 class FormatVerifier:

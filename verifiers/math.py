@@ -5,14 +5,14 @@
 
 Pipeline for a batch (see docs/math_verifier.md for the user-facing description):
 
-1. In the caller, per completion: find the answer span (:mod:`verifiers.math_extract`): the boxes
+1. In the caller, per completion: find the answer span (:mod:`grpo.verifiers.math_extract`): the boxes
    after ``</think>``, else a "final answer is" anchor, else (opt-in) the last number or the whole
    text. Cheap string work.
 2. Plain decimal numbers on both sides are compared exactly right here (the common GSM8K case),
    without sympy and without a round-trip to the pool.
 3. The remaining distinct (gold, answer) pairs, deduplicated within the batch and against a
-   cache of earlier batches, go in one batched call to a process pool (:mod:`verifiers.pool`)
-   that runs math-verify + sympy (:mod:`verifiers.math_compare`) under a hard per-pair time limit.
+   cache of earlier batches, go in one batched call to a process pool (:mod:`grpo.verifiers.pool`)
+   that runs math-verify + sympy (:mod:`grpo.verifiers.math_compare`) under a hard per-pair time limit.
 
 Anti-gaming (each case gets 0 and an ``info["reason"]``): no answer found ("no_answer"), only
 empty boxes ("empty_box"), several alternatives against a single gold ("hedged": ``3 or 4``,
@@ -30,9 +30,9 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from verifiers.base import Score
-from verifiers.math_extract import DEFAULT_EXTRACTION, EXTRACTORS, Extraction, extract, gold_answer, plain_number
-from verifiers.pool import WorkerPool
+from grpo.verifiers.base import Score
+from grpo.verifiers.math_extract import DEFAULT_EXTRACTION, EXTRACTORS, Extraction, extract, gold_answer, plain_number
+from grpo.verifiers.pool import WorkerPool
 
 _SHOW = 200  # characters of extracted/gold text kept in info (infos are logged per sample)
 
@@ -42,7 +42,7 @@ class MathVerifier:
 
     Args:
         extraction: rules tried in order to find the answer: "boxed", "anchor", "last_number",
-            "whole" (see :mod:`verifiers.math_extract`). "last_number" and "whole" are off by
+            "whole" (see :mod:`grpo.verifiers.math_extract`). "last_number" and "whole" are off by
             default because they reward a number that merely appears last.
         timeout: seconds one (gold, answer) comparison may take before its worker is killed.
         num_workers: worker processes (default: CPU count, at most 4). They start on the first
@@ -93,7 +93,7 @@ class MathVerifier:
         with self._pool_lock:
             if self._pool is None:
                 self._pool = WorkerPool(
-                    "verifiers.math_compare:judge_payload",
+                    "grpo.verifiers.math_compare:judge_payload",
                     num_workers=self.num_workers,
                     timeout=self.timeout,
                     memory_limit_mb=self.memory_limit_mb,

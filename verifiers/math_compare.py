@@ -1,6 +1,6 @@
 """Deciding whether an extracted answer equals the gold answer: the part that needs sympy.
 
-This runs inside the worker processes of :mod:`verifiers.pool` (it can hang or blow up on inputs
+This runs inside the worker processes of :mod:`grpo.verifiers.pool` (it can hang or blow up on inputs
 such as ``5^{5^{5^{5^5}}}``, and only a process can be killed safely), and it is importable in the
 caller for tests. math-verify's own SIGALRM timeouts are switched off (``parsing_timeout=None``,
 ``timeout_seconds=None``): signals only work in the main thread, and the pool bounds time anyway.
@@ -21,7 +21,7 @@ import logging
 import re
 from functools import lru_cache
 
-# Imported lazily in the worker so that `import verifiers.math` in the trainer stays cheap.
+# Imported lazily in the worker so that `import grpo.verifiers.math` in the trainer stays cheap.
 _mv = None
 
 

@@ -39,7 +39,9 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
 
-_ROOT = str(Path(__file__).resolve().parents[1])  # the directory that holds the verifiers package
+import grpo
+
+_ROOT = str(Path(grpo.__file__).resolve().parents[1])  # the directory that holds the grpo package
 _LIVE_POOLS: "weakref.WeakSet[WorkerPool]" = weakref.WeakSet()
 
 
@@ -60,7 +62,7 @@ class _Worker:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (_ROOT, env.get("PYTHONPATH", "")) if p)
         code = (
-            "import sys; from verifiers.pool import _worker_main; "
+            "import sys; from grpo.verifiers.pool import _worker_main; "
             f"_worker_main({to_child_r}, {from_child_w}, {target!r}, {memory_limit_mb!r}, {os.getpid()})"
         )
         try:

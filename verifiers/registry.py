@@ -30,14 +30,14 @@ from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any
 
-from verifiers.base import has_score_method
+from grpo.verifiers.base import has_score_method
 
 log = logging.getLogger(__name__)
 
 BUILTINS = {
-    "math": "verifiers.math:MathVerifier",
-    "format": "verifiers.format:FormatVerifier",
-    "code": "verifiers.code:CodeVerifier",
+    "math": "grpo.verifiers.math:MathVerifier",
+    "format": "grpo.verifiers.format:FormatVerifier",
+    "code": "grpo.verifiers.code:CodeVerifier",
 }
 ENTRY_POINT_GROUP = "grpo.verifiers"
 COMPOSE_KEYS = ("weight", "label")  # spec keys that are not constructor arguments

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from verifiers.base import Score
+from grpo.verifiers.base import Score
 
 
 class ConciseVerifier:

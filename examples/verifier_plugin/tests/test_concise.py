@@ -3,7 +3,7 @@
 import pytest
 
 from grpo_concise import ConciseVerifier
-from verifiers.base import check_scores
+from grpo.verifiers.base import check_scores
 
 
 def test_reward_is_one_within_budget_and_falls_linearly_to_zero_at_twice_it():
