@@ -56,7 +56,8 @@ def ranking_loss(scores: torch.Tensor, mask: torch.Tensor | None = None) -> tupl
         raise ValueError(f"ranking_loss: prompts {bad} have fewer than 2 real responses")
     upper = torch.ones(K, K, dtype=torch.bool, device=scores.device).triu(diagonal=1)  # [K, K]; i < j
     pairs = upper & real.unsqueeze(2) & real.unsqueeze(1)  # [P, K, K]; both real
-    diff = scores.unsqueeze(2) - scores.unsqueeze(1)  # [P, K, K]; s_i - s_j
+    s = scores.masked_fill(~real, 0.0)  # [P, K]; padding may hold anything, even nan, which would poison the grads
+    diff = s.unsqueeze(2) - s.unsqueeze(1)  # [P, K, K]; s_i - s_j
     per_pair = -F.logsigmoid(diff)  # [P, K, K]
     w = pairs.to(scores.dtype)  # [P, K, K]
     per_prompt = (per_pair * w).sum(dim=(1, 2)) / w.sum(dim=(1, 2))  # [P]; mean over that prompt's pairs
