@@ -79,10 +79,10 @@ def main() -> int:
     n_params = sum(p.numel() for p in model.parameters())
     prompts = prompts_for(tok, a.prompts)
     sp = SamplingParams(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, max_new_tokens=a.max_new_tokens)
-    rcfg = dict(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, max_new_tokens=a.max_new_tokens,
-                kv_cache_gib=1.0, max_num_seqs=max(256, a.n * a.prompts))
+    rcfg = dict(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, kv_cache_gib=1.0,
+                max_num_seqs=max(256, a.n * a.prompts))
     t0 = time.perf_counter()
-    ours = VLLMEngine(model, tok, {"path": path, "dtype": "float32", "device": "cpu"}, rcfg)
+    ours = VLLMEngine(model, tok, path, "float32", "cpu", **rcfg)
     start_s = time.perf_counter() - t0
     hf = HFEngine(model, tok, batch_size=a.hf_batch)
 

@@ -1,8 +1,10 @@
 """Checkpoints that are written atomically and resume a run exactly.
 
 Layout: <run_dir>/checkpoints/step_000040/
-    model/          the policy in Hugging Face format (from_pretrained, vLLM) with its tokenizer
-    state.pt        optimizer, scheduler, RNG states, data position, step
+    model/          each trained module in Hugging Face format (from_pretrained, vLLM) with its
+                    tokenizer: `model/` for the policy (grpo, sft) or the reward model (rm); a
+                    trainer with several modules (policy and value) writes one folder per name
+    state.pt        optimizer(s), scheduler(s), RNG states, data position, step
 and <run_dir>/checkpoints/latest, a one-line file naming the newest complete checkpoint.
 
 A checkpoint is assembled in a temporary sibling directory and renamed into place, and `latest`
@@ -15,11 +17,18 @@ import os
 import random
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def rng_state() -> dict[str, Any]:
@@ -46,14 +55,20 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save(run_dir: Path, step: int, model, tokenizer, state: dict[str, Any], keep: int = 2) -> Path:
+def save(run_dir: Path, step: int, modules: Mapping[str, Any], tokenizer, stateful: Mapping[str, Any],
+         extra: Mapping[str, Any] | None = None, keep: int = 2) -> Path:
+    """Write checkpoint `step`: each of `modules` (name -> model) as a Hugging Face folder, and in
+    state.pt the state_dict() of each of `stateful` (name -> optimizer, scheduler, KL controller ...),
+    the RNG states and `extra` (plain values such as the data position)."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:06d}"
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp_step_{step:06d}_"))
     try:
-        model.save_pretrained(tmp / "model")
-        tokenizer.save_pretrained(tmp / "model")
+        for name, module in modules.items():
+            module.save_pretrained(tmp / name)
+            tokenizer.save_pretrained(tmp / name)
+        state = {**{k: v.state_dict() for k, v in stateful.items()}, **dict(extra or {})}
         torch.save({**state, "step": step, "rng": rng_state()}, tmp / "state.pt")
         if final.exists():
             shutil.rmtree(final)
@@ -68,6 +83,16 @@ def save(run_dir: Path, step: int, model, tokenizer, state: dict[str, Any], keep
         for old in older[: max(0, len(older) - (keep - 1))]:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def restore(ckpt: Path, stateful: Mapping[str, Any]) -> dict[str, Any]:
+    """Load state.pt: each of `stateful` gets its saved state_dict back, the RNG states are set, and
+    the whole state (step, data position, ...) is returned."""
+    state = load_state(ckpt)
+    for name, obj in stateful.items():
+        obj.load_state_dict(state[name])
+    set_rng_state(state["rng"])
+    return state
 
 
 def find(run_dir: Path, resume: Any) -> Path | None:
@@ -86,6 +111,18 @@ def find(run_dir: Path, resume: Any) -> Path | None:
     if not (p / "state.pt").exists():
         raise FileNotFoundError(f"trainer.resume={resume}: not a checkpoint (no state.pt)")
     return p
+
+
+def begin(run_dir: Path, resume: Any) -> Path | None:
+    """The checkpoint a run starts from (None: a fresh run); a fresh run refuses a run dir that
+    already holds one."""
+    ckpt = find(run_dir, resume)
+    if not ckpt and (Path(run_dir) / "metrics.jsonl").exists():
+        from grpo.config import ConfigError
+
+        raise ConfigError(f"{run_dir} already holds a run: continue it with trainer.resume=true, "
+                          "or start a new one in another hydra.run.dir")
+    return ckpt
 
 
 def load_state(ckpt: Path) -> dict[str, Any]:

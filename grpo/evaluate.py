@@ -2,10 +2,10 @@
 
     grpo eval model.path=runs/<run>/checkpoints/step_000120/model task=gsm8k eval.samples=8
 
-It builds the model, the engine, the prompts and the rewards with the trainer's own helpers
-(`build_engine`, `sampling_params`, `encode_prompts`, `RewardFunction`), so a score here is the
-score the training run's evaluation would give. It writes one JSON line per completion and a
-summary JSON next to it, and prints a table.
+It samples and scores through `sample_and_score`, the one evaluation path that every trainer's
+periodic evaluation (`policy_eval`) uses too, so a score here is the score the training run's
+evaluation would give. It writes one JSON line per completion and a summary JSON next to it, and
+prints a table.
 
 Metrics, for P prompts with n completions each, c_i of them correct (reward 1) for prompt i:
 - reward/mean: mean reward over all P * n completions.
@@ -29,11 +29,16 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from grpo.modeling import load_model, load_tokenizer
-from grpo.modeling import pick_device
-from grpo.trainer import ConfigError, build_engine, encode_prompts, sampling_params, seed_everything
+import torch
+
+from grpo import config as C
+from grpo.checkpoint import seed_everything
+from grpo.config import ConfigError
+from grpo.modeling import load_model, load_tokenizer, pick_device
+from grpo.rewards import RewardInputs, Rewards, build_rewards
+from grpo.rollout import build_engine, encode_prompts, sampling_params
+from grpo.rollout.base import Rollout, SamplingParams
 from grpo.tasks.base import TaskError, build_task
-from grpo.verifiers.compose import RewardFunction
 from grpo.verifiers.math_extract import plain_number
 
 log = logging.getLogger(__name__)
@@ -102,6 +107,48 @@ def summarize(rewards: list[list[float]], answers: list[list[Any]] | None) -> di
     return out
 
 
+# ---- the one evaluation path ----------------------------------------------------------------
+def sample_and_score(engine, prompt_ids: list[list[int]], samples: list[Any], n: int, sampling: SamplingParams,
+                     source, seed: int | None = None) -> tuple[Rollout, Rewards]:
+    """n completions per prompt (prompt-major) and their rewards from `source`.
+
+    With a seed, sampling runs under its own fork of the RNG, so evaluating more or less often
+    never changes what training draws.
+    """
+    if seed is None:
+        ro = engine.generate(prompt_ids, n, sampling)
+    else:
+        with torch.random.fork_rng(devices=list(range(torch.cuda.device_count()))):
+            torch.manual_seed(seed)
+            ro = engine.generate(prompt_ids, n, sampling)
+    fields = [s.fields() for s in samples for _ in range(n)]  # [P * n] prompt-major, like ro
+    return ro, source(RewardInputs.from_rollout(ro, fields))
+
+
+def policy_eval(engine, prompt_ids: list[list[int]], samples: list[Any], sampling: SamplingParams,
+                greedy: SamplingParams, verifiers, rm=None, seed: int = 0, log_samples: int = 0
+                ) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """A trainer's periodic evaluation: one sampled completion per held-out prompt scored by the
+    task's verifiers (the true score), greedy pass@1, and the reward model's score when there is one
+    (eval/rm_score: proxy up while true down is over-optimisation)."""
+    sampled, rs = sample_and_score(engine, prompt_ids, samples, 1, sampling, verifiers, seed)
+    _, rg = sample_and_score(engine, prompt_ids, samples, 1, greedy, verifiers, seed)
+    P = len(samples)
+    metrics = {
+        "eval/reward/mean": sum(rs.rewards) / P,
+        **{f"eval/{k}": v for k, v in rs.metrics.items() if k.startswith(("reward/", "verifier/"))},
+        "eval/greedy/reward/mean": sum(rg.rewards) / P,
+        "eval/pass@1": sum(r >= 1.0 for r in rg.rewards) / P,
+        "eval/completion/len_mean": sum(len(c) for c in sampled.completion_ids) / P,
+    }
+    if rm is not None:
+        metrics["eval/rm_score"] = float(rm.score(sampled.prompt_ids, sampled.completion_ids).mean())
+    table = [{"prompt": s.prompt or str(s.messages), "answer": str(s.answer if s.answer is not None else s.tests),
+              "completion": c, "reward": r}
+             for s, c, r in list(zip(samples, sampled.texts, rs.rewards))[:log_samples]]
+    return metrics, table
+
+
 # ---- the command ---------------------------------------------------------------------------
 def resolve_model_dir(path: str) -> str:
     """A model dir as is; a checkpoint dir (…/step_N) -> its model/; a run dir -> its newest checkpoint."""
@@ -146,43 +193,44 @@ def format_table(s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run_eval(cfg: dict[str, Any], run_dir: Path) -> dict[str, Any]:
-    e, t, mcfg = cfg["eval"], cfg["trainer"], cfg["model"]
-    n = int(e["samples"])
-    if n < 1:
-        raise ConfigError(f"eval.samples={n}: must be >= 1")
-    rcfg = dict(cfg["rollout"])
-    rcfg["temperature"] = float(rcfg["temperature"] if e.get("temperature") is None else e["temperature"])
-    if rcfg["temperature"] <= 0 and n > 1:
+def run_eval(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    cfg = C.parse(C.EvalConfig, raw)
+    e, t, m = cfg.eval, cfg.trainer, cfg.model
+    n = e.samples
+    temperature = cfg.rollout.temperature if e.temperature is None else e.temperature
+    if temperature <= 0 and n > 1:
         raise ConfigError(f"eval.temperature=0 is greedy decoding: all {n} samples would be the same; "
                           "use eval.samples=1 or a temperature > 0")
-    if "verifiers" not in cfg["task"]:
+    if "verifiers" not in cfg.task:
         raise ConfigError("task.verifiers is not set: name at least one verifier, e.g. task.verifiers=[math]")
-    seed_everything(int(t["seed"]))
+    cfg.rollout.temperature = temperature  # the engine (vLLM's log-prob mode) samples at the eval temperature
+    seed_everything(t.seed)
 
-    task = build_task(cfg["task"], seed=int(t["seed"]))
+    task = build_task(cfg.task, seed=t.seed)
     samples = task.eval_samples()
-    if e.get("max_prompts"):
-        samples = samples[: int(e["max_prompts"])]
+    if e.max_prompts:
+        samples = samples[: e.max_prompts]
     if not samples:
-        raise TaskError(f"task {cfg['task'].get('name')!r} holds out no samples to evaluate")
-    reward_fn = RewardFunction(cfg["task"]["verifiers"], **cfg.get("verifier", {}))
+        raise TaskError(f"task {cfg.task.get('name')!r} holds out no samples to evaluate")
+    model_dir = resolve_model_dir(m.path)
+    tok = load_tokenizer(model_dir)
+    device = pick_device(m.device)
+    _, verifiers, _ = build_rewards(cfg.task["verifiers"], cfg.verifier.fail_fast, cfg.verifier.timeout, None, tok, device)
     engine = None
     try:
-        model_dir = resolve_model_dir(mcfg["path"])
-        tok = load_tokenizer(model_dir)
-        model = load_model(model_dir, mcfg["dtype"], device=pick_device(mcfg.get("device", "auto"))).eval()
-        engine = build_engine(rcfg, model, tok, {**mcfg, "path": model_dir})
-        sp = sampling_params(rcfg, greedy=rcfg["temperature"] <= 0)
+        model = load_model(model_dir, m.dtype, device=device).eval()
+        engine = build_engine(cfg.rollout, model, tok, model_dir, m.dtype, m.device)
+        sp = sampling_params(cfg.rollout, greedy=temperature <= 0)
         t0 = time.time()
-        seed_everything(int(t["seed"]))  # the samples depend on the seed, not on what loading drew
-        ro = engine.generate(encode_prompts(tok, samples, t.get("system_prompt")), n, sp)
+        seed_everything(t.seed)  # the samples depend on the seed, not on what loading drew
+        ro = engine.generate(encode_prompts(tok, samples, t.system_prompt), n, sp)
         t1 = time.time()
         fields = [s.fields() for s in samples for _ in range(n)]  # [P * n] prompt-major, like ro
-        rewards, infos, rmetrics = reward_fn(ro.texts, fields)
+        scored = verifiers(RewardInputs.from_rollout(ro, fields))
+        rewards, infos, rmetrics = scored.rewards, scored.infos, scored.metrics
         t2 = time.time()
     finally:
-        reward_fn.close()
+        verifiers.close()
         if engine is not None:
             engine.close()
     source, answers = extracted_answers(infos)
@@ -190,7 +238,7 @@ def run_eval(cfg: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     P = len(samples)
     grid = [rewards[i * n:(i + 1) * n] for i in range(P)]  # [P][n]
     agrid = [answers[i * n:(i + 1) * n] for i in range(P)] if answers is not None else None
-    output = Path(e.get("output") or Path(run_dir) / "eval_samples.jsonl")
+    output = Path(e.output or Path(run_dir) / "eval_samples.jsonl")
     summary_path = output.with_name(output.stem + ".summary.json")
     output.parent.mkdir(parents=True, exist_ok=True)
     with output.open("w", encoding="utf-8") as f:
@@ -203,9 +251,9 @@ def run_eval(cfg: dict[str, Any], run_dir: Path) -> dict[str, Any]:
             f.write(json.dumps(rec, default=str) + "\n")
 
     summary = {
-        "model": str(mcfg["path"]), "model_dir": model_dir, "task": cfg["task"].get("name"),
-        "prompts": P, "samples": n, "temperature": rcfg["temperature"],
-        "max_new_tokens": int(rcfg["max_new_tokens"]), "engine": rcfg.get("engine", "hf"), "seed": int(t["seed"]),
+        "model": str(m.path), "model_dir": model_dir, "task": cfg.task.get("name"),
+        "prompts": P, "samples": n, "temperature": temperature,
+        "max_new_tokens": cfg.rollout.max_new_tokens, "engine": cfg.rollout.engine, "seed": t.seed,
         **summarize(grid, agrid),
         "answers_from": source,
         **{k: v for k, v in rmetrics.items() if k.startswith(("reward/", "verifier/"))},

@@ -9,7 +9,8 @@ from grpo.kl import kl_penalty
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm")
 
 
-def aggregate(values: torch.Tensor, mask: torch.Tensor, agg: str, max_len: int | None = None) -> torch.Tensor:
+def aggregate(values: torch.Tensor, mask: torch.Tensor, agg: str, max_len: int | None = None,
+              num_tokens: float | torch.Tensor | None = None, num_rows: int | None = None) -> torch.Tensor:
     """Reduce per-token values [N, T] under mask [N, T] (1 = completion token) to a scalar.
 
     token_mean:              sum over all tokens / number of tokens (DAPO)
@@ -17,19 +18,24 @@ def aggregate(values: torch.Tensor, mask: torch.Tensor, agg: str, max_len: int |
     seq_mean_token_sum:      mean over rows of row sums
     seq_mean_token_sum_norm: sum over all tokens / (rows * max_len) (Dr. GRPO; max_len
                              defaults to T, pass the generation budget to keep it fixed)
-    Rows with no tokens count as empty rows (0) and never divide by zero.
+    The normaliser is global: when these N rows are one micro-batch of a larger optimizer step,
+    pass that step's total real-token count (`num_tokens`, token_mean) and row count (`num_rows`,
+    the seq_mean modes); the micro-batch losses then add up to the loss of the whole step, with
+    no reweighting. Left as None they are this batch's own. Rows with no tokens count as empty
+    rows (0) and never divide by zero.
     """
     m = mask.to(values.dtype)  # [N, T]
     masked = values * m  # [N, T]
+    rows = values.shape[0] if num_rows is None else num_rows
     if agg == "token_mean":
-        return masked.sum() / m.sum().clamp(min=1.0)
-    if agg == "seq_mean_token_mean":
-        return (masked.sum(dim=1) / m.sum(dim=1).clamp(min=1.0)).mean()
-    if agg == "seq_mean_token_sum":
-        return masked.sum(dim=1).mean()
-    if agg == "seq_mean_token_sum_norm":
-        denom = values.shape[0] * (max_len if max_len is not None else values.shape[1])
+        denom = m.sum().clamp(min=1.0) if num_tokens is None else num_tokens
         return masked.sum() / denom
+    if agg == "seq_mean_token_mean":
+        return (masked.sum(dim=1) / m.sum(dim=1).clamp(min=1.0)).sum() / rows
+    if agg == "seq_mean_token_sum":
+        return masked.sum(dim=1).sum() / rows
+    if agg == "seq_mean_token_sum_norm":
+        return masked.sum() / (rows * (max_len if max_len is not None else values.shape[1]))
     raise ValueError(f"loss_agg must be one of {AGGREGATIONS}, got {agg!r}")
 
 
@@ -46,6 +52,8 @@ def policy_loss(
     max_len: int | None = None,
     kl_estimator: str = "k3",
     is_weights: torch.Tensor | None = None,
+    num_tokens: float | torch.Tensor | None = None,
+    num_rows: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped surrogate with an optional KL term to a reference, per token:
 
@@ -57,6 +65,7 @@ def policy_loss(
     is_weights: optional [N, T] per-token weights on the clipped term (not on the KL), e.g.
     truncated importance sampling min(exp(old_logp - engine_logp), C) when the rollout engine's
     sampling distribution differs slightly from the trainer's.
+    num_tokens, num_rows: the global normaliser of `aggregate` (the whole optimizer step).
     Returns (scalar loss, metrics) where metrics hold the clip fractions (share of tokens
     whose ratio was clipped below / above and where clipping changed the objective), the
     mean KL (over tokens, 0 without ref_logp) and the mean ratio.
@@ -76,7 +85,7 @@ def policy_loss(
         kl_mean = float(((kl * m).sum() / n_tok).detach())
         if beta != 0.0:
             per_token = per_token + beta * kl
-    loss = aggregate(per_token, mask, agg, max_len)
+    loss = aggregate(per_token, mask, agg, max_len, num_tokens, num_rows)
 
     with torch.no_grad():
         # Clipping bites where the clipped branch is the smaller one: low side for A < 0, high for A > 0.

@@ -8,6 +8,7 @@ import torch
 
 EMBEDDED_MODEL_DIR = Path(__file__).resolve().parent / "embedded_model"
 EMBEDDED_CODE_MODEL_DIR = Path(__file__).resolve().parent / "embedded_code_model"  # warm-started on task=code
+EMBEDDED_RM_DIR = Path(__file__).resolve().parent / "embedded_rm"  # `grpo rm` on the built-in preference task
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
 
@@ -17,7 +18,7 @@ class ModelError(ValueError):
 
 
 def resolve_model_path(path: str) -> str:
-    """``embedded`` / ``embedded-code`` name the models shipped in the package; a local dir must exist; else a hub id."""
+    """``embedded`` / ``embedded-code`` / ``embedded-rm`` name the models shipped in the package; a local dir must exist; else a hub id."""
     if path in (None, "", "embedded"):
         if not (EMBEDDED_MODEL_DIR / "config.json").exists():
             raise ModelError(f"the embedded model is missing from {EMBEDDED_MODEL_DIR}: rebuild it with `make embedded-model`")
@@ -27,6 +28,11 @@ def resolve_model_path(path: str) -> str:
             raise ModelError(f"the embedded code model is missing from {EMBEDDED_CODE_MODEL_DIR}: "
                              "rebuild it with `python -m grpo.embedded --task code`")
         return str(EMBEDDED_CODE_MODEL_DIR)
+    if path == "embedded-rm":
+        if not (EMBEDDED_RM_DIR / "config.json").exists():
+            raise ModelError(f"the embedded reward model is missing from {EMBEDDED_RM_DIR}: "
+                             "rebuild it with `python -m grpo.embedded --task rm`")
+        return str(EMBEDDED_RM_DIR)
     p = Path(path).expanduser()
     looks_local = path.startswith((".", "/", "~")) or p.exists() or path.count("/") > 1
     if looks_local:
@@ -83,45 +89,3 @@ def disable_dropout(model) -> None:
         for attr in ("attention_dropout", "dropout", "attn_dropout"):
             if isinstance(getattr(m, attr, None), float):
                 setattr(m, attr, 0.0)
-
-
-def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int):
-    """Left-pad prompts and right-pad completions so every completion starts at column P.
-
-    Returns input_ids [N, P+T], attention_mask [N, P+T], position_ids [N, P+T], completion
-    ids [N, T] and completion mask [N, T] (1 = real token). Positions count real tokens only, as
-    generate() does with left padding, so both compute the same log-probs.
-    """
-    P = max(len(p) for p in prompts)
-    T = max(1, max(len(c) for c in completions))
-    N = len(prompts)
-    ids = torch.full((N, P + T), pad_id, dtype=torch.long)
-    attn = torch.zeros((N, P + T), dtype=torch.long)
-    for i, (p, c) in enumerate(zip(prompts, completions)):
-        ids[i, P - len(p):P] = torch.tensor(p, dtype=torch.long)
-        attn[i, P - len(p):P] = 1
-        if c:
-            ids[i, P:P + len(c)] = torch.tensor(c, dtype=torch.long)
-            attn[i, P:P + len(c)] = 1
-    pos = (attn.cumsum(dim=1) - 1).clamp(min=0)  # [N, P+T]
-    return ids, attn, pos, ids[:, P:], attn[:, P:].clone()
-
-
-def token_logprobs(model, input_ids, attention_mask, position_ids, T: int, temperature: float = 1.0,
-                   with_entropy: bool = False):
-    """Log-probs of the last T tokens of each row under logits / temperature.
-
-    input_ids, attention_mask, position_ids: [N, P+T]. Returns logp [N, T] (and entropy [N, T]).
-    Only the T+1 last positions go through the LM head, which keeps memory at [N, T, V].
-    """
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                logits_to_keep=T + 1, use_cache=False)
-    logits = out.logits[:, :-1].float() / temperature  # [N, T, V]; position t predicts token t+1
-    logp_all = torch.log_softmax(logits, dim=-1)  # [N, T, V]
-    targets = input_ids[:, -T:]  # [N, T]
-    logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [N, T]
-    if not with_entropy:
-        return logp
-    with torch.no_grad():
-        entropy = -(logp_all.exp() * logp_all).sum(-1)  # [N, T]
-    return logp, entropy

@@ -1,14 +1,14 @@
 """Supervised fine-tuning on prompt/completion rows; the loss covers completion tokens only.
 
 Rows: {"prompt": str | [messages], "completion": str}. The prompt is rendered with the chat
-template (as the GRPO trainer renders it), the completion is followed by EOS.
+template (as the GRPO trainer renders it), the completion is followed by EOS. Step s trains on
+`trainer.batch_size` rows drawn with replacement by a generator seeded with (seed, s), so a resumed
+run (`trainer.resume=true`) draws exactly what the uninterrupted one would have.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import random
 import time
 from pathlib import Path
@@ -16,7 +16,11 @@ from typing import Any
 
 import torch
 
+from grpo import checkpoint
+from grpo import config as C
 from grpo.modeling import load_model, load_tokenizer, pick_device
+from grpo.optim import build_optimizer, build_scheduler
+from grpo.tracking import Tracker
 from grpo.tasks.base import Sample, TaskError, render_prompt
 from grpo.tasks.file import read_rows, to_sample
 
@@ -52,40 +56,45 @@ def batch_tensors(pairs: list[tuple[list[int], list[int]]], pad_id: int):
     return ids, attn, labels
 
 
-def run_sft(cfg: dict[str, Any], run_dir: Path) -> Path:
+def run_sft(raw: dict[str, Any], run_dir: Path) -> Path:
     """Train and save the model to ``run_dir/model``; returns that path."""
-    torch.manual_seed(cfg["trainer"]["seed"])
-    rng = random.Random(cfg["trainer"]["seed"])
-    tok = load_tokenizer(cfg["model"]["path"])
-    device = pick_device(cfg["model"].get("device", "auto"))
-    model = load_model(cfg["model"]["path"], cfg["model"]["dtype"], cfg["model"].get("gradient_checkpointing", False), device)
-    data = cfg["data"]
-    rows = read_rows(data["path"])
-    pairs = encode_rows(tok, rows, data["path"], data["prompt_field"], data["completion_field"], data.get("system_prompt"))
+    cfg = C.parse(C.SFTConfig, raw)
+    t, m, o, data = cfg.trainer, cfg.model, cfg.optim, cfg.data
+    run_dir = Path(run_dir)
+    checkpoint.seed_everything(t.seed)
+    ckpt = checkpoint.begin(run_dir, t.resume)
+    tok = load_tokenizer(m.path)
+    rows = read_rows(data.path)
+    pairs = encode_rows(tok, rows, data.path, data.prompt_field, data.completion_field, data.system_prompt)
     if not pairs:
-        raise TaskError(f"{data['path']}: no rows")
-    steps, bs = cfg["trainer"]["max_steps"], cfg["trainer"]["batch_size"]
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg["optim"]["lr"], weight_decay=cfg["optim"]["weight_decay"])
-    warm = cfg["optim"]["warmup_steps"]
-    # Linear warm-up, then cosine decay to 10% of the peak.
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / max(1, warm)) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, steps))))))
-    metrics_path = run_dir / "metrics.jsonl"
+        raise TaskError(f"{data.path}: no rows")
+    device = pick_device(m.device)
+    model = load_model(str(ckpt / "model") if ckpt else m.path, m.dtype, m.gradient_checkpointing, device)
+    opt = build_optimizer(model.parameters(), o.lr, o.betas, o.weight_decay)
+    sched = build_scheduler(opt, o.schedule, o.warmup_steps, t.max_steps, o.min_lr_rate)
+    step = checkpoint.restore(ckpt, {"optimizer": opt, "scheduler": sched})["step"] if ckpt else 0
+    tracker = Tracker(cfg.logger, run_dir, raw, step if ckpt else None, t.max_steps, "sft")
     model.train()
     t0 = time.time()
-    with metrics_path.open("a") as mf:
-        for step in range(1, steps + 1):
-            batch = [pairs[rng.randrange(len(pairs))] for _ in range(bs)]
+    try:
+        while step < t.max_steps:
+            rng = random.Random(f"{t.seed}:{step}")
+            batch = [pairs[rng.randrange(len(pairs))] for _ in range(t.batch_size)]
             ids, attn, labels = (x.to(device) for x in batch_tensors(batch, tok.pad_token_id))
             loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
             loss.backward()
-            gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["optim"]["max_grad_norm"])
+            gn = torch.nn.utils.clip_grad_norm_(model.parameters(), o.max_grad_norm)
+            lr = sched.get_last_lr()[0]
             opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
-            if step % cfg["trainer"]["log_every"] == 0 or step == steps:
-                rec = {"step": step, "loss": loss.item(), "grad_norm": float(gn), "lr": sched.get_last_lr()[0],
-                       "time/elapsed": time.time() - t0}
-                mf.write(json.dumps(rec) + "\n"); mf.flush()
-                log.info("sft step %d/%d loss %.4f", step, steps, rec["loss"])
+            step += 1
+            if step % t.log_every == 0 or step == t.max_steps:
+                tracker.log({"loss": loss.item(), "grad_norm": float(gn), "lr": lr, "time/elapsed": time.time() - t0}, step)
+            tracker.advance({"loss": f"{loss.item():.3f}"})
+            if (t.save_every and step % t.save_every == 0) or step == t.max_steps:
+                checkpoint.save(run_dir, step, {"model": model}, tok, {"optimizer": opt, "scheduler": sched},
+                                keep=t.keep_checkpoints)
+    finally:
+        tracker.close()
     out = run_dir / "model"
     model.save_pretrained(out)
     tok.save_pretrained(out)

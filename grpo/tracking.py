@@ -88,11 +88,41 @@ class WandbLogger(JsonlLogger):
         self.run.finish()
 
 
-def build_logger(cfg: dict[str, Any], run_dir: Path, full_config: dict[str, Any], resume_step: int | None):
-    backend = cfg.get("backend", "jsonl")
+def build_logger(backend: str, run_dir: Path, full_config: dict[str, Any], resume_step: int | None,
+                 **wandb_opts: Any):
     if backend == "jsonl":
         return JsonlLogger(run_dir, resume_step)
     if backend == "wandb":
-        opts = {k: v for k, v in cfg.items() if k != "backend"}
-        return WandbLogger(run_dir, full_config, resume_step=resume_step, **opts)
+        return WandbLogger(run_dir, full_config, resume_step=resume_step, **wandb_opts)
     raise ValueError(f"logger.backend must be wandb or jsonl, got {backend!r}")
+
+
+class Tracker:
+    """What every command reports through: metrics.jsonl (+ wandb) and one progress bar.
+
+    `resume_step` is the step of the checkpoint a run resumes from (None for a fresh run): the
+    log drops what came after it and the bar starts there.
+    """
+
+    def __init__(self, logger_cfg, run_dir: Path, full_config: dict[str, Any], resume_step: int | None,
+                 total: int, desc: str):
+        from tqdm.auto import tqdm
+
+        opts = {k: v for k, v in vars(logger_cfg).items() if k != "backend"}
+        self.logger = build_logger(logger_cfg.backend, run_dir, full_config, resume_step, **opts)
+        self.bar = tqdm(total=total, initial=resume_step or 0, desc=desc, unit="step", dynamic_ncols=True)
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        self.logger.log(metrics, step)
+
+    def log_samples(self, rows: list[dict[str, Any]], step: int) -> None:
+        self.logger.log_samples(rows, step)
+
+    def advance(self, postfix: dict[str, str]) -> None:
+        """One step done: move the bar and show `postfix` (e.g. reward, eval) beside it."""
+        self.bar.set_postfix(postfix, refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+        self.logger.close()

@@ -81,6 +81,21 @@ def test_aggregations_differ_on_ragged_masks():
         aggregate(v, mask, "sum")
 
 
+def test_global_normaliser_makes_micro_batches_add_up():
+    # Same values as above, split into two micro-batches of one row each. With the step's global
+    # counts (3 tokens, 2 rows) the two parts add up to the whole-batch value:
+    #   token_mean: 4/3 + 5/3 = 3;  seq_mean_token_mean: 2/2 + 5/2 = 3.5;  seq_mean_token_sum: 4/2 + 5/2 = 4.5
+    v = torch.tensor([[1.0, 3.0], [5.0, 100.0]])
+    mask = torch.tensor([[1, 1], [1, 0]])
+    for agg, whole in (("token_mean", 3.0), ("seq_mean_token_mean", 3.5), ("seq_mean_token_sum", 4.5),
+                       ("seq_mean_token_sum_norm", 9 / 8)):
+        parts = sum(aggregate(v[i:i + 1], mask[i:i + 1], agg, max_len=4, num_tokens=3.0, num_rows=2) for i in (0, 1))
+        assert parts.item() == pytest.approx(whole), agg
+        assert aggregate(v, mask, agg, max_len=4).item() == pytest.approx(whole), agg
+    # Without the global counts each micro-batch divides by its own (token_mean: 4/2 + 5/1 = 7, not 3).
+    assert sum(aggregate(v[i:i + 1], mask[i:i + 1], "token_mean") for i in (0, 1)).item() == pytest.approx(7.0)
+
+
 def test_empty_row_does_not_divide_by_zero():
     v = torch.ones(2, 2)
     mask = torch.tensor([[1, 1], [0, 0]])

@@ -10,7 +10,7 @@ import torch
 from grpo.cli import compose_config
 from grpo.evaluate import k_values, majority_index, pass_at_k, run_eval, summarize, vote_key
 from grpo.modeling import EMBEDDED_MODEL_DIR
-from grpo.trainer import ConfigError
+from grpo.config import ConfigError
 from tests.conftest import run_grpo
 from grpo.verifiers.base import Score
 
@@ -134,7 +134,7 @@ def test_checkpoint_model_dir_checkpoint_dir_and_run_dir_all_evaluate_the_same_w
     from grpo.modeling import load_model, load_tokenizer
 
     run = tmp_path / "run"
-    ckpt = checkpoint.save(run, 7, load_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir)), {})
+    ckpt = checkpoint.save(run, 7, {"model": load_model(str(tiny_model_dir))}, load_tokenizer(str(tiny_model_dir)), {})
     assert ckpt == run / "checkpoints" / "step_000007"
     base = run_eval(eval_cfg(tiny_model_dir), tmp_path / "base")
     texts = [r["completion"] for r in read_jsonl(base["output"])]

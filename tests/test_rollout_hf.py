@@ -1,6 +1,7 @@
 import torch
 
-from grpo.modeling import load_model, load_tokenizer, pack, token_logprobs
+from grpo.batch import pack, token_logprobs
+from grpo.modeling import load_model, load_tokenizer
 from grpo.rollout.base import SamplingParams
 from grpo.rollout.hf import HFEngine, left_pad
 
@@ -40,7 +41,8 @@ def test_sampling_shapes_and_logprobs_match_the_trainer(tiny_model_dir):
         assert fin == (ids[-1] == tok.eos_token_id)
         assert all(lp <= 0 for lp in lps)
     # The trainer's forward (left-padded prompts, right-padded completions) gives the same log-probs.
-    ids, attn, pos, comp, mask = pack(ro.prompt_ids, ro.completion_ids, tok.pad_token_id)
+    b = pack(ro.prompt_ids, ro.completion_ids, tok.pad_token_id)
+    ids, attn, pos, comp, mask = b.input_ids, b.attention_mask, b.position_ids, b.completion_ids, b.mask
     with torch.no_grad():
         logp = token_logprobs(model, ids, attn, pos, comp.shape[1], temperature=0.7)
     for i, lps in enumerate(ro.logprobs):
@@ -70,7 +72,8 @@ def test_model_generation_config_penalties_do_not_change_sampling(tiny_model_dir
     model.generation_config.no_repeat_ngram_size = 1
     prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in ("<|user|>aaaa<|end|><|assistant|>", "<|user|>1<|end|>")]
     ro = eng.generate(prompts, 1, SamplingParams(temperature=0.0, max_new_tokens=8))
-    ids, attn, pos, comp, mask = pack(ro.prompt_ids, ro.completion_ids, tok.pad_token_id)
+    b = pack(ro.prompt_ids, ro.completion_ids, tok.pad_token_id)
+    ids, attn, pos, comp, mask = b.input_ids, b.attention_mask, b.position_ids, b.completion_ids, b.mask
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=attn, position_ids=pos).logits[:, -comp.shape[1] - 1:-1]
     for i, c in enumerate(ro.completion_ids):

@@ -12,7 +12,8 @@ import torch
 
 pytest.importorskip("vllm", reason="vllm is not installed: `make setup-vllm` installs it (CI does)")
 
-from grpo.modeling import load_model, load_tokenizer, pack, token_logprobs  # noqa: E402
+from grpo.batch import pack, token_logprobs
+from grpo.modeling import load_model, load_tokenizer  # noqa: E402
 from grpo.rollout.base import SamplingParams  # noqa: E402
 from grpo.rollout.hf import HFEngine, _stop_end  # noqa: E402
 from grpo.rollout.vllm import VLLMEngine, choose_logprobs_mode  # noqa: E402
@@ -25,8 +26,8 @@ pytestmark = pytest.mark.slow
 VLLM_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"}
 
 # A small token budget per engine step, so that a batch of prompts does not fit in one prefill.
-RCFG = dict(engine="vllm", temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=8, stop=[], kv_cache_gib=0.0625,
-            max_num_seqs=64, max_model_len=256, max_num_batched_tokens=256)
+RCFG = dict(temperature=1.0, top_p=1.0, top_k=0, kv_cache_gib=0.0625, max_num_seqs=64, max_model_len=256,
+            max_num_batched_tokens=256)
 PROMPTS = ["<|user|>12+7<|end|><|assistant|>", "<|user|>a longer prompt, 3*4<|end|><|assistant|>",
            "<|user|>9<|end|><|assistant|>"]
 
@@ -38,7 +39,7 @@ def setup(tiny_model_dir):
     with pytest.MonkeyPatch.context() as mp:
         for k, v in VLLM_ENV.items():
             mp.setenv(k, os.environ.get(k, v))
-        engine = VLLMEngine(policy, tok, {"path": str(tiny_model_dir), "dtype": "float32", "device": "cpu"}, RCFG)
+        engine = VLLMEngine(policy, tok, str(tiny_model_dir), "float32", "cpu", **RCFG)
     prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
     yield tok, policy, engine, prompts
     engine.close()
@@ -46,7 +47,8 @@ def setup(tiny_model_dir):
 
 def trainer_logprobs(policy, ro, pad_id, temperature):
     """The trainer's log-probs of the engine's tokens: [N] ragged lists."""
-    ids, attn, pos, comp, mask = pack(ro.prompt_ids, ro.completion_ids, pad_id)
+    b = pack(ro.prompt_ids, ro.completion_ids, pad_id)
+    ids, attn, pos, comp, mask = b.input_ids, b.attention_mask, b.position_ids, b.completion_ids, b.mask
     with torch.no_grad():
         logp = token_logprobs(policy, ids, attn, pos, comp.shape[1], temperature)
     return [logp[i, : len(c)].tolist() for i, c in enumerate(ro.completion_ids)]
@@ -96,7 +98,8 @@ def test_weight_sync_after_an_optimizer_step(setup):
 
 
 def trainer_logprobs_grad(policy, ro, pad_id):
-    ids, attn, pos, comp, mask = pack(ro.prompt_ids, ro.completion_ids, pad_id)
+    b = pack(ro.prompt_ids, ro.completion_ids, pad_id)
+    ids, attn, pos, comp, mask = b.input_ids, b.attention_mask, b.position_ids, b.completion_ids, b.mask
     logp = token_logprobs(policy, ids, attn, pos, comp.shape[1], 1.0)
     return (logp * mask).sum() / mask.sum()
 

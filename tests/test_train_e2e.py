@@ -133,7 +133,7 @@ def test_file_task_row_without_answer_is_reported(tmp_path):
 
 
 def test_run_dir_reuse_resume_after_a_torn_line_and_checkpoint_pruning(tiny_model_dir, tmp_path):
-    from grpo.trainer import ConfigError
+    from grpo.config import ConfigError
 
     common = ["trainer.eval_every=0", "trainer.save_every=1", "trainer.keep_checkpoints=2"]
     train(cfg_for(tiny_model_dir, "trainer.max_steps=3", *common), tmp_path)

@@ -119,42 +119,44 @@ def choose_logprobs_mode(temperature: float, top_p: float, top_k: int) -> tuple[
 
 
 class VLLMEngine:
-    def __init__(self, model, tokenizer, model_cfg: dict[str, Any], rcfg: dict[str, Any]):
+    def __init__(self, model, tokenizer, path: str, dtype: str = "float32", device: str = "auto", *,
+                 temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, max_model_len: int | None = None,
+                 max_num_seqs: int = 256, max_num_batched_tokens: int | None = None, enforce_eager: bool = True,
+                 enable_prefix_caching: bool = True, engine_seed: int = 0, kv_cache_gib: float = 0.25,
+                 gpu_memory_utilization: float = 0.3, tensor_parallel_size: int = 1, sleep_level: int = 0):
+        """`path` is the model's source (its config and tokenizer); the trainer's own weights are pushed
+        right after the engine starts. The sampling options decide which log-probs vLLM reports."""
         from grpo.modeling import resolve_model_path
         from grpo.rollout.hf import _eos_ids
 
         self.tokenizer = tokenizer
         self.eos_ids = _eos_ids(model, tokenizer)
-        path = resolve_model_path(model_cfg["path"])
-        self.on_gpu = torch.cuda.is_available() and model_cfg.get("device", "auto") != "cpu"
-        mode, exact = choose_logprobs_mode(float(rcfg.get("temperature", 1.0)), float(rcfg.get("top_p", 1.0)),
-                                           int(rcfg.get("top_k", 0)))
+        path = resolve_model_path(path)
+        self.on_gpu = torch.cuda.is_available() and device != "cpu"
+        mode, exact = choose_logprobs_mode(float(temperature), float(top_p), int(top_k))
         if not exact:
             log.warning("rollout.temperature != 1 with top_p/top_k truncation: vLLM %s exposes no log-probs at "
                         "temperature before truncation, so the engine returns the truncated distribution's "
                         "(the logged engine/trainer gap includes the truncated mass)", vllm.__version__)
-        self.sleep_level = int(rcfg.get("sleep_level", 0)) if self.on_gpu else 0
+        self.sleep_level = int(sleep_level) if self.on_gpu else 0
         kwargs: dict[str, Any] = dict(
-            model=path, tokenizer=path, dtype=model_cfg.get("dtype", "float32"), seed=int(rcfg.get("engine_seed", 0)),
-            enforce_eager=bool(rcfg.get("enforce_eager", True)), logprobs_mode=mode,
-            enable_prefix_caching=bool(rcfg.get("enable_prefix_caching", True)),
-            max_num_seqs=int(rcfg.get("max_num_seqs", 256)), worker_extension_cls=WEIGHT_SYNC_CLS,
-            disable_log_stats=True,
+            model=path, tokenizer=path, dtype=dtype, seed=int(engine_seed), enforce_eager=bool(enforce_eager),
+            logprobs_mode=mode, enable_prefix_caching=bool(enable_prefix_caching), max_num_seqs=int(max_num_seqs),
+            worker_extension_cls=WEIGHT_SYNC_CLS, disable_log_stats=True,
         )
-        if rcfg.get("max_model_len"):
-            kwargs["max_model_len"] = int(rcfg["max_model_len"])
+        if max_model_len:
+            kwargs["max_model_len"] = int(max_model_len)
         if self.on_gpu:
-            kwargs.update(gpu_memory_utilization=float(rcfg.get("gpu_memory_utilization", 0.3)),
-                          tensor_parallel_size=int(rcfg.get("tensor_parallel_size", 1)),
-                          enable_sleep_mode=self.sleep_level > 0)
+            kwargs.update(gpu_memory_utilization=float(gpu_memory_utilization),
+                          tensor_parallel_size=int(tensor_parallel_size), enable_sleep_mode=self.sleep_level > 0)
         else:
-            kwargs["kv_cache_memory_bytes"] = int(float(rcfg.get("kv_cache_gib", 0.25)) * (1 << 30))
+            kwargs["kv_cache_memory_bytes"] = int(float(kv_cache_gib) * (1 << 30))
             # A prompt prefilled in chunks has its sampled token discarded and vLLM rewinds that
             # request's generator, which torch's CPU generators cannot do: seeded requests crash
             # ("CPU Generator does not use offset"). Whole-prompt prefill never rewinds.
             kwargs["enable_chunked_prefill"] = False
-        if rcfg.get("max_num_batched_tokens"):
-            kwargs["max_num_batched_tokens"] = int(rcfg["max_num_batched_tokens"])
+        if max_num_batched_tokens:
+            kwargs["max_num_batched_tokens"] = int(max_num_batched_tokens)
         self.llm = LLM(**kwargs)
         self._dir = Path(tempfile.mkdtemp(prefix="grpo-weights-", dir=_weights_dir(model)))
         # The trainer's weights may not be the files' (a resumed checkpoint, an SFT'd module): push them now.
