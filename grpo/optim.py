@@ -31,7 +31,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, name: str, warmup_steps: i
     if name not in {t.value for t in SchedulerType}:
         raise ConfigError(f"optim.schedule={name!r}: use one of {', '.join(t.value for t in SchedulerType)}")
     extra = {"min_lr_rate": min_lr_rate} if name == "cosine_with_min_lr" else None
-    sched = get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=max(1, total_steps + 1),
+    sched = get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=max(1, total_steps),
                           scheduler_specific_kwargs=extra)
     with warnings.catch_warnings():  # the one deliberate step before any optimizer step
         warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)`")

@@ -45,3 +45,30 @@ def test_sft_learns_a_fixed_mapping(tiny_model_dir, tmp_path):
     ids = tok("<|user|>say owl<|end|><|assistant|>", add_special_tokens=False, return_tensors="pt")["input_ids"]
     gen = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
     assert tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True) == "OWL"
+
+
+@pytest.mark.slow
+def test_sft_resume_reproduces_the_uninterrupted_run(tiny_model_dir, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"say {w}", "completion": w}) + "\n" for w in ("ab", "cd", "ef")))
+
+    def cfg(steps, *extra):
+        return compose_config("sft", [f"model.path={tiny_model_dir}", f"data.path={data}", f"trainer.max_steps={steps}",
+                                      "trainer.batch_size=4", "trainer.log_every=1", "trainer.save_every=2",
+                                      "optim.warmup_steps=2", "optim.schedule=constant_with_warmup", *extra])
+
+    # The interrupted run stops after 2 of 5 steps; a constant schedule (after warm-up) does not
+    # depend on max_steps, so the 2-step run is exactly the first 2 steps of the 5-step one.
+    full, part = tmp_path / "full", tmp_path / "part"
+    run_sft(cfg(5), full)
+    run_sft(cfg(2), part)
+    run_sft(cfg(5, "trainer.resume=true"), part)
+    a = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (part / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5]  # the resumed log has each step once
+    assert [r["loss"] for r in a] == [r["loss"] for r in b] and [r["lr"] for r in a] == [r["lr"] for r in b]
+    from transformers import AutoModelForCausalLM
+
+    wa = AutoModelForCausalLM.from_pretrained(full / "model").state_dict()
+    wb = AutoModelForCausalLM.from_pretrained(part / "model").state_dict()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
