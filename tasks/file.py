@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,21 +41,7 @@ def read_rows(path: str, split: str = "train", config: str | None = None) -> lis
                 raise TaskError(f"{path}: row {i}: expected a JSON object, got {type(row).__name__}")
         return rows
     if p.suffix == ".jsonl" or (p.suffix == ".json" and p.exists()):
-        if not p.exists():
-            raise TaskError(f"{path}: file not found")
-        rows = []
-        with p.open(encoding="utf-8") as f:
-            for i, line in enumerate(f):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise TaskError(f"{path}: line {i + 1}: not valid JSON ({e.msg})") from None
-                if not isinstance(row, dict):
-                    raise TaskError(f"{path}: line {i + 1}: expected a JSON object, got {type(row).__name__}")
-                rows.append(row)
-        return rows
+        return [row for _, row in jsonl_lines(path)]
     import datasets  # slow import; only where needed
 
     try:
@@ -75,6 +61,25 @@ def read_rows(path: str, split: str = "train", config: str | None = None) -> lis
                     " path at a local .jsonl/.parquet copy (HF_HUB_OFFLINE=1 skips the network retries)")
         raise TaskError(f"{path}: cannot load dataset ({where}): {type(e).__name__}: {e}{hint}") from e
     return [dict(r) for r in ds]
+
+
+def jsonl_lines(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(1-based line number, row) for each non-blank line of a JSON-lines file, so that errors
+    found later in a row can name its line."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise TaskError(f"{path}: file not found")
+    with p.open(encoding="utf-8") as f:
+        for i, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise TaskError(f"{path}: line {i}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise TaskError(f"{path}: line {i}: expected a JSON object, got {type(row).__name__}")
+            yield i, row
 
 
 def to_sample(row: dict[str, Any], where: str, prompt_field: str, answer_field: str | None) -> Sample:

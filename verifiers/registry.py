@@ -38,6 +38,7 @@ BUILTINS = {
     "math": "grpo.verifiers.math:MathVerifier",
     "format": "grpo.verifiers.format:FormatVerifier",
     "code": "grpo.verifiers.code:CodeVerifier",
+    "prefs_rule": "grpo.verifiers.prefs_rule:PrefsRuleVerifier",
 }
 ENTRY_POINT_GROUP = "grpo.verifiers"
 COMPOSE_KEYS = ("weight", "label")  # spec keys that are not constructor arguments
