@@ -5,7 +5,7 @@ PIP    := $(PY) -m pip
 ARGS   ?=
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup train test test-fast embedded-model setup-vllm clean
+.PHONY: setup train test test-fast embedded-model embedded-rm prefs-data setup-vllm clean
 
 setup: $(STAMP)
 
@@ -51,6 +51,13 @@ setup-vllm: setup
 # Rebuild the embedded default model (grpo/embedded_model) with this project's own `grpo sft`.
 embedded-model: setup
 	$(PY) -m grpo.embedded $(ARGS)
+
+# Rebuild the built-in preference task's data (grpo/data/prefs_*.jsonl), then the embedded reward model.
+prefs-data: setup
+	$(VENV)/bin/grpo prefs $(ARGS)
+
+embedded-rm: setup
+	$(PY) -m grpo.embedded --task rm $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs outputs .pytest_cache

@@ -113,9 +113,13 @@ def find(run_dir: Path, resume: Any) -> Path | None:
     return p
 
 
-def begin(run_dir: Path, resume: Any) -> Path | None:
-    """The checkpoint a run starts from (None: a fresh run); a fresh run refuses a run dir that
-    already holds one."""
+def begin(run_dir: Path, resume: Any, seed: int | None = None) -> Path | None:
+    """Start a run in run_dir (created if missing; every RNG seeded when a seed is given) and return
+    the checkpoint it resumes from (None: a fresh run). A fresh run refuses a run dir that already
+    holds one."""
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    if seed is not None:
+        seed_everything(seed)
     ckpt = find(run_dir, resume)
     if not ckpt and (Path(run_dir) / "metrics.jsonl").exists():
         from grpo.config import ConfigError

@@ -1,6 +1,6 @@
-"""`grpo <command>`: train | sft | verify | verifiers | sandbox.
+"""`grpo <command>`: train | sft | eval | rm | bon | prefs | verify | verifiers | sandbox.
 
-Hydra stays here, at the edge: `train` and `sft` compose a config from conf/ plus the overrides
+Hydra stays here, at the edge: `train`, `sft`, `eval`, `rm` and `bon` compose a config from conf/ plus the overrides
 on the command line and pass plain values on. Errors in what the user typed end the command with
 one line naming the problem (exit 2), not a traceback.
 """
@@ -17,6 +17,9 @@ commands:
   train [key=value ...]      GRPO training (Hydra overrides, e.g. task=file task.path=x.jsonl)
   sft [key=value ...]        supervised fine-tuning on prompt/completion rows
   eval [key=value ...]       evaluate a model or checkpoint on a task (pass@1, pass@k, maj@k)
+  rm [key=value ...]         train a reward model on preference data (pairs, rankings, scores)
+  bon [key=value ...]        best-of-N: keep the reward model's best of N samples; writes SFT rows
+  prefs [--out DIR ...]      build the built-in preference task's data (simulated labellers)
   verify --verifier NAME FILE.jsonl
                              score each line ({"completion", ...fields}); prints JSON lines
   verifiers                  list the verifiers that can be named
@@ -33,7 +36,7 @@ class UserError(Exception):
 
 def _user_errors():
     from grpo.modeling import ModelError
-    from grpo.trainer import ConfigError
+    from grpo.config import ConfigError
     from grpo.tasks.base import TaskError
     from grpo.verifiers.registry import VerifierConfigError
 
@@ -89,6 +92,24 @@ def _eval(cfg: dict, run_dir: Path) -> None:
     from grpo.evaluate import run_eval
 
     run_eval(cfg, run_dir)
+
+
+def _rm(cfg: dict, run_dir: Path) -> None:
+    from grpo.rm import run_rm
+
+    run_rm(cfg, run_dir)
+
+
+def _bon(cfg: dict, run_dir: Path) -> None:
+    from grpo.bon import run_bon
+
+    run_bon(cfg, run_dir)
+
+
+def prefs_main(argv: list[str]) -> int:
+    from grpo.prefs import prefs_main as main
+
+    return main(argv)
 
 
 def verify_main(argv: list[str]) -> int:
@@ -156,6 +177,9 @@ COMMANDS = {
     "train": lambda argv: _hydra_job("train", _train, argv),
     "sft": lambda argv: _hydra_job("sft", _sft, argv),
     "eval": lambda argv: _hydra_job("eval", _eval, argv),
+    "rm": lambda argv: _hydra_job("rm", _rm, argv),
+    "bon": lambda argv: _hydra_job("bon", _bon, argv),
+    "prefs": prefs_main,
     "verify": verify_main,
     "verifiers": verifiers_main,
     "sandbox": sandbox_main,

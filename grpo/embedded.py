@@ -6,6 +6,15 @@ Rebuild it with `make embedded-model` (= `python -m grpo.embedded`), which
   3. writes procedural SFT data from the arithmetic task's *training* split, and
   4. runs this project's own `grpo sft` on it, then copies the result into grpo/embedded_model.
 
+`python -m grpo.embedded --task chat` builds grpo/embedded_chat_model (`model.path=embedded-chat`), the
+policy of the built-in preference task: the arithmetic model fine-tuned to answer in several styles
+(terse and boxed, chatty, unboxed), right half of the time, so its samples vary in format, length
+and correctness, which is what the task's simulated labellers care about.
+
+`python -m grpo.embedded --task rm` builds grpo/embedded_rm (`reward_model.path=embedded-rm`): the
+default `grpo rm` (the embedded model plus a scalar head, trained on the built-in preference task's
+rankings, grpo/data/prefs_train.jsonl), copied into the package.
+
 `python -m grpo.embedded --task code` builds grpo/embedded_code_model (`model.path=embedded-code`)
 the same way from the code task's training split (tasks/code_functions.py), with near misses that
 use a wrong constant or a wrong operation.
@@ -27,7 +36,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from grpo.modeling import EMBEDDED_CODE_MODEL_DIR, EMBEDDED_MODEL_DIR
+from grpo.modeling import EMBEDDED_CHAT_MODEL_DIR, EMBEDDED_CODE_MODEL_DIR, EMBEDDED_MODEL_DIR, EMBEDDED_RM_DIR
 from grpo.tasks.arithmetic import ArithmeticTask
 
 SPECIAL_TOKENS = ["<|pad|>", "<|end|>", "<|user|>", "<|assistant|>", "<|system|>", "<|unk|>"]
@@ -106,17 +115,45 @@ def code_sft_rows(n: int, seed: int) -> list[dict]:
     return half_right_rows(task, n, seed, lambda s: s.meta["solution"], near_miss)
 
 
-# task -> (output dir, SFT rows, SFT steps, SFT batch size); the code data is learnt in less.
-TASKS = {"arithmetic": (EMBEDDED_MODEL_DIR, sft_rows, 3000, 64), "code": (EMBEDDED_CODE_MODEL_DIR, code_sft_rows, 1500, 32)}
+def chat_sft_rows(n: int, seed: int) -> list[dict]:
+    """Chat: the arithmetic answer (right half of the time, else a near miss) in one of several
+    styles, from the terse `\\boxed{N}` to chatty or unboxed ones, so that the model's samples vary
+    in what people's preferences are about: format, length and correctness (the built-in
+    preference task, grpo/prefs.py)."""
+    task = ArithmeticTask(seed=seed + 2000)  # another stream than any training run's, same split
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        s = task.train_sample(i)
+        a, b = s.meta["a"], s.meta["b"]
+        v = int(s.answer) if rng.random() < P_CORRECT else int(s.answer) + rng.choice(NEAR_MISSES)
+        style = rng.choice(CHAT_STYLES)
+        rows.append({"prompt": s.prompt, "completion": style.format(a=a, b=b, v=v, box=completion(v))})
+    return rows
+
+
+# Styles of the chat model's answers: boxed and terse, boxed with 5 to 20 extra characters, or unboxed.
+CHAT_STYLES = ("{box}", "Sure! {box}", "{a}+{b}={v}. {box}", "The answer is {box}.", "{box} Hope this helps!",
+               "{v}", "answer: {v}")
+
+
+# task -> (output dir, SFT rows, SFT steps, SFT batch size, start from); the code data is learnt in
+# less; the chat model starts from the arithmetic one, which already knows the sums.
+TASKS = {"arithmetic": (EMBEDDED_MODEL_DIR, sft_rows, 3000, 64, None),
+         "code": (EMBEDDED_CODE_MODEL_DIR, code_sft_rows, 1500, 32, None),
+         "chat": (EMBEDDED_CHAT_MODEL_DIR, chat_sft_rows, 1000, 64, EMBEDDED_MODEL_DIR)}
 
 
 def build(out_dir: Path, steps: int, rows: int, seed: int, extra: list[str], make_rows=sft_rows,
-          batch_size: int = 64) -> None:
+          batch_size: int = 64, init_from: Path | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         init = tmp / "init"
-        tok = build_tokenizer(init)
-        init_model(init, tok, seed=seed)
+        if init_from is not None:  # fine-tune a shipped model instead of starting from scratch
+            shutil.copytree(init_from, init)
+        else:
+            tok = build_tokenizer(init)
+            init_model(init, tok, seed=seed)
         data = tmp / "sft.jsonl"
         data.write_text("".join(json.dumps(r) + "\n" for r in make_rows(rows, seed)))
         run = tmp / "run"
@@ -132,17 +169,35 @@ def build(out_dir: Path, steps: int, rows: int, seed: int, extra: list[str], mak
     print(f"embedded model written to {out_dir} ({size / 1e6:.1f} MB)")
 
 
+def build_rm(out_dir: Path, seed: int, extra: list[str]) -> None:
+    """The default `grpo rm`, copied into the package."""
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Path(tmp) / "run"
+        cmd = [sys.executable, "-m", "grpo", "rm", f"trainer.seed={seed}", f"hydra.run.dir={run}", *extra]
+        print("+", " ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        shutil.copytree(run / "model", out_dir)
+    size = sum(f.stat().st_size for f in out_dir.iterdir())
+    print(f"embedded reward model written to {out_dir} ({size / 1e6:.1f} MB)")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m grpo.embedded", description="Rebuild the embedded default model.")
-    ap.add_argument("--task", choices=sorted(TASKS), default="arithmetic", help="which SFT data (and default --out)")
+    ap.add_argument("--task", choices=sorted(TASKS) + ["rm"], default="arithmetic",
+                    help="which SFT data (and default --out); rm = the embedded reward model")
     ap.add_argument("--out", type=Path, default=None, help="default: grpo/embedded_model, or grpo/embedded_code_model")
     ap.add_argument("--steps", type=int, default=None, help="default: 3000 (arithmetic), 1500 (code)")
     ap.add_argument("--rows", type=int, default=50000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for `grpo sft`")
     a = ap.parse_args(argv)
-    out, make_rows, steps, batch_size = TASKS[a.task]
-    build(a.out or out, a.steps or steps, a.rows, a.seed, a.overrides, make_rows, batch_size)
+    if a.task == "rm":
+        build_rm(a.out or EMBEDDED_RM_DIR, a.seed, a.overrides)
+        return
+    out, make_rows, steps, batch_size, init_from = TASKS[a.task]
+    build(a.out or out, a.steps or steps, a.rows, a.seed, a.overrides, make_rows, batch_size, init_from)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import torch
 
 EMBEDDED_MODEL_DIR = Path(__file__).resolve().parent / "embedded_model"
 EMBEDDED_CODE_MODEL_DIR = Path(__file__).resolve().parent / "embedded_code_model"  # warm-started on task=code
+EMBEDDED_CHAT_MODEL_DIR = Path(__file__).resolve().parent / "embedded_chat_model"  # the preference task's policy
 EMBEDDED_RM_DIR = Path(__file__).resolve().parent / "embedded_rm"  # `grpo rm` on the built-in preference task
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
@@ -18,7 +19,7 @@ class ModelError(ValueError):
 
 
 def resolve_model_path(path: str) -> str:
-    """``embedded`` / ``embedded-code`` / ``embedded-rm`` name the models shipped in the package; a local dir must exist; else a hub id."""
+    """``embedded`` / ``embedded-code`` / ``embedded-chat`` / ``embedded-rm`` name the models shipped in the package; a local dir must exist; else a hub id."""
     if path in (None, "", "embedded"):
         if not (EMBEDDED_MODEL_DIR / "config.json").exists():
             raise ModelError(f"the embedded model is missing from {EMBEDDED_MODEL_DIR}: rebuild it with `make embedded-model`")
@@ -28,6 +29,11 @@ def resolve_model_path(path: str) -> str:
             raise ModelError(f"the embedded code model is missing from {EMBEDDED_CODE_MODEL_DIR}: "
                              "rebuild it with `python -m grpo.embedded --task code`")
         return str(EMBEDDED_CODE_MODEL_DIR)
+    if path == "embedded-chat":
+        if not (EMBEDDED_CHAT_MODEL_DIR / "config.json").exists():
+            raise ModelError(f"the embedded chat model is missing from {EMBEDDED_CHAT_MODEL_DIR}: "
+                             "rebuild it with `python -m grpo.embedded --task chat`")
+        return str(EMBEDDED_CHAT_MODEL_DIR)
     if path == "embedded-rm":
         if not (EMBEDDED_RM_DIR / "config.json").exists():
             raise ModelError(f"the embedded reward model is missing from {EMBEDDED_RM_DIR}: "

@@ -1,9 +1,11 @@
-"""The built-in preference data: simulated labellers rank the embedded model's own answers.
+"""The built-in preference data: simulated labellers rank the policy's own answers.
 
 As in InstructGPT, a labeller sees K = 4..9 samples of the policy for one prompt and ranks them.
-Here the prompts are "What is a + b?" problems, the samples come from the embedded model at T = 1
-and the labeller ranks them by a hidden rule (verifiers/prefs_rule.py: right answers first,
-then the nearer the better, stray characters cost a little) plus noise:
+Here the prompts are "What is a + b?" problems, the samples come from the embedded chat model
+(`embedded-chat`: the embedded arithmetic model fine-tuned to answer in several styles, terse or
+chatty, boxed or not, right half of the time) at T = 1, and the labeller ranks them by a hidden rule
+(verifiers/prefs_rule.py: properly boxed, then the shorter the better, then the nearer the truth)
+plus noise:
 
     labeller order = the K completions sorted by  true_score + noise * Gumbel(0, 1)  descending
 
@@ -123,9 +125,9 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
 
 
-def build_dataset(out_dir: str | Path, model_path: str = "embedded", train_prompts: int = 2000,
+def build_dataset(out_dir: str | Path, model_path: str = "embedded-chat", train_prompts: int = 2000,
                   eval_prompts: int = 200, k_min: int = 4, k_max: int = 9, noise: float = NOISE, seed: int = 0,
-                  temperature: float = 1.0, max_new_tokens: int = 16) -> dict[str, Any]:
+                  temperature: float = 1.0, max_new_tokens: int = 32) -> dict[str, Any]:
     """Write out_dir/train.jsonl (rankings) and out_dir/eval.jsonl (pairs); return the stats."""
     import torch
 
@@ -197,7 +199,7 @@ def prefs_main(argv: list[str]) -> int:
         description="Build the built-in preference data: the embedded model's answers ranked by simulated "
                     "labellers (a hidden rule plus Plackett-Luce noise).")
     ap.add_argument("--out", default="prefs_data", help="directory for train.jsonl and eval.jsonl")
-    ap.add_argument("--model", default="embedded", help="the model whose samples are ranked")
+    ap.add_argument("--model", default="embedded-chat", help="the model whose samples are ranked")
     ap.add_argument("--train-prompts", type=int, default=2000, help="training prompts (one ranking each)")
     ap.add_argument("--eval-prompts", type=int, default=200, help="held-out prompts (all their ordered pairs)")
     ap.add_argument("--k-min", type=int, default=4, help="fewest responses ranked per prompt")
@@ -205,7 +207,7 @@ def prefs_main(argv: list[str]) -> int:
     ap.add_argument("--noise", type=float, default=NOISE, help="labeller noise, the Gumbel scale (0 = perfect)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--max-new-tokens", type=int, default=16)
+    ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--ship", action="store_true",
                     help=f"also copy the files to {SHIPPED_TRAIN.name} and {SHIPPED_EVAL.name} in {DATA_DIR}")
     a = ap.parse_args(argv)

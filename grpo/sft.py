@@ -61,9 +61,7 @@ def run_sft(raw: dict[str, Any], run_dir: Path) -> Path:
     cfg = C.parse(C.SFTConfig, raw)
     t, m, o, data = cfg.trainer, cfg.model, cfg.optim, cfg.data
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint.seed_everything(t.seed)
-    ckpt = checkpoint.begin(run_dir, t.resume)
+    ckpt = checkpoint.begin(run_dir, t.resume, t.seed)
     tok = load_tokenizer(m.path)
     rows = read_rows(data.path)
     pairs = encode_rows(tok, rows, data.path, data.prompt_field, data.completion_field, data.system_prompt)

@@ -18,16 +18,18 @@ from grpo.verifiers.registry import build_verifier
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# completion, gold 85 -> (reward, reason); reward = 1 / (1 + |n - 85|) * 0.9 ** stray characters
+# completion, gold 85 -> (reward, reason); reward = 0.9 * max(0, 1 - stray / 16) + 0.1 / (1 + |n - 85|)
 RULE_CASES = [
     ("\\boxed{85}", 1.0, "ok"),
     ("\\boxed{ 85 }\n", 1.0, "ok"),  # whitespace is not stray
-    ("\\boxed{86}", 1 / 2, "wrong"),  # off by 1
-    ("\\boxed{83}", 1 / 3, "wrong"),  # off by 2
-    ("\\boxed{95}", 1 / 11, "wrong"),  # off by 10
-    ("x\\boxed{86}", 0.5 * 0.9, "wrong"),  # off by 1, one stray character
-    ("The answer: \\boxed{85}", 0.9 ** 10, "ok"),  # "Theanswer:" is 10 stray characters
-    ("\\boxed{85}\\boxed{85}", 0.9 ** 10, "ok"),  # the repeated box is 10 stray characters
+    ("\\boxed{86}", 0.9 + 0.1 / 2, "wrong"),  # off by 1
+    ("\\boxed{83}", 0.9 + 0.1 / 3, "wrong"),  # off by 2
+    ("\\boxed{95}", 0.9 + 0.1 / 11, "wrong"),  # off by 10
+    ("x\\boxed{86}", 0.9 * 15 / 16 + 0.1 / 2, "wrong"),  # off by 1, one stray character
+    ("Sure! \\boxed{85}", 0.9 * 11 / 16 + 0.1, "ok"),  # "Sure!" is 5 stray characters
+    ("The answer: \\boxed{85}", 0.9 * 6 / 16 + 0.1, "ok"),  # "Theanswer:" is 10 stray characters
+    ("\\boxed{85}\\boxed{85}", 0.9 * 6 / 16 + 0.1, "ok"),  # the repeated box is 10 stray characters
+    ("\\boxed{85} Hope this helps! Bye now", 0.1, "ok"),  # 19 stray characters: concision 0
     ("\\boxed{85}\\boxed{86}", 0.0, "several_answers"),
     ("85", 0.0, "no_box"),
     ("\\boxed{85", 0.0, "no_box"),  # unclosed
@@ -47,8 +49,8 @@ def test_rule_is_the_registered_prefs_rule_verifier():
     assert v.name == "prefs_rule"
     scores = check_scores("prefs_rule", v.score(["\\boxed{86}", None, "\\boxed{3}"],
                                                 [{"answer": "85"}, {"answer": "85"}, {"answer": None}]), 3)
-    # off by 1; not text; no gold answer
-    assert [s.reward for s in scores] == [0.5, 0.0, 0.0]
+    # off by 1 (0.9 + 0.1 / 2); not text; no gold answer
+    assert [s.reward for s in scores] == [pytest.approx(0.95), 0.0, 0.0]
     assert [s.info["reason"] for s in scores] == ["wrong", "not_text", "no_gold"]
     assert scores[0].info == {"reason": "wrong", "distance": 1, "stray": 0}
 

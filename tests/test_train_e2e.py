@@ -167,3 +167,23 @@ def test_dropout_is_off_in_the_policy(tiny_model_dir, tmp_path):
     train(cfg_for(model_dir, "trainer.max_steps=1", "trainer.eval_every=0"), tmp_path / "run")
     rec = [r for r in read_metrics(tmp_path / "run") if "loss" in r][0]
     assert rec["rollout/logprob_abs_diff/max"] < 1e-4
+
+
+def test_a_reward_model_is_a_reward_source_and_the_verifiers_only_measure(tiny_model_dir, tmp_path):
+    from grpo.modeling import load_tokenizer
+    from grpo.reward_model import init_reward_model, save_reward_model
+
+    rm_dir = tmp_path / "rm"
+    save_reward_model(init_reward_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir)), rm_dir)
+    run = tmp_path / "run"
+    train(cfg_for(tiny_model_dir, "trainer.max_steps=2", "trainer.eval_every=0", f"reward_model.path={rm_dir}",
+                  "reward_model.scale=0.5"), run)
+    recs = read_metrics(run)
+    steps = [r for r in recs if "reward/mean" in r]
+    evals = [r for r in recs if "eval/reward/mean" in r]
+    # The training reward is sigmoid(score / 0.5) of the reward model: its mean is the logged
+    # reward/rm/mean, and the toy verifier (weight 0) never reaches it.
+    assert all(r["reward/mean"] == pytest.approx(r["reward/rm/mean"]) for r in steps)
+    assert all("reward/digit_fraction/mean" not in r for r in steps)
+    # Evaluation measures with the task's verifier and reports the reward model's score beside it.
+    assert all("eval/reward/digit_fraction/mean" in r and "eval/rm_score" in r for r in evals)

@@ -1,0 +1,125 @@
+"""`grpo bon`: best-of-N sampling against a reward model (rejection sampling), top to bottom.
+
+For each prompt: N completions from the policy -> the reward model scores each (the verifiers
+do when there is no reward model) -> the best one is kept. The kept rows
+({"prompt", "completion", ...}) are what `grpo sft data.path=...` trains on, so
+`bon.split=train` turns a reward model into SFT data (rejection sampling, as in Llama 2 and
+Constitutional AI); `bon.split=eval` (default) measures what best-of-N buys on held-out prompts.
+
+Reported for k = 1, 2, 4, ..., N (best of the first k samples, from the same draws):
+- true/mean: the task's verifiers' score of the kept completions (on the built-in preference
+  task, the hidden rule);
+- rm/mean: the reward model's score of the kept completions;
+- kl: the analytic KL of best-of-k from the policy, log k - (k - 1) / k (Stiennon et al., 2020;
+  an upper bound, exact when the k scores have no ties).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from grpo import config as C
+from grpo.checkpoint import seed_everything
+from grpo.config import ConfigError
+from grpo.evaluate import k_values, resolve_model_dir, sample_and_score
+from grpo.modeling import load_model, load_tokenizer, pick_device
+from grpo.rewards import RewardInputs, build_rewards
+from grpo.rollout import build_engine, encode_prompts, sampling_params
+from grpo.tasks.base import TaskError, build_task
+
+
+@dataclass
+class BonOptions:
+    n: int = C.num(16, ge=1)  # N samples per prompt
+    split: str = C.choice("eval", "eval", "train")  # eval = held-out prompts; train = training prompts (SFT data)
+    prompts: int = C.num(128, ge=1)  # at most this many prompts
+    output: str | None = None  # null = <run dir>/best_of_n.jsonl (summary beside it)
+
+
+@dataclass
+class BonConfig:
+    model: C.Model = C.group(C.Model)
+    task: dict = C.field(default_factory=dict)
+    rollout: C.Rollout = C.group(C.Rollout)
+    reward_model: C.RewardModel = C.group(C.RewardModel)
+    bon: BonOptions = C.group(BonOptions)
+    trainer: C.Trainer = C.group(C.Trainer)
+    verifier: C.Verifier = C.group(C.Verifier)
+
+
+def best_of_n_kl(n: int) -> float:
+    """KL(best-of-n || policy) = log n - (n - 1) / n, in nats."""
+    return math.log(n) - (n - 1) / n
+
+
+def best_index(scores: list[float], k: int) -> int:
+    """Index of the highest of the first k scores (ties: the earliest)."""
+    return max(range(k), key=lambda j: (scores[j], -j))
+
+
+def run_bon(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    cfg = C.parse(BonConfig, raw)
+    b, t, m = cfg.bon, cfg.trainer, cfg.model
+    if cfg.rollout.temperature <= 0 and b.n > 1:
+        raise ConfigError("rollout.temperature=0 gives N identical samples: use a temperature > 0")
+    if "verifiers" not in cfg.task and not cfg.reward_model.path:
+        raise ConfigError("best-of-N needs a judge: set reward_model.path or task.verifiers")
+    seed_everything(t.seed)
+    task = build_task(cfg.task, seed=t.seed)
+    samples = task.eval_samples()[: b.prompts] if b.split == "eval" else [task.train_sample(i) for i in range(b.prompts)]
+    if not samples:
+        raise TaskError(f"task {cfg.task.get('name')!r} has no {b.split} prompts")
+    model_dir = resolve_model_dir(m.path)
+    tok = load_tokenizer(model_dir)
+    device = pick_device(m.device)
+    rm = cfg.reward_model
+    _, verifiers, reward_model = build_rewards(cfg.task.get("verifiers"), cfg.verifier.fail_fast, cfg.verifier.timeout,
+                                               rm.path, tok, device, m.dtype, batch_size=rm.batch_size)
+    engine = None
+    try:
+        policy = load_model(model_dir, m.dtype, device=device).eval()
+        engine = build_engine(cfg.rollout, policy, tok, model_dir, m.dtype, m.device)
+        judge = reward_model if reward_model is not None else verifiers
+        ro, judged = sample_and_score(engine, encode_prompts(tok, samples, t.system_prompt), samples, b.n,
+                                      sampling_params(cfg.rollout), judge, seed=t.seed)
+        select = judged.scores if judged.scores is not None else judged.rewards  # [P * n]
+        fields = [s.fields() for s in samples for _ in range(b.n)]
+        true = verifiers(RewardInputs.from_rollout(ro, fields)).rewards if verifiers is not None else None
+    finally:
+        for part in (verifiers, engine):
+            if part is not None:
+                part.close()
+
+    P, n = len(samples), b.n
+    rows, table = [], []
+    for k in k_values(n):
+        picks = [i * n + best_index(select[i * n:(i + 1) * n], k) for i in range(P)]
+        entry = {"k": k, "kl": best_of_n_kl(k), "rm/mean": sum(select[j] for j in picks) / P}
+        if true is not None:
+            entry["true/mean"] = sum(true[j] for j in picks) / P
+        table.append(entry)
+        if k == n:
+            for i, j in enumerate(picks):
+                s = samples[i]
+                rows.append({"prompt": s.prompt if s.messages is None else s.messages, "completion": ro.texts[j],
+                             "judge_score": select[j], "true_score": None if true is None else true[j],
+                             "finished": ro.finished[j]})
+    output = Path(b.output or Path(run_dir) / "best_of_n.jsonl")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    summary = {"model": m.path, "reward_model": rm.path, "task": cfg.task.get("name"), "split": b.split,
+               "prompts": P, "n": n, "temperature": cfg.rollout.temperature, "by_k": table, "output": str(output)}
+    summary_path = output.with_name(output.stem + ".summary.json")
+    summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+    judge_name = "reward model" if rm.path else "verifiers"
+    print(f"grpo bon: {P} {b.split} prompts x {n} samples, judged by the {judge_name}")
+    print(f"  {'k':>4}  {'KL (nats)':>9}  {'judge':>8}  {'true':>8}")
+    for e in table:
+        tv = f"{e['true/mean']:.4f}" if "true/mean" in e else "-"
+        print(f"  {e['k']:>4}  {e['kl']:>9.3f}  {e['rm/mean']:>8.4f}  {tv:>8}")
+    print(f"rows for grpo sft: {output}\nsummary: {summary_path}")
+    return summary

@@ -1,0 +1,246 @@
+"""`grpo rm`: a reward model learnt from preference data (InstructGPT's second stage), top to bottom.
+
+One step:
+    `trainer.batch_size` prompts -> each prompt's K responses (best first), as prompt + response
+    + EOS -> the scalar head's score at the last real token [P, K] -> ranking_loss (all C(K, 2)
+    pairs of a prompt are one batch element) -> clipped gradient step.
+Pairs are rankings of K = 2; pairs with a `margin` use pairwise_loss with it; rows of `score`
+use the pointwise (MSE) loss.
+
+Evaluation on held-out pairs: eval/accuracy (share with chosen > rejected; ties are wrong),
+eval/margin (mean chosen - rejected score), eval/reward/mean and /std. After the last step the
+model stores a bias (config.reward_bias, and optionally a scale) so that its scores on the
+training responses, i.e. completions of the reference policy, have mean 0, as InstructGPT
+normalises its reward model; it is saved as AutoModelForSequenceClassification (num_labels=1)
+in <run dir>/model.
+
+Where this differs from InstructGPT (Ouyang et al., 2022): the reward model starts from the
+policy's own SFT model rather than a 6B model fine-tuned elsewhere, and training may run several
+epochs (`trainer.max_steps`) where the paper took one, since the built-in task is small.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from grpo import checkpoint
+from grpo import config as C
+from grpo.modeling import load_tokenizer, pick_device
+from grpo.optim import build_optimizer, build_scheduler
+from grpo.preference import pairwise_loss, pointwise_loss, ranking_loss
+from grpo.reward_model import batch_sequences, fit_normalizer, init_reward_model, raw_scores, save_reward_model
+from grpo.tasks.base import TaskError, render_prompt
+from grpo.tasks.preference import ranking_pairs, read_preferences
+from grpo.tracking import Tracker
+
+DATA_DIR = Path(__file__).resolve().parent / "data"
+BUILTIN_DATA = {"embedded-prefs": DATA_DIR / "prefs_train.jsonl", "embedded-prefs-eval": DATA_DIR / "prefs_eval.jsonl"}
+
+
+@dataclass
+class RMData:
+    path: str = "embedded-prefs"  # the built-in preference task's training rankings (grpo prefs)
+    eval_path: str | None = "embedded-prefs-eval"  # null = hold out eval_fraction of path's prompts
+    eval_fraction: float = C.num(0.05, ge=0, le=0.5)
+    split: str = "train"
+    config: str | None = None
+    system_prompt: str | None = None
+
+
+@dataclass
+class RMOptions:
+    center_coef: float = C.num(0.0, ge=0)  # + coef * mean((s_chosen + s_rejected)^2): keeps scores near 0
+    normalize: bool = True  # store a bias so the training responses score 0 on average
+    normalize_scale: bool = False  # and a scale so they have std 1
+    normalize_samples: int = C.num(4096, ge=2)  # training responses scored for the normaliser
+    eval_batch_size: int = C.num(256, ge=1)
+
+
+@dataclass
+class RMConfig:
+    model: C.Model = C.group(C.Model)
+    data: RMData = C.group(RMData)
+    rm: RMOptions = C.group(RMOptions)
+    trainer: C.Trainer = C.group(C.Trainer)
+    optim: C.Optim = C.group(C.Optim)
+    logger: C.Logger = C.group(C.Logger)
+
+
+def resolve_data(path: str) -> str:
+    """`embedded-prefs` / `embedded-prefs-eval` name the built-in task's files; anything else as is."""
+    if path in BUILTIN_DATA:
+        if not BUILTIN_DATA[path].exists():
+            raise TaskError(f"{BUILTIN_DATA[path]} is missing: rebuild it with `grpo prefs`")
+        return str(BUILTIN_DATA[path])
+    return path
+
+
+@dataclass
+class Encoded:
+    """One prompt's responses as token sequences (prompt + response + EOS), best first."""
+
+    seqs: list[list[int]]
+    margin: float | None = None
+    score: float | None = None  # pointwise data
+    where: str = ""
+
+
+def encode(tok, kind: str, records: list, system_prompt: str | None) -> list[Encoded]:
+    eos = tok.eos_token_id
+    out = []
+    for r in records:
+        p = tok(render_prompt(tok, r.sample, system_prompt), add_special_tokens=False)["input_ids"]
+        responses = [r.response] if kind == "scores" else r.responses
+        seqs = [p + tok(x, add_special_tokens=False)["input_ids"] + [eos] for x in responses]
+        out.append(Encoded(seqs, getattr(r, "margin", None), getattr(r, "score", None), r.where))
+    return out
+
+
+def eval_pairs(tok, kind: str, records: list, system_prompt: str | None) -> list[Encoded]:
+    """Held-out data as pairs (rankings expanded to their C(K, 2) pairs), or scored rows."""
+    if kind == "scores":
+        return encode(tok, kind, records, system_prompt)
+    from grpo.tasks.preference import Ranking
+
+    pairs = [Ranking(s, [c, r], None, "") for s, c, r in ranking_pairs(records)]
+    return encode(tok, "pairs", pairs, system_prompt)
+
+
+def scores_of(model, seqs: list[list[int]], pad_id: int, device) -> torch.Tensor:
+    ids, attn = batch_sequences(seqs, pad_id)
+    return raw_scores(model, ids.to(device), attn.to(device))  # [len(seqs)]
+
+
+def batch_loss(model, batch: list[Encoded], kind: str, pad_id: int, device, center_coef: float):
+    """The loss of one batch of prompts and its metrics."""
+    flat = [s for e in batch for s in e.seqs]
+    scores = scores_of(model, flat, pad_id, device)  # [sum K]
+    if kind == "scores":
+        return pointwise_loss(scores, torch.tensor([e.score for e in batch], device=device))
+    K = max(len(e.seqs) for e in batch)
+    grid = torch.zeros(len(batch), K, device=device)  # [P, K]
+    mask = torch.zeros(len(batch), K, device=device)  # [P, K]
+    i = 0
+    for p, e in enumerate(batch):
+        grid[p, :len(e.seqs)] = scores[i:i + len(e.seqs)]
+        mask[p, :len(e.seqs)] = 1
+        i += len(e.seqs)
+    if any(e.margin is not None for e in batch) or center_coef > 0:
+        if K != 2:
+            raise TaskError("a margin or rm.center_coef needs pair data (K = 2)")
+        margin = torch.tensor([e.margin or 0.0 for e in batch], device=device)
+        return pairwise_loss(grid[:, 0], grid[:, 1], margin, center_coef)
+    return ranking_loss(grid, mask)
+
+
+@torch.no_grad()
+def evaluate(model, data: list[Encoded], kind: str, pad_id: int, device, batch_size: int) -> dict[str, float]:
+    model.eval()
+    flat = [s for e in data for s in e.seqs]
+    scores = torch.cat([scores_of(model, flat[i:i + batch_size], pad_id, device) for i in range(0, len(flat), batch_size)])
+    model.train()
+    if kind == "scores":
+        target = torch.tensor([e.score for e in data])
+        return {"eval/mse": float(((scores.cpu() - target) ** 2).mean()), "eval/reward/mean": float(scores.mean()),
+                "eval/reward/std": float(scores.std())}
+    chosen, rejected = scores[0::2], scores[1::2]  # [pairs]
+    return {"eval/accuracy": float((chosen > rejected).float().mean()),  # ties are wrong
+            "eval/margin": float((chosen - rejected).mean()),
+            "eval/reward/mean": float(scores.mean()), "eval/reward/std": float(scores.std())}
+
+
+def split_held_out(records: list, fraction: float, seed: int) -> tuple[list, list]:
+    idx = list(range(len(records)))
+    random.Random(f"{seed}:rm-split").shuffle(idx)
+    n_eval = int(round(len(records) * fraction))
+    held = set(idx[:n_eval])
+    return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
+
+
+def run_rm(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    cfg = C.parse(RMConfig, raw)
+    t, m, o, d = cfg.trainer, cfg.model, cfg.optim, cfg.data
+    run_dir = Path(run_dir)
+    ckpt = checkpoint.begin(run_dir, t.resume, t.seed)
+    tok = load_tokenizer(m.path)
+    kind, records = read_preferences(resolve_data(d.path), d.split, d.config)
+    if d.eval_path:
+        eval_kind, held = read_preferences(resolve_data(d.eval_path), d.split, d.config)
+        if (eval_kind == "scores") != (kind == "scores"):
+            raise TaskError(f"{d.eval_path}: holds {eval_kind} rows but {d.path} holds {kind}: use the same kind")
+    else:
+        records, held = split_held_out(records, d.eval_fraction, t.seed)
+    if not records:
+        raise TaskError(f"{d.path}: no training rows")
+    train = encode(tok, kind, records, d.system_prompt)
+    held_out = eval_pairs(tok, kind, held, d.system_prompt) if held else []
+
+    device = pick_device(m.device)
+    model = init_reward_model(str(ckpt / "model") if ckpt else m.path, m.dtype, device, tok.pad_token_id)
+    if m.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model.train()
+    opt = build_optimizer(model.parameters(), o.lr, o.betas, o.weight_decay)
+    sched = build_scheduler(opt, o.schedule, o.warmup_steps, t.max_steps, o.min_lr_rate)
+    step = checkpoint.restore(ckpt, {"optimizer": opt, "scheduler": sched})["step"] if ckpt else 0
+    tracker = Tracker(cfg.logger, run_dir, raw, step if ckpt else None, t.max_steps, "rm")
+    pad = tok.pad_token_id
+
+    def run_eval() -> dict[str, float]:
+        metrics = evaluate(model, held_out, kind, pad, device, cfg.rm.eval_batch_size) if held_out else {}
+        if metrics:
+            tracker.log(metrics, step)
+        return metrics
+
+    first = last = run_eval() if not ckpt else None
+    t0 = time.time()
+    try:
+        while step < t.max_steps:
+            rng = random.Random(f"{t.seed}:{step}")  # step s draws the same prompts after a resume
+            batch = [train[rng.randrange(len(train))] for _ in range(t.batch_size)]
+            loss, metrics = batch_loss(model, batch, kind, pad, device, cfg.rm.center_coef)
+            loss.backward()
+            loss_v = loss.item()
+            gn = torch.nn.utils.clip_grad_norm_(model.parameters(), o.max_grad_norm)
+            lr = sched.get_last_lr()[0]
+            opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
+            step += 1
+            if step % t.log_every == 0 or step == t.max_steps:
+                tracker.log({"loss": loss_v, **{f"train/{k}": v for k, v in metrics.items()},
+                             "grad_norm": float(gn), "lr": lr, "time/elapsed": time.time() - t0}, step)
+            if (t.eval_every and step % t.eval_every == 0) or step == t.max_steps:
+                last = run_eval()
+                first = first or last
+            post = {"loss": f"{loss_v:.3f}"}
+            if last and "eval/accuracy" in last:
+                post["acc"] = f"{last['eval/accuracy']:.3f}"
+            tracker.advance(post)
+            if (t.save_every and step % t.save_every == 0) or step == t.max_steps:
+                checkpoint.save(run_dir, step, {"model": model}, tok, {"optimizer": opt, "scheduler": sched},
+                                keep=t.keep_checkpoints)
+        norm = {}
+        if cfg.rm.normalize:
+            # Reference completions: the training responses, i.e. samples of the policy the data came from.
+            refs = [s for e in train for s in e.seqs]
+            refs = [refs[i] for i in random.Random(t.seed).sample(range(len(refs)), min(len(refs), cfg.rm.normalize_samples))]
+            with torch.no_grad():
+                model.eval()
+                raw_s = torch.cat([scores_of(model, refs[i:i + 256], pad, device) for i in range(0, len(refs), 256)])
+            norm = fit_normalizer(model, raw_s.cpu(), with_scale=cfg.rm.normalize_scale)
+            tracker.log({f"rm/{k}": v for k, v in norm.items()}, step)
+    finally:
+        tracker.close()
+    out = save_reward_model(model, tok, run_dir / "model")
+    summary = {"run_dir": str(run_dir), "model": str(out), "steps": step, "first_eval": first, "last_eval": last,
+               "normalizer": norm}
+    lines = ["", f"done after {step} steps", f"reward model: {out}", f"metrics:      {run_dir / 'metrics.jsonl'}"]
+    if first and last and "eval/accuracy" in last:
+        lines.append(f"held-out pairwise accuracy: {first['eval/accuracy']:.3f} -> {last['eval/accuracy']:.3f}")
+    print("\n".join(lines))
+    return summary

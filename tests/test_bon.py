@@ -1,0 +1,62 @@
+"""Best-of-N: the pure parts by hand, and `grpo bon` end to end on a tiny model."""
+
+import json
+import math
+
+import pytest
+
+from grpo.bon import best_index, best_of_n_kl, run_bon
+from grpo.cli import compose_config
+
+TOY = "task.verifiers=[{_target_: tests.toy_verifiers.DigitFraction}]"
+
+
+def test_best_of_n_kl():
+    # log n - (n - 1) / n: n = 1 -> 0; n = 2 -> log 2 - 1/2 = 0.19315; n = 16 -> log 16 - 15/16 = 1.83004
+    assert best_of_n_kl(1) == 0.0
+    assert best_of_n_kl(2) == pytest.approx(math.log(2) - 0.5)
+    assert best_of_n_kl(16) == pytest.approx(2.7725887 - 0.9375)
+
+
+def test_best_index_looks_at_the_first_k_and_breaks_ties_early():
+    scores = [0.2, 0.7, 0.7, 0.9]
+    assert best_index(scores, 1) == 0
+    assert best_index(scores, 3) == 1  # 0.7 twice: the earlier one
+    assert best_index(scores, 4) == 3
+
+
+@pytest.mark.slow
+def test_bon_with_verifiers_as_judge_is_monotone_and_writes_sft_rows(tiny_model_dir, tmp_path):
+    cfg = compose_config("bon", [f"model.path={tiny_model_dir}", "task=arithmetic", TOY, "reward_model=none",
+                                 "bon.n=8", "bon.prompts=12", "bon.split=train", "rollout.max_new_tokens=6"])
+    summary = run_bon(cfg, tmp_path)
+    by_k = summary["by_k"]
+    assert [e["k"] for e in by_k] == [1, 2, 4, 8]
+    # The judge is the true score here, and the first k samples are nested: best-of-k never drops.
+    true = [e["true/mean"] for e in by_k]
+    assert all(a <= b for a, b in zip(true, true[1:])) and true[-1] > true[0]
+    assert [e["rm/mean"] for e in by_k] == true
+    rows = [json.loads(x) for x in (tmp_path / "best_of_n.jsonl").read_text().splitlines()]
+    assert len(rows) == 12 and all(r["prompt"].startswith("What is") for r in rows)
+    # Readable by grpo sft as prompt/completion rows.
+    from grpo.modeling import load_tokenizer
+    from grpo.sft import encode_rows
+
+    nonempty = [r for r in rows if r["completion"]]
+    assert encode_rows(load_tokenizer(str(tiny_model_dir)), nonempty, "bon.jsonl", "prompt", "completion")
+
+
+@pytest.mark.slow
+def test_bon_with_a_reward_model_reports_its_scores_and_the_true_score(tiny_model_dir, tmp_path):
+    from grpo.modeling import load_tokenizer
+    from grpo.reward_model import init_reward_model, save_reward_model
+
+    rm_dir = tmp_path / "rm"
+    save_reward_model(init_reward_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir)), rm_dir)
+    cfg = compose_config("bon", [f"model.path={tiny_model_dir}", "task=arithmetic", TOY, f"reward_model.path={rm_dir}",
+                                 "bon.n=4", "bon.prompts=6", "rollout.max_new_tokens=6"])
+    summary = run_bon(cfg, tmp_path / "run")
+    rm_means = [e["rm/mean"] for e in summary["by_k"]]
+    # The reward model is the judge: its mean score of the kept samples never drops as k grows.
+    assert all(a <= b + 1e-6 for a, b in zip(rm_means, rm_means[1:]))
+    assert all(0.0 <= e["true/mean"] <= 1.0 for e in summary["by_k"])

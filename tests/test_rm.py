@@ -1,0 +1,85 @@
+"""`grpo rm` end to end on a tiny config-built model and a rule it can learn in seconds."""
+
+import json
+
+import pytest
+import torch
+
+from grpo.cli import compose_config
+from grpo.reward_model import load_reward_model
+from grpo.rm import run_rm
+from tests.conftest import run_grpo
+
+pytestmark = pytest.mark.slow
+
+
+def write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def data(tmp_path):
+    # Rankings best first: "yes" > "maybe" > "no", whatever the prompt; held-out pairs on other prompts.
+    train = write(tmp_path / "train.jsonl", [{"prompt": f"q{i}?", "responses": ["yes", "maybe", "no"]} for i in range(40)])
+    held = write(tmp_path / "eval.jsonl", [{"prompt": f"other {i}", "chosen": c, "rejected": r}
+                                           for i in range(6) for c, r in (("yes", "no"), ("yes", "maybe"), ("maybe", "no"))])
+    return train, held
+
+
+def cfg(model_dir, train, held, *extra):
+    return compose_config("rm", [f"model.path={model_dir}", f"data.path={train}", f"data.eval_path={held}",
+                                 "trainer.batch_size=8", "trainer.eval_every=10", "trainer.log_every=5",
+                                 "optim.lr=3e-3", "optim.warmup_steps=2", *extra])
+
+
+def metrics(run_dir):
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_rm_learns_rankings_and_saves_a_normalised_reward_model(tiny_model_dir, data, tmp_path):
+    train, held = data
+    run = tmp_path / "run"
+    summary = run_rm(cfg(tiny_model_dir, train, held, "trainer.max_steps=40"), run)
+    evals = [r for r in metrics(run) if "eval/accuracy" in r]
+    assert [r["step"] for r in evals] == [0, 10, 20, 30, 40]
+    assert evals[-1]["eval/accuracy"] == 1.0 and evals[-1]["eval/margin"] > 0
+    # Reloaded the strict way, the stored bias puts the training responses' scores at mean 0:
+    # every training prompt has the same three responses, so their three scores average to 0
+    # (the prompts differ only in a digit, so up to a small spread).
+    rm = load_reward_model(str(run / "model"))
+    from grpo.reward_model import batch_sequences, sequence_scores
+    from grpo.modeling import load_tokenizer
+
+    tok = load_tokenizer(str(run / "model"))
+    prompt = tok.apply_chat_template([{"role": "user", "content": "q3?"}], add_generation_prompt=True, tokenize=False)
+    seqs = [tok(prompt + r, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for r in ("yes", "maybe", "no")]
+    ids, attn = batch_sequences(seqs, tok.pad_token_id)
+    with torch.no_grad():
+        s = sequence_scores(rm, ids, attn)
+    assert s[0] > s[1] > s[2]
+    assert abs(float(s.mean())) < 0.25 * float(s[0] - s[2])
+    assert summary["normalizer"]["reward_bias"] == pytest.approx(rm.config.reward_bias)
+
+
+def test_rm_resume_reproduces_the_uninterrupted_run(tiny_model_dir, data, tmp_path):
+    train, held = data
+    common = ["trainer.save_every=3", "trainer.log_every=1", "optim.schedule=constant_with_warmup"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    run_rm(cfg(tiny_model_dir, train, held, "trainer.max_steps=6", *common), full)
+    run_rm(cfg(tiny_model_dir, train, held, "trainer.max_steps=3", *common), part)
+    run_rm(cfg(tiny_model_dir, train, held, "trainer.max_steps=6", "trainer.resume=true", *common), part)
+    a = {r["step"]: r["loss"] for r in metrics(full) if "loss" in r}
+    b = {r["step"]: r["loss"] for r in metrics(part) if "loss" in r}
+    assert sorted(b) == [1, 2, 3, 4, 5, 6] and a == b
+    wa, wb = load_reward_model(str(full / "model")).state_dict(), load_reward_model(str(part / "model")).state_dict()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_bad_preference_row_is_one_line_with_exit_2(tiny_model_dir, tmp_path):
+    bad = write(tmp_path / "bad.jsonl", [{"prompt": "a", "chosen": "x", "rejected": "y"}, {"prompt": "b", "chosen": "x"}])
+    r = run_grpo("rm", f"model.path={tiny_model_dir}", f"data.path={bad}", "data.eval_path=null",
+                 f"hydra.run.dir={tmp_path / 'run'}", "trainer.max_steps=1")
+    assert r.returncode == 2, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("grpo rm: error:") and "bad.jsonl" in last and "line 2" in last and "rejected" in last
