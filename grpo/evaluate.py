@@ -223,10 +223,7 @@ def run_eval(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
         sp = sampling_params(cfg.rollout, greedy=temperature <= 0)
         t0 = time.time()
         seed_everything(t.seed)  # the samples depend on the seed, not on what loading drew
-        ro = engine.generate(encode_prompts(tok, samples, t.system_prompt), n, sp)
-        t1 = time.time()
-        fields = [s.fields() for s in samples for _ in range(n)]  # [P * n] prompt-major, like ro
-        scored = verifiers(RewardInputs.from_rollout(ro, fields))
+        ro, scored = sample_and_score(engine, encode_prompts(tok, samples, t.system_prompt), samples, n, sp, verifiers)
         rewards, infos, rmetrics = scored.rewards, scored.infos, scored.metrics
         t2 = time.time()
     finally:
@@ -259,7 +256,7 @@ def run_eval(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
         **{k: v for k, v in rmetrics.items() if k.startswith(("reward/", "verifier/"))},
         "completion/len_mean": sum(len(c) for c in ro.completion_ids) / len(ro.completion_ids),
         "completion/truncated_frac": 1.0 - sum(ro.finished) / len(ro.finished),
-        "time/generate": t1 - t0, "time/score": t2 - t1,
+        "time/generate_and_score": t2 - t0,
         "output": str(output), "summary": str(summary_path),
     }
     summary_path.write_text(json.dumps(summary, indent=2) + "\n")
