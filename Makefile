@@ -52,9 +52,10 @@ setup-vllm: setup
 embedded-model: setup
 	$(PY) -m grpo.embedded $(ARGS)
 
-# Rebuild the built-in preference task's data (grpo/data/prefs_*.jsonl), then the embedded reward model.
+# Rebuild the built-in preference task's data (grpo/data/prefs_*.jsonl); `make embedded-rm` then
+# retrains the shipped reward model on it.
 prefs-data: setup
-	$(VENV)/bin/grpo prefs $(ARGS)
+	$(VENV)/bin/grpo prefs --ship $(ARGS)
 
 embedded-rm: setup
 	$(PY) -m grpo.embedded --task rm $(ARGS)

@@ -6,10 +6,14 @@ do when there is no reward model) -> the best one is kept. The kept rows
 `bon.split=train` turns a reward model into SFT data (rejection sampling, as in Llama 2 and
 Constitutional AI); `bon.split=eval` (default) measures what best-of-N buys on held-out prompts.
 
-Reported for k = 1, 2, 4, ..., N (best of the first k samples, from the same draws):
+The judge is the reward `grpo train` would use with the same `reward_model` options: the reward
+model's squashed score (plus the verifiers' when reward_model.verifier_weight != 0), or the
+verifiers' alone with reward_model=none. Reported for k = 1, 2, 4, ..., N (best of the first k
+samples, from the same draws):
+- judge/mean: the judge's reward of the kept completions;
+- rm/mean: the reward model's (normalised) score of the kept completions;
 - true/mean: the task's verifiers' score of the kept completions (on the built-in preference
   task, the hidden rule);
-- rm/mean: the reward model's score of the kept completions;
 - kl: the analytic KL of best-of-k from the policy, log k - (k - 1) / k (Stiennon et al., 2020;
   an upper bound, exact when the k scores have no ties).
 """
@@ -47,7 +51,7 @@ class BonConfig:
     rollout: C.Rollout = C.group(C.Rollout)
     reward_model: C.RewardModel = C.group(C.RewardModel)
     bon: BonOptions = C.group(BonOptions)
-    trainer: C.Trainer = C.group(C.Trainer)
+    trainer: C.Sampling = C.group(C.Sampling)
     verifier: C.Verifier = C.group(C.Verifier)
 
 
@@ -66,7 +70,7 @@ def run_bon(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     b, t, m = cfg.bon, cfg.trainer, cfg.model
     if cfg.rollout.temperature <= 0 and b.n > 1:
         raise ConfigError("rollout.temperature=0 gives N identical samples: use a temperature > 0")
-    if "verifiers" not in cfg.task and not cfg.reward_model.path:
+    if not cfg.task.get("verifiers") and not cfg.reward_model.path:
         raise ConfigError("best-of-N needs a judge: set reward_model.path or task.verifiers")
     seed_everything(t.seed)
     task = build_task(cfg.task, seed=t.seed)
@@ -77,28 +81,34 @@ def run_bon(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     tok = load_tokenizer(model_dir)
     device = pick_device(m.device)
     rm = cfg.reward_model
-    _, verifiers, reward_model = build_rewards(cfg.task.get("verifiers"), cfg.verifier.fail_fast, cfg.verifier.timeout,
-                                               rm.path, tok, device, m.dtype, batch_size=rm.batch_size)
+    # The judge is what `grpo train` would reward with the same options: the reward model (squashed),
+    # plus the verifiers when reward_model.verifier_weight != 0; the verifiers alone without one.
+    judge, verifiers, reward_model = build_rewards(cfg.task.get("verifiers"), cfg.verifier.fail_fast,
+                                                   cfg.verifier.timeout, rm.path, tok, device, m.dtype,
+                                                   **rm.judge_options())
     engine = None
     try:
         policy = load_model(model_dir, m.dtype, device=device).eval()
         engine = build_engine(cfg.rollout, policy, tok, model_dir, m.dtype, m.device)
-        judge = reward_model if reward_model is not None else verifiers
         ro, judged = sample_and_score(engine, encode_prompts(tok, samples, t.system_prompt), samples, b.n,
                                       sampling_params(cfg.rollout), judge, seed=t.seed)
-        select = judged.scores if judged.scores is not None else judged.rewards  # [P * n]
+        select = judged.rewards  # [P * n]
+        rm_scores = judged.scores  # [P * n] the reward model's own scores, when there is one
         fields = [s.fields() for s in samples for _ in range(b.n)]
-        true = verifiers(RewardInputs.from_rollout(ro, fields)).rewards if verifiers is not None else None
+        true = None
+        if verifiers is not None:
+            true = judged.rewards if judge is verifiers else verifiers(RewardInputs.from_rollout(ro, fields)).rewards
     finally:
-        for part in (verifiers, engine):
-            if part is not None:
-                part.close()
+        for part in {id(p): p for p in (judge, verifiers, engine) if p is not None}.values():
+            part.close()
 
     P, n = len(samples), b.n
     rows, table = [], []
     for k in k_values(n):
         picks = [i * n + best_index(select[i * n:(i + 1) * n], k) for i in range(P)]
-        entry = {"k": k, "kl": best_of_n_kl(k), "rm/mean": sum(select[j] for j in picks) / P}
+        entry = {"k": k, "kl": best_of_n_kl(k), "judge/mean": sum(select[j] for j in picks) / P}
+        if rm_scores is not None:
+            entry["rm/mean"] = sum(rm_scores[j] for j in picks) / P
         if true is not None:
             entry["true/mean"] = sum(true[j] for j in picks) / P
         table.append(entry)
@@ -106,8 +116,8 @@ def run_bon(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
             for i, j in enumerate(picks):
                 s = samples[i]
                 rows.append({"prompt": s.prompt if s.messages is None else s.messages, "completion": ro.texts[j],
-                             "judge_score": select[j], "true_score": None if true is None else true[j],
-                             "finished": ro.finished[j]})
+                             "judge_reward": select[j], "rm_score": None if rm_scores is None else rm_scores[j],
+                             "true_score": None if true is None else true[j], "finished": ro.finished[j]})
     output = Path(b.output or Path(run_dir) / "best_of_n.jsonl")
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
@@ -117,9 +127,10 @@ def run_bon(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     summary_path.write_text(json.dumps(summary, indent=2) + "\n")
     judge_name = "reward model" if rm.path else "verifiers"
     print(f"grpo bon: {P} {b.split} prompts x {n} samples, judged by the {judge_name}")
-    print(f"  {'k':>4}  {'KL (nats)':>9}  {'judge':>8}  {'true':>8}")
+    print(f"  {'k':>4}  {'KL (nats)':>9}  {'judge':>8}  {'rm score':>8}  {'true':>8}")
     for e in table:
+        rv = f"{e['rm/mean']:.4f}" if "rm/mean" in e else "-"
         tv = f"{e['true/mean']:.4f}" if "true/mean" in e else "-"
-        print(f"  {e['k']:>4}  {e['kl']:>9.3f}  {e['rm/mean']:>8.4f}  {tv:>8}")
+        print(f"  {e['k']:>4}  {e['kl']:>9.3f}  {e['judge/mean']:>8.4f}  {rv:>8}  {tv:>8}")
     print(f"rows for grpo sft: {output}\nsummary: {summary_path}")
     return summary

@@ -111,6 +111,10 @@ class RewardModel:
     scale: float = num(1.0, gt=0)  # sigmoid(score / scale), or clip(score / scale, 0, 1)
     batch_size: int = num(64, ge=1)
 
+    def judge_options(self) -> dict[str, Any]:
+        return {"rm_weight": self.weight, "verifier_weight": self.verifier_weight, "squash_fn": self.squash,
+                "scale": self.scale, "batch_size": self.batch_size}
+
 
 @dataclass
 class GRPOAlgorithm:
@@ -129,9 +133,11 @@ class GRPOAlgorithm:
 
 @dataclass
 class Trainer:
-    """What every loop shares: length, evaluation, checkpoints, seed, resume."""
+    """The RL loops' (grpo train): length, evaluation, checkpoints, seed, resume."""
 
     max_steps: int = num(120, ge=0)
+    prompts_per_step: int = num(16, ge=1)
+    micro_batch_size: int = num(0, ge=0)  # rows per forward/backward; 0 = all at once
     eval_every: int = num(20, ge=0)
     eval_size: int = num(128, ge=1)
     save_every: int = num(40, ge=0)
@@ -140,12 +146,33 @@ class Trainer:
     resume: Any = False  # true | false | a checkpoint path
     system_prompt: str | None = None
     log_samples: int = num(8, ge=0)
-    log_every: int = num(1, ge=1)
-    # RL loops
-    prompts_per_step: int = num(16, ge=1)
-    micro_batch_size: int = num(0, ge=0)  # rows per forward/backward; 0 = all at once
-    # supervised loops (sft, rm)
+
+
+@dataclass
+class SupervisedTrainer:
+    """The supervised loops' (sft, rm): steps over batches of rows drawn with replacement."""
+
+    max_steps: int = num(1000, ge=0)
     batch_size: int = num(32, ge=1)
+    log_every: int = num(50, ge=1)
+    save_every: int = num(0, ge=0)
+    keep_checkpoints: int = num(2, ge=0)
+    seed: int = 0
+    resume: Any = False
+
+
+@dataclass
+class RMTrainer(SupervisedTrainer):
+    micro_batch_size: int = num(0, ge=0)  # prompts per forward/backward; 0 = the whole batch
+    eval_every: int = num(50, ge=0)
+
+
+@dataclass
+class Sampling:
+    """What grpo eval and grpo bon take from `trainer`."""
+
+    seed: int = 0
+    system_prompt: str | None = None
 
 
 @dataclass
@@ -173,7 +200,7 @@ class SFTData:
 class SFTConfig:
     model: Model = group(Model)
     data: SFTData = group(SFTData)
-    trainer: Trainer = group(Trainer)
+    trainer: SupervisedTrainer = group(SupervisedTrainer)
     optim: Optim = group(Optim)
     logger: Logger = group(Logger)
 
@@ -192,7 +219,7 @@ class EvalConfig:
     task: dict = field(default_factory=dict)
     rollout: Rollout = group(Rollout)
     eval: Eval = group(Eval)
-    trainer: Trainer = group(Trainer)
+    trainer: Sampling = group(Sampling)
     verifier: Verifier = group(Verifier)
 
 

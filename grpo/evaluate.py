@@ -129,8 +129,9 @@ def policy_eval(engine, prompt_ids: list[list[int]], samples: list[Any], samplin
                 greedy: SamplingParams, verifiers, rm=None, seed: int = 0, log_samples: int = 0
                 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """A trainer's periodic evaluation: one sampled completion per held-out prompt scored by the
-    task's verifiers (the true score), greedy pass@1, and the reward model's score when there is one
-    (eval/rm_score: proxy up while true down is over-optimisation)."""
+    task's verifiers (the true score; a trainer whose task has none passes its training reward),
+    greedy pass@1, and the reward model's score when there is one (eval/rm_score: proxy up while
+    true down is over-optimisation)."""
     sampled, rs = sample_and_score(engine, prompt_ids, samples, 1, sampling, verifiers, seed)
     _, rg = sample_and_score(engine, prompt_ids, samples, 1, greedy, verifiers, seed)
     P = len(samples)
@@ -201,7 +202,7 @@ def run_eval(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     if temperature <= 0 and n > 1:
         raise ConfigError(f"eval.temperature=0 is greedy decoding: all {n} samples would be the same; "
                           "use eval.samples=1 or a temperature > 0")
-    if "verifiers" not in cfg.task:
+    if not cfg.task.get("verifiers"):
         raise ConfigError("task.verifiers is not set: name at least one verifier, e.g. task.verifiers=[math]")
     cfg.rollout.temperature = temperature  # the engine (vLLM's log-prob mode) samples at the eval temperature
     seed_everything(t.seed)

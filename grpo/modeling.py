@@ -66,7 +66,10 @@ def torch_dtype(name: str) -> torch.dtype:
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(resolve_model_path(path))
+    try:
+        tok = AutoTokenizer.from_pretrained(resolve_model_path(path))
+    except OSError as e:  # an unknown hub id, or the hub out of reach
+        raise ModelError(f"model.path={path!r}: cannot load its tokenizer ({e})") from e
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok

@@ -85,18 +85,33 @@ class ModelRewards:
 
     @classmethod
     def load(cls, path: str, tokenizer, device: str = "cpu", dtype: str = "float32", **kw) -> ModelRewards:
+        """The reward model at `path`, scoring token ids of the policy's `tokenizer`: the two must
+        share a vocabulary (the ids are fed as they are)."""
+        from grpo.modeling import ModelError, load_tokenizer
         from grpo.reward_model import load_reward_model
 
-        return cls(load_reward_model(path, dtype, device), tokenizer.eos_token_id, tokenizer.pad_token_id, **kw)
+        model = load_reward_model(path, dtype, device)
+        rm_tok = load_tokenizer(path)
+        if rm_tok.get_vocab() != tokenizer.get_vocab() or rm_tok.eos_token_id != tokenizer.eos_token_id:
+            raise ModelError(f"reward_model.path={path!r}: its tokenizer differs from the policy's (vocabulary or "
+                             "EOS), so it cannot score the policy's tokens: use a reward model built on the "
+                             "policy's tokenizer")
+        return cls(model, tokenizer.eos_token_id, tokenizer.pad_token_id, **kw)
 
     @torch.no_grad()
     def score(self, prompt_ids: Sequence[list[int]], completion_ids: Sequence[list[int]]) -> torch.Tensor:
-        """Normalised scores [N] of prompt + completion, read at the last real token."""
+        """Normalised scores [N] of prompt + completion + EOS, read at that EOS.
+
+        A reward model is trained on responses that end with EOS, so one is appended where a
+        completion lacks it (cut by a stop string, or at max_new_tokens: then the reward model
+        judges the cut text as a whole answer; PPO's missing-EOS penalty is the tool against it).
+        """
         from grpo.reward_model import batch_sequences, sequence_scores
 
         device = next(self.model.parameters()).device
         out = []
-        seqs = [list(p) + list(c) for p, c in zip(prompt_ids, completion_ids)]
+        eos = self.eos_id
+        seqs = [list(p) + list(c) + ([] if c and c[-1] == eos else [eos]) for p, c in zip(prompt_ids, completion_ids)]
         for i in range(0, len(seqs), self.batch_size):
             ids, attn = batch_sequences(seqs[i:i + self.batch_size], self.pad_id)
             out.append(sequence_scores(self.model, ids.to(device), attn.to(device)).float().cpu())

@@ -21,6 +21,7 @@ epochs (`trainer.max_steps`) where the paper took one, since the built-in task i
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from dataclasses import dataclass
@@ -29,7 +30,9 @@ from typing import Any
 
 import torch
 
-from grpo import checkpoint
+log = logging.getLogger(__name__)
+
+from grpo import checkpoint  # noqa: E402
 from grpo import config as C
 from grpo.modeling import load_tokenizer, pick_device
 from grpo.optim import build_optimizer, build_scheduler
@@ -46,17 +49,20 @@ BUILTIN_DATA = {"embedded-prefs": DATA_DIR / "prefs_train.jsonl", "embedded-pref
 @dataclass
 class RMData:
     path: str = "embedded-prefs"  # the built-in preference task's training rankings (grpo prefs)
-    eval_path: str | None = "embedded-prefs-eval"  # null = hold out eval_fraction of path's prompts
+    # Held-out data; null = embedded-prefs-eval for the built-in data, else eval_fraction of path's prompts.
+    eval_path: str | None = None
     eval_fraction: float = C.num(0.05, ge=0, le=0.5)
-    split: str = "train"
+    split: str = "train"  # hub datasets only
+    eval_split: str = "test"  # hub datasets only, for eval_path
     config: str | None = None
     system_prompt: str | None = None
+    max_length: int | None = C.num(None, ge=2)  # longer prompt + response rows are dropped; null = the model's limit
 
 
 @dataclass
 class RMOptions:
     center_coef: float = C.num(0.0, ge=0)  # + coef * mean((s_chosen + s_rejected)^2): keeps scores near 0
-    normalize: bool = True  # store a bias so the training responses score 0 on average
+    normalize: bool = True  # store a bias so the training responses score 0 on average (not for scores data)
     normalize_scale: bool = False  # and a scale so they have std 1
     normalize_samples: int = C.num(4096, ge=2)  # training responses scored for the normaliser
     eval_batch_size: int = C.num(256, ge=1)
@@ -67,7 +73,7 @@ class RMConfig:
     model: C.Model = C.group(C.Model)
     data: RMData = C.group(RMData)
     rm: RMOptions = C.group(RMOptions)
-    trainer: C.Trainer = C.group(C.Trainer)
+    trainer: C.RMTrainer = C.group(C.RMTrainer)
     optim: C.Optim = C.group(C.Optim)
     logger: C.Logger = C.group(C.Logger)
 
@@ -76,7 +82,7 @@ def resolve_data(path: str) -> str:
     """`embedded-prefs` / `embedded-prefs-eval` name the built-in task's files; anything else as is."""
     if path in BUILTIN_DATA:
         if not BUILTIN_DATA[path].exists():
-            raise TaskError(f"{BUILTIN_DATA[path]} is missing: rebuild it with `grpo prefs`")
+            raise TaskError(f"{BUILTIN_DATA[path]} is missing: rebuild it with `grpo prefs --ship`")
         return str(BUILTIN_DATA[path])
     return path
 
@@ -139,6 +145,25 @@ def batch_loss(model, batch: list[Encoded], kind: str, pad_id: int, device, cent
     return ranking_loss(grid, mask)
 
 
+def backward(model, batch: list[Encoded], micro_batch_size: int, kind: str, pad_id: int, device,
+             center_coef: float) -> tuple[float, dict[str, float]]:
+    """Gradients of the batch's loss, accumulated over micro-batches of whole prompts.
+
+    Every loss here is a mean over prompts (rankings, pairs) or rows (scores), one element per
+    prompt, so weighting each micro-batch by its share of the prompts makes the sum the whole
+    batch's loss. Returns the loss and the metrics, weighted the same way."""
+    mb = micro_batch_size or len(batch)
+    loss_v, metrics = 0.0, {}
+    for i in range(0, len(batch), mb):
+        part = batch[i:i + mb]
+        loss, m_part = batch_loss(model, part, kind, pad_id, device, center_coef)
+        w = len(part) / len(batch)
+        (loss * w).backward()
+        loss_v += loss.item() * w
+        metrics = {k: metrics.get(k, 0.0) + v * w for k, v in m_part.items()}
+    return loss_v, metrics
+
+
 @torch.no_grad()
 def evaluate(model, data: list[Encoded], kind: str, pad_id: int, device, batch_size: int) -> dict[str, float]:
     model.eval()
@@ -156,11 +181,24 @@ def evaluate(model, data: list[Encoded], kind: str, pad_id: int, device, batch_s
 
 
 def split_held_out(records: list, fraction: float, seed: int) -> tuple[list, list]:
-    idx = list(range(len(records)))
-    random.Random(f"{seed}:rm-split").shuffle(idx)
-    n_eval = int(round(len(records) * fraction))
-    held = set(idx[:n_eval])
-    return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
+    """Hold out `fraction` of the prompts, with every record of each held-out prompt, so that no
+    evaluated prompt is trained on."""
+    key = lambda r: r.sample.prompt if r.sample.messages is None else repr(r.sample.messages)  # noqa: E731
+    prompts = sorted({key(r) for r in records})
+    random.Random(f"{seed}:rm-split").shuffle(prompts)
+    held = set(prompts[: int(round(len(prompts) * fraction))])
+    return [r for r in records if key(r) not in held], [r for r in records if key(r) in held]
+
+
+def drop_long(data: list[Encoded], limit: int | None, what: str) -> list[Encoded]:
+    """Rows whose longest prompt + response exceeds `limit` tokens are dropped, and counted."""
+    if not limit:
+        return data
+    kept = [e for e in data if max(len(s) for s in e.seqs) <= limit]
+    if len(kept) < len(data):
+        log.warning("grpo rm: %d of %d %s rows are longer than %d tokens and were dropped (data.max_length)",
+                    len(data) - len(kept), len(data), what, limit)
+    return kept
 
 
 def run_rm(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
@@ -170,19 +208,21 @@ def run_rm(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     ckpt = checkpoint.begin(run_dir, t.resume, t.seed)
     tok = load_tokenizer(m.path)
     kind, records = read_preferences(resolve_data(d.path), d.split, d.config)
-    if d.eval_path:
-        eval_kind, held = read_preferences(resolve_data(d.eval_path), d.split, d.config)
+    eval_path = d.eval_path or ("embedded-prefs-eval" if d.path == "embedded-prefs" else None)
+    if eval_path:
+        eval_kind, held = read_preferences(resolve_data(eval_path), d.eval_split, d.config)
         if (eval_kind == "scores") != (kind == "scores"):
-            raise TaskError(f"{d.eval_path}: holds {eval_kind} rows but {d.path} holds {kind}: use the same kind")
+            raise TaskError(f"{eval_path}: holds {eval_kind} rows but {d.path} holds {kind}: use the same kind")
     else:
         records, held = split_held_out(records, d.eval_fraction, t.seed)
-    if not records:
-        raise TaskError(f"{d.path}: no training rows")
-    train = encode(tok, kind, records, d.system_prompt)
-    held_out = eval_pairs(tok, kind, held, d.system_prompt) if held else []
 
     device = pick_device(m.device)
     model = init_reward_model(str(ckpt / "model") if ckpt else m.path, m.dtype, device, tok.pad_token_id)
+    limit = d.max_length or getattr(model.config, "max_position_embeddings", None)
+    train = drop_long(encode(tok, kind, records, d.system_prompt), limit, "training")
+    held_out = drop_long(eval_pairs(tok, kind, held, d.system_prompt), limit, "held-out") if held else []
+    if not train:
+        raise TaskError(f"{d.path}: no training rows")
     if m.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.train()
@@ -204,9 +244,7 @@ def run_rm(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
         while step < t.max_steps:
             rng = random.Random(f"{t.seed}:{step}")  # step s draws the same prompts after a resume
             batch = [train[rng.randrange(len(train))] for _ in range(t.batch_size)]
-            loss, metrics = batch_loss(model, batch, kind, pad, device, cfg.rm.center_coef)
-            loss.backward()
-            loss_v = loss.item()
+            loss_v, metrics = backward(model, batch, t.micro_batch_size, kind, pad, device, cfg.rm.center_coef)
             gn = torch.nn.utils.clip_grad_norm_(model.parameters(), o.max_grad_norm)
             lr = sched.get_last_lr()[0]
             opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
@@ -225,14 +263,18 @@ def run_rm(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
                 checkpoint.save(run_dir, step, {"model": model}, tok, {"optimizer": opt, "scheduler": sched},
                                 keep=t.keep_checkpoints)
         norm = {}
-        if cfg.rm.normalize:
+        if cfg.rm.normalize and kind != "scores":  # pointwise targets already fix the scale and offset
             # Reference completions: the training responses, i.e. samples of the policy the data came from.
             refs = [s for e in train for s in e.seqs]
             refs = [refs[i] for i in random.Random(t.seed).sample(range(len(refs)), min(len(refs), cfg.rm.normalize_samples))]
+            bs = cfg.rm.eval_batch_size
             with torch.no_grad():
                 model.eval()
-                raw_s = torch.cat([scores_of(model, refs[i:i + 256], pad, device) for i in range(0, len(refs), 256)])
-            norm = fit_normalizer(model, raw_s.cpu(), with_scale=cfg.rm.normalize_scale)
+                raw_s = torch.cat([scores_of(model, refs[i:i + bs], pad, device) for i in range(0, len(refs), bs)])
+            try:
+                norm = fit_normalizer(model, raw_s.cpu(), with_scale=cfg.rm.normalize_scale)
+            except ValueError as e:
+                raise TaskError(f"rm.normalize: {e}") from e
             tracker.log({f"rm/{k}": v for k, v in norm.items()}, step)
     finally:
         tracker.close()

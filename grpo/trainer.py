@@ -62,7 +62,7 @@ class Trainer:
         if r.temperature <= 0 and a.group_size > 1:
             raise ConfigError("rollout.temperature=0 makes the G samples of a prompt identical (no learning signal): "
                               "use a temperature > 0 for training")
-        if "verifiers" not in cfg.task and not cfg.reward_model.path:
+        if not cfg.task.get("verifiers") and not cfg.reward_model.path:
             raise ConfigError("task.verifiers is not set: name at least one verifier, e.g. task.verifiers=[math], "
                               "or give a reward model (reward_model.path)")
         self.G, self.B = a.group_size, t.prompts_per_step
@@ -89,7 +89,8 @@ class Trainer:
 
         o = cfg.optim
         self.opt = build_optimizer(self.policy.parameters(), o.lr, o.betas, o.weight_decay)
-        self.sched = build_scheduler(self.opt, o.schedule, o.warmup_steps, t.max_steps, o.min_lr_rate)
+        # One optimizer step per epoch over a batch: the schedule (and its warm-up) counts optimizer steps.
+        self.sched = build_scheduler(self.opt, o.schedule, o.warmup_steps, t.max_steps * a.epochs, o.min_lr_rate)
         self.step, self.data_pos = 0, 0
         if self.ckpt:
             st = checkpoint.restore(self.ckpt, {"optimizer": self.opt, "scheduler": self.sched})
@@ -189,7 +190,7 @@ class Trainer:
         t0 = time.time()
         metrics, table = policy_eval(
             self.engine, self.encode_prompts(self.eval_set), self.eval_set, self.sampling,
-            sampling_params(self.cfg.rollout, greedy=True), self.verifiers, self.rm,
+            sampling_params(self.cfg.rollout, greedy=True), self.verifiers or self.rewards, self.rm,
             seed=self.t.seed + 1_000_003 * (self.step + 1), log_samples=self.t.log_samples)
         metrics["time/eval"] = time.time() - t0
         self.tracker.log(metrics, self.step)

@@ -35,7 +35,7 @@ def test_bon_with_verifiers_as_judge_is_monotone_and_writes_sft_rows(tiny_model_
     # The judge is the true score here, and the first k samples are nested: best-of-k never drops.
     true = [e["true/mean"] for e in by_k]
     assert all(a <= b for a, b in zip(true, true[1:])) and true[-1] > true[0]
-    assert [e["rm/mean"] for e in by_k] == true
+    assert [e["judge/mean"] for e in by_k] == true and all("rm/mean" not in e for e in by_k)
     rows = [json.loads(x) for x in (tmp_path / "best_of_n.jsonl").read_text().splitlines()]
     assert len(rows) == 12 and all(r["prompt"].startswith("What is") for r in rows)
     # Readable by grpo sft as prompt/completion rows.
@@ -60,3 +60,10 @@ def test_bon_with_a_reward_model_reports_its_scores_and_the_true_score(tiny_mode
     # The reward model is the judge: its mean score of the kept samples never drops as k grows.
     assert all(a <= b + 1e-6 for a, b in zip(rm_means, rm_means[1:]))
     assert all(0.0 <= e["true/mean"] <= 1.0 for e in summary["by_k"])
+    # reward_model.weight 0 and verifier_weight 1: the judge is the verifier alone (as grpo train's
+    # reward would be), so the judge's mean of the kept samples is their true score at every k.
+    cfg = compose_config("bon", [f"model.path={tiny_model_dir}", "task=arithmetic", TOY, f"reward_model.path={rm_dir}",
+                                 "reward_model.weight=0", "reward_model.verifier_weight=1", "bon.n=4", "bon.prompts=6",
+                                 "rollout.max_new_tokens=6"])
+    mixed = run_bon(cfg, tmp_path / "run2")["by_k"]
+    assert [e["judge/mean"] for e in mixed] == pytest.approx([e["true/mean"] for e in mixed])

@@ -64,7 +64,7 @@ def tiny_rm(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("rm")
     tok = load_tokenizer(str(tiny_model_dir))
     model = init_reward_model(str(tiny_model_dir))
-    seqs = [[5, 6, 7], [5, 6, 8, 9], [10, 1]]
+    seqs = [[5, 6, 7, 1], [5, 6, 8, 9, 1], [10, 1]]  # EOS (id 1) last, as reward models are trained
     ids, attn = batch_sequences(seqs, tok.pad_token_id)
     with torch.no_grad():
         fit_normalizer(model, raw_scores(model, ids, attn))
@@ -82,9 +82,22 @@ def test_model_rewards_score_prompt_plus_completion(tiny_rm):
     out = src(RewardInputs(["a", "b", "c"], prompts, comps, [True] * 3, [{}] * 3))
     assert sum(out.scores) / 3 == pytest.approx(0.0, abs=1e-5)
     assert out.rewards == pytest.approx(torch.sigmoid(torch.tensor(out.scores)).tolist())
-    again = src.score([s[:2] for s in seqs], [s[2:] for s in seqs])
+    again = src.score([s[:-1] for s in seqs], [s[-1:] for s in seqs])  # the completion is only the EOS
     assert again.tolist() == pytest.approx(out.scores, abs=1e-5)
     assert out.metrics["rm/score/mean"] == pytest.approx(0.0, abs=1e-5)
+    # A completion without EOS (cut by a stop string or max_new_tokens) is scored with one appended.
+    cut = src.score(prompts, [c[:-1] for c in comps])
+    assert cut.tolist() == pytest.approx(out.scores, abs=1e-5)
+
+
+def test_a_reward_model_with_another_tokenizer_is_refused(tiny_rm, tmp_path):
+    from grpo.modeling import ModelError
+
+    path, _ = tiny_rm
+    tok = load_tokenizer(str(path))
+    tok.add_tokens(["<extra>"])  # another vocabulary: the policy's ids would mean other tokens to it
+    with pytest.raises(ModelError, match="tokenizer differs from the policy's"):
+        ModelRewards.load(str(path), tok)
 
 
 def test_build_rewards_keeps_the_verifiers_out_of_a_reward_model_reward(tiny_rm):

@@ -83,3 +83,40 @@ def test_bad_preference_row_is_one_line_with_exit_2(tiny_model_dir, tmp_path):
     assert r.returncode == 2, r.stderr
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("grpo rm: error:") and "bad.jsonl" in last and "line 2" in last and "rejected" in last
+
+
+def test_micro_batches_give_the_whole_batch_gradient(tiny_model_dir):
+    # Ragged rankings (K = 2, 3, 4) split into micro-batches of 2 prompts: the weighted micro-batch
+    # losses add up to the whole batch's, so the gradients match (compared directly: AdamW would
+    # hide a wrong factor).
+    from grpo.modeling import load_tokenizer
+    from grpo.reward_model import init_reward_model
+    from grpo.rm import Encoded, backward
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    batch = [Encoded([[5, 6, 1], [5, 7, 1]]), Encoded([[8, 9, 10, 1], [8, 1], [8, 11, 1]]),
+             Encoded([[12, 1], [13, 1], [14, 15, 1], [16, 1]])]
+    grads = []
+    for micro in (0, 2, 1):
+        model = init_reward_model(str(tiny_model_dir))
+        torch.manual_seed(0)  # the same fresh head every time
+        torch.nn.init.normal_(model.score.weight)
+        loss, metrics = backward(model, batch, micro, "rankings", tok.pad_token_id, "cpu", 0.0)
+        grads.append((loss, torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])))
+    for loss, g in grads[1:]:
+        assert loss == pytest.approx(grads[0][0], rel=1e-6)
+        # float32 sums in another order: equal to 1e-5 of the largest gradient entry (a wrong micro-batch
+        # weight would be off by a factor of 2 or 3)
+        assert (g - grads[0][1]).abs().max() <= 1e-5 * grads[0][1].abs().max()
+
+
+def test_held_out_split_keeps_every_row_of_a_prompt_together():
+    from grpo.rm import split_held_out
+    from grpo.tasks.base import Sample
+    from grpo.tasks.preference import Ranking
+
+    rows = [Ranking(Sample(prompt=f"p{i % 10}"), ["a", "b"], None, "") for i in range(60)]  # 6 rows per prompt
+    train, held = split_held_out(rows, 0.2, seed=0)
+    held_prompts = {r.sample.prompt for r in held}
+    assert len(held_prompts) == 2 and len(held) == 12  # 20% of 10 prompts, all 6 rows of each
+    assert not held_prompts & {r.sample.prompt for r in train}
