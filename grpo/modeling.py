@@ -18,27 +18,23 @@ class ModelError(ValueError):
     """A model path or option that cannot work; the message says which and why."""
 
 
+# The models shipped in the package: name -> (folder, the command that rebuilds it).
+EMBEDDED = {
+    "embedded": (EMBEDDED_MODEL_DIR, "make embedded-model"),
+    "embedded-code": (EMBEDDED_CODE_MODEL_DIR, "python -m grpo.embedded --task code"),
+    "embedded-chat": (EMBEDDED_CHAT_MODEL_DIR, "python -m grpo.embedded --task chat"),
+    "embedded-rm": (EMBEDDED_RM_DIR, "make embedded-rm"),
+}
+
+
 def resolve_model_path(path: str) -> str:
-    """``embedded`` / ``embedded-code`` / ``embedded-chat`` / ``embedded-rm`` name the models shipped in the package; a local dir must exist; else a hub id."""
-    if path in (None, "", "embedded"):
-        if not (EMBEDDED_MODEL_DIR / "config.json").exists():
-            raise ModelError(f"the embedded model is missing from {EMBEDDED_MODEL_DIR}: rebuild it with `make embedded-model`")
-        return str(EMBEDDED_MODEL_DIR)
-    if path == "embedded-code":
-        if not (EMBEDDED_CODE_MODEL_DIR / "config.json").exists():
-            raise ModelError(f"the embedded code model is missing from {EMBEDDED_CODE_MODEL_DIR}: "
-                             "rebuild it with `python -m grpo.embedded --task code`")
-        return str(EMBEDDED_CODE_MODEL_DIR)
-    if path == "embedded-chat":
-        if not (EMBEDDED_CHAT_MODEL_DIR / "config.json").exists():
-            raise ModelError(f"the embedded chat model is missing from {EMBEDDED_CHAT_MODEL_DIR}: "
-                             "rebuild it with `python -m grpo.embedded --task chat`")
-        return str(EMBEDDED_CHAT_MODEL_DIR)
-    if path == "embedded-rm":
-        if not (EMBEDDED_RM_DIR / "config.json").exists():
-            raise ModelError(f"the embedded reward model is missing from {EMBEDDED_RM_DIR}: "
-                             "rebuild it with `python -m grpo.embedded --task rm`")
-        return str(EMBEDDED_RM_DIR)
+    """A name of EMBEDDED -> its folder in the package; a local dir must exist; else a hub id."""
+    name = path or "embedded"
+    if name in EMBEDDED:
+        folder, rebuild = EMBEDDED[name]
+        if not (folder / "config.json").exists():
+            raise ModelError(f"the shipped model {name!r} is missing from {folder}: rebuild it with `{rebuild}`")
+        return str(folder)
     p = Path(path).expanduser()
     looks_local = path.startswith((".", "/", "~")) or p.exists() or path.count("/") > 1
     if looks_local:

@@ -187,3 +187,18 @@ def test_a_reward_model_is_a_reward_source_and_the_verifiers_only_measure(tiny_m
     assert all("reward/digit_fraction/mean" not in r for r in steps)
     # Evaluation measures with the task's verifier and reports the reward model's score beside it.
     assert all("eval/reward/digit_fraction/mean" in r and "eval/rm_score" in r for r in evals)
+
+
+def test_a_reward_model_alone_trains_and_evaluates(tiny_model_dir, tmp_path):
+    from grpo.modeling import load_tokenizer
+    from grpo.reward_model import init_reward_model, save_reward_model
+
+    rm_dir = tmp_path / "rm"
+    save_reward_model(init_reward_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir)), rm_dir)
+    run = tmp_path / "run"
+    train(cfg_for(tiny_model_dir, "trainer.max_steps=1", "trainer.eval_every=0", "task.verifiers=[]",
+                  f"reward_model.path={rm_dir}"), run)
+    evals = [r for r in read_metrics(run) if "eval/reward/mean" in r]
+    # No verifiers: evaluation scores with the training reward, sigmoid(score) of the reward model.
+    assert [r["step"] for r in evals] == [0, 1]
+    assert all(0.0 < r["eval/reward/mean"] < 1.0 and "eval/rm_score" in r for r in evals)
