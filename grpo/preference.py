@@ -1,6 +1,7 @@
-"""Losses for training reward models from preferences or scores. Pure tensor code: imports only torch.
+"""Losses for learning from preferences: reward models (pairwise, ranking, pointwise) and the policy
+directly (dpo_loss). Pure tensor code: imports only torch.
 
-All three return (scalar loss, metrics) with python-float metrics, like grpo.losses.policy_loss.
+All return (scalar loss, metrics) with python-float metrics, like grpo.losses.policy_loss.
 """
 
 from __future__ import annotations
@@ -68,3 +69,59 @@ def pointwise_loss(pred: torch.Tensor, score: torch.Tensor) -> tuple[torch.Tenso
     """Mean squared error between predicted and given scores, pred and score: [N]. metrics: mse."""
     loss = ((pred - score) ** 2).mean()
     return loss, {"mse": float(loss.detach())}
+
+
+DPO_LOSSES = ("sigmoid", "robust", "ipo")
+
+
+def dpo_loss(
+    logp_chosen: torch.Tensor,
+    logp_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float = 0.1,
+    loss: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    len_chosen: torch.Tensor | None = None,
+    len_rejected: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Direct preference optimisation on P pairs; every input is [P] (sequence log-probs: sums over
+    the completion's tokens under the policy and the frozen reference; lengths in tokens).
+
+    With u_c = logp_chosen - ref_chosen, u_r = logp_rejected - ref_rejected, d = u_c - u_r and
+    eps = label_smoothing:
+        sigmoid: mean(-(1 - eps) * logsigmoid(beta * d) - eps * logsigmoid(-beta * d))
+                 (DPO, Rafailov et al. 2023; eps > 0 is conservative DPO)
+        robust:  mean((-(1 - eps) * logsigmoid(beta * d) + eps * logsigmoid(-beta * d)) / (1 - 2 * eps))
+                 (Chowdhury et al. 2024: unbiased under labels flipped with probability eps)
+        ipo:     mean((d' - 1 / (2 * beta))^2), d' = u_c / len_chosen - u_r / len_rejected when the
+                 lengths are given (per-token log-ratios), else d (Azar et al. 2023)
+    metrics: rewards/chosen = mean(beta * u_c), rewards/rejected = mean(beta * u_r),
+    rewards/margins = mean(beta * d), rewards/accuracies = mean(u_c > u_r); all 0 when the policy
+    is the reference.
+    """
+    if loss not in DPO_LOSSES:
+        raise ValueError(f"dpo loss must be one of {DPO_LOSSES}, got {loss!r}")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    u_c = logp_chosen - ref_chosen.detach()  # [P]
+    u_r = logp_rejected - ref_rejected.detach()  # [P]
+    d = u_c - u_r  # [P]
+    eps = label_smoothing
+    if loss == "sigmoid":
+        per_pair = -(1 - eps) * F.logsigmoid(beta * d) - eps * F.logsigmoid(-beta * d)  # [P]
+    elif loss == "robust":
+        per_pair = (-(1 - eps) * F.logsigmoid(beta * d) + eps * F.logsigmoid(-beta * d)) / (1 - 2 * eps)  # [P]
+    else:
+        if (len_chosen is None) != (len_rejected is None):
+            raise ValueError("ipo: give both len_chosen and len_rejected, or neither")
+        dd = d if len_chosen is None else u_c / len_chosen.clamp(min=1) - u_r / len_rejected.clamp(min=1)  # [P]
+        per_pair = (dd - 1.0 / (2.0 * beta)) ** 2  # [P]
+    with torch.no_grad():
+        metrics = {
+            "rewards/chosen": float((beta * u_c).mean()),
+            "rewards/rejected": float((beta * u_r).mean()),
+            "rewards/margins": float((beta * d).mean()),
+            "rewards/accuracies": float((u_c > u_r).float().mean()),
+        }
+    return per_pair.mean(), metrics
