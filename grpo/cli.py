@@ -20,6 +20,7 @@ commands:
   rm [key=value ...]         train a reward model on preference data (pairs, rankings, scores)
   dpo [key=value ...]        direct preference optimisation (DPO, IPO, robust DPO) on pairs or rankings
   bon [key=value ...]        best-of-N: keep the reward model's best of N samples; writes SFT rows
+  compare RUN ... [-o F]     one figure: true score against KL from the reference, one curve per run
   prefs [--out DIR ...]      build the built-in preference task's data (simulated labellers)
   verify --verifier NAME FILE.jsonl
                              score each line ({"completion", ...fields}); prints JSON lines
@@ -113,6 +114,12 @@ def _bon(cfg: dict, run_dir: Path) -> None:
     run_bon(cfg, run_dir)
 
 
+def compare_main(argv: list[str]) -> int:
+    from grpo.compare import compare_main as main
+
+    return main(argv)
+
+
 def prefs_main(argv: list[str]) -> int:
     from grpo.prefs import prefs_main as main
 
@@ -188,6 +195,7 @@ COMMANDS = {
     "dpo": lambda argv: _hydra_job("dpo", _dpo, argv),
     "bon": lambda argv: _hydra_job("bon", _bon, argv),
     "prefs": prefs_main,
+    "compare": compare_main,
     "verify": verify_main,
     "verifiers": verifiers_main,
     "sandbox": sandbox_main,

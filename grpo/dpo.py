@@ -191,7 +191,8 @@ def run_dpo(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     def run_eval() -> dict[str, float]:
         policy.eval()
         metrics, table = policy_eval(engine, eval_prompts, eval_set, sampling, greedy, verifiers,
-                                     seed=t.seed + 1_000_003 * (step + 1), log_samples=t.log_samples)
+                                     seed=t.seed + 1_000_003 * (step + 1), log_samples=t.log_samples,
+                                     kl_models=(policy, ref), pad_id=pad)
         policy.train()
         tracker.log(metrics, step)
         tracker.log_samples(table, step)

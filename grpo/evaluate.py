@@ -125,13 +125,30 @@ def sample_and_score(engine, prompt_ids: list[list[int]], samples: list[Any], n:
     return ro, source(RewardInputs.from_rollout(ro, fields))
 
 
+@torch.no_grad()
+def sequence_kl(policy, ref, ro: Rollout, pad_id: int, temperature: float = 1.0, batch_size: int = 256) -> float:
+    """Mean over completions sampled from the policy of sum_t log pi(y_t) - log ref(y_t): the k1
+    estimate of KL(policy || reference) per sequence, in nats (unbiased; at the sampling temperature)."""
+    from grpo.batch import batch_logprobs, pack
+
+    device = next(policy.parameters()).device
+    total, n = 0.0, len(ro.completion_ids)
+    for i in range(0, n, batch_size):
+        batch = pack(ro.prompt_ids[i:i + batch_size], ro.completion_ids[i:i + batch_size], pad_id).to(device)
+        diff = batch_logprobs(policy, batch, temperature) - batch_logprobs(ref, batch, temperature)  # [n, T]
+        total += float((diff * batch.mask).sum())
+    return total / max(1, n)
+
+
 def policy_eval(engine, prompt_ids: list[list[int]], samples: list[Any], sampling: SamplingParams,
-                greedy: SamplingParams, verifiers, rm=None, seed: int = 0, log_samples: int = 0
+                greedy: SamplingParams, verifiers, rm=None, seed: int = 0, log_samples: int = 0,
+                kl_models: tuple | None = None, pad_id: int | None = None
                 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """A trainer's periodic evaluation: one sampled completion per held-out prompt scored by the
     task's verifiers (the true score; a trainer whose task has none passes its training reward),
-    greedy pass@1, and the reward model's score when there is one (eval/rm_score: proxy up while
-    true down is over-optimisation)."""
+    greedy pass@1, the reward model's score when there is one (eval/rm_score: proxy up while true
+    down is over-optimisation), and with kl_models = (policy, reference) eval/kl, the sampled
+    completions' KL from the reference per sequence (sequence_kl), the x axis of `grpo compare`."""
     sampled, rs = sample_and_score(engine, prompt_ids, samples, 1, sampling, verifiers, seed)
     _, rg = sample_and_score(engine, prompt_ids, samples, 1, greedy, verifiers, seed)
     P = len(samples)
@@ -144,6 +161,8 @@ def policy_eval(engine, prompt_ids: list[list[int]], samples: list[Any], samplin
     }
     if rm is not None:
         metrics["eval/rm_score"] = float(rm.score(sampled.prompt_ids, sampled.completion_ids).mean())
+    if kl_models is not None:
+        metrics["eval/kl"] = sequence_kl(*kl_models, sampled, pad_id, sampling.temperature or 1.0)
     table = [{"prompt": s.prompt or str(s.messages), "answer": str(s.answer if s.answer is not None else s.tests),
               "completion": c, "reward": r}
              for s, c, r in list(zip(samples, sampled.texts, rs.rewards))[:log_samples]]

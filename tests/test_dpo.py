@@ -47,6 +47,7 @@ def test_dpo_starts_at_zero_rewards_and_learns_the_preference(tiny_model_dir, pa
     assert steps[-1]["rewards/accuracies"] == 1.0 and steps[-1]["rewards/margins"] > 0 and steps[-1]["loss"] < math.log(2)
     evals = [r for r in recs if "eval/reward/mean" in r]
     assert [r["step"] for r in evals] == [0, 8]  # before training and after the last step
+    assert evals[0]["eval/kl"] == 0.0 and evals[1]["eval/kl"] > 0  # the policy starts as the reference
     assert (tmp_path / "model" / "config.json").exists()
 
 

@@ -1,0 +1,90 @@
+"""`grpo compare RUN ...`: which method buys the most true quality for how much drift from the reference.
+
+Each argument is a finished run: a `grpo train` / `grpo dpo` (/ PPO) run dir, whose evaluation
+records carry eval/kl (the sampled completions' KL from the reference, nats per sequence),
+eval/reward/mean (the true score) and, when a reward model took part, eval/rm_score; or a `grpo bon`
+summary (best_of_n.summary.json, or its run dir), plotted at the analytic KL log k - (k - 1)/k.
+One curve per run: true score against KL, solid; the reward-model score on a second axis, dashed
+(the picture Gao et al. 2022 drew for reward-model over-optimisation). Prints the points as a table.
+
+    grpo compare runs/bon/a runs/dpo/b runs/c -o docs/preference_comparison.png --label best-of-N DPO GRPO
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from grpo.plot import load
+
+
+def curve(path: Path) -> dict:
+    """{kind, kl: [...], true: [...], rm: [... or None]} of one run."""
+    path = Path(path)
+    bon = path if path.suffix == ".json" else next(iter(sorted(path.glob("*.summary.json"))), None)
+    if bon is not None and "by_k" in json.loads(bon.read_text()):
+        by_k = json.loads(bon.read_text())["by_k"]
+        return {"kind": "best-of-N", "kl": [e["kl"] for e in by_k], "true": [e.get("true/mean") for e in by_k],
+                "rm": [e.get("rm/mean") for e in by_k], "steps": [f"N={e['k']}" for e in by_k]}
+    metrics = path / "metrics.jsonl" if path.is_dir() else path
+    evals = [r for r in load(metrics) if "eval/kl" in r and "eval/reward/mean" in r]
+    if not evals:
+        raise SystemExit(f"grpo compare: error: {metrics}: no evaluation records with eval/kl (a run evaluated with a "
+                         "reference model: grpo dpo, or grpo train with algorithm.beta > 0)")
+    return {"kind": "run", "kl": [r["eval/kl"] for r in evals], "true": [r["eval/reward/mean"] for r in evals],
+            "rm": [r.get("eval/rm_score") for r in evals], "steps": [f"step {r['step']}" for r in evals]}
+
+
+def plot(curves: list[tuple[str, dict]], out: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=120)
+    ax2 = None
+    colors = ["#c33", "#36c", "#2a2", "#a6c", "#c80", "#555"]
+    for (label, c), color in zip(curves, colors):
+        ax.plot(c["kl"], c["true"], "o-", color=color, label=f"{label}: true score")
+        if any(v is not None for v in c["rm"]):
+            ax2 = ax2 or ax.twinx()
+            pts = [(k, v) for k, v in zip(c["kl"], c["rm"]) if v is not None]
+            ax2.plot([p[0] for p in pts], [p[1] for p in pts], "--", color=color, alpha=0.7, label=f"{label}: reward model")
+    ax.set_xlabel("KL from the reference policy (nats per completion)")
+    ax.set_ylabel("held-out true score (solid)")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    if ax2 is not None:
+        ax2.set_ylabel("reward-model score (dashed)")
+        h2, l2 = ax2.get_legend_handles_labels()
+        handles, labels = handles + h2, labels + l2
+    ax.legend(handles, labels, loc="lower right", fontsize=8)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(out)
+    return out
+
+
+def compare_main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="grpo compare", description=__doc__.split("\n\n")[0])
+    ap.add_argument("runs", nargs="+", type=Path, help="run dirs (train, dpo, ...) or grpo bon summaries")
+    ap.add_argument("--label", nargs="*", help="one label per run (default: the run dir's name)")
+    ap.add_argument("-o", "--out", type=Path, default=Path("comparison.png"))
+    ap.add_argument("--title", default="true score against KL from the reference")
+    a = ap.parse_args(argv)
+    labels = a.label or [p.name for p in a.runs]
+    if len(labels) != len(a.runs):
+        ap.error(f"--label: {len(labels)} labels for {len(a.runs)} runs")
+    curves = [(label, curve(p)) for label, p in zip(labels, a.runs)]
+    for label, c in curves:
+        print(f"{label}:")
+        for s, k, t, r in zip(c["steps"], c["kl"], c["true"], c["rm"]):
+            print(f"  {s:>10}  KL {k:7.3f}  true {t:.3f}" + (f"  rm {r:.3f}" if r is not None else ""))
+    print(plot(curves, a.out, a.title))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(compare_main(__import__("sys").argv[1:]))

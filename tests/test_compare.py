@@ -1,0 +1,62 @@
+"""`grpo compare` and the KL it plots."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from grpo.compare import compare_main, curve
+
+
+def write_run(path, evals):
+    path.mkdir(parents=True)
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in evals))
+    return path
+
+
+def test_curves_of_a_run_and_of_a_best_of_n_summary(tmp_path):
+    run = write_run(tmp_path / "dpo", [
+        {"step": 0, "eval/reward/mean": 0.3, "eval/kl": 0.0},
+        {"step": 1, "loss": 0.69},  # a training record: not a point
+        {"step": 20, "eval/reward/mean": 0.8, "eval/kl": 2.5, "eval/rm_score": 1.5},
+    ])
+    c = curve(run)
+    assert c["kl"] == [0.0, 2.5] and c["true"] == [0.3, 0.8] and c["rm"] == [None, 1.5]
+    bon = tmp_path / "bon"
+    bon.mkdir()
+    (bon / "best_of_n.summary.json").write_text(json.dumps({"by_k": [
+        {"k": 1, "kl": 0.0, "judge/mean": 0.4, "rm/mean": 0.1, "true/mean": 0.37},
+        {"k": 4, "kl": math.log(4) - 0.75, "judge/mean": 0.8, "rm/mean": 2.3, "true/mean": 0.7}]}))
+    b = curve(bon)
+    assert b["kind"] == "best-of-N" and b["true"] == [0.37, 0.7] and b["rm"] == [0.1, 2.3]
+    out = tmp_path / "fig.png"
+    assert compare_main([str(run), str(bon), "--label", "DPO", "best-of-N", "-o", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_run_without_kl_is_refused(tmp_path):
+    run = write_run(tmp_path / "r", [{"step": 0, "eval/reward/mean": 0.3}])
+    with pytest.raises(SystemExit, match="no evaluation records with eval/kl"):
+        curve(run)
+
+
+def test_sequence_kl_is_the_mean_summed_log_ratio(tiny_model_dir):
+    from grpo.batch import pack, token_logprobs
+    from grpo.evaluate import sequence_kl
+    from grpo.modeling import load_model
+    from grpo.rollout.base import Rollout
+
+    policy, ref = load_model(str(tiny_model_dir)), load_model(str(tiny_model_dir))
+    ro = Rollout(prompt_ids=[[5, 6], [7]], completion_ids=[[8, 9, 1], [10]], texts=["", ""], logprobs=[[], []],
+                 finished=[True, False])
+    assert sequence_kl(policy, ref, ro, pad_id=0) == 0.0  # the same weights: every log-ratio is 0
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    # By hand: per row, the sum over its real completion tokens of logp_policy - logp_ref, then the mean of the 2 rows.
+    b = pack(ro.prompt_ids, ro.completion_ids, 0)
+    lp = token_logprobs(policy, b.input_ids, b.attention_mask, b.position_ids, b.T)
+    lr = token_logprobs(ref, b.input_ids, b.attention_mask, b.position_ids, b.T)
+    expected = float(((lp - lr) * b.mask).sum() / 2)
+    assert sequence_kl(policy, ref, ro, pad_id=0, batch_size=1) == pytest.approx(expected, rel=1e-5)
