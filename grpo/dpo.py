@@ -33,7 +33,7 @@ from grpo import config as C
 from grpo.batch import batch_logprobs, pack
 from grpo.evaluate import policy_eval
 from grpo.modeling import disable_dropout, load_model, load_tokenizer, pick_device
-from grpo.optim import build_optimizer, build_scheduler
+from grpo.optim import build_optimizer, build_scheduler, optimizer_step
 from grpo.preference import DPO_LOSSES, dpo_loss
 from grpo.rewards import build_rewards
 from grpo.rm import resolve_data
@@ -228,13 +228,11 @@ def run_dpo(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
                 (loss * w).backward()
                 loss_v += loss.item() * w
                 metrics = {k: metrics.get(k, 0.0) + v * w for k, v in m_part.items()}
-            gn = torch.nn.utils.clip_grad_norm_(policy.parameters(), o.max_grad_norm)
-            lr = sched.get_last_lr()[0]
-            opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
+            gn, lr = optimizer_step(policy, opt, sched, o.max_grad_norm)
             engine.update_weights(policy.named_parameters())
             step += 1
             if step % t.log_every == 0 or step == 1 or step == t.max_steps:
-                tracker.log({"loss": loss_v, **metrics, "grad_norm": float(gn), "lr": lr,
+                tracker.log({"loss": loss_v, **metrics, "grad_norm": gn, "lr": lr,
                              "time/elapsed": time.time() - t0}, step)
             if (t.eval_every and step % t.eval_every == 0) or step == t.max_steps:
                 last = run_eval()

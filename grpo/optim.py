@@ -37,3 +37,15 @@ def build_scheduler(optimizer: torch.optim.Optimizer, name: str, warmup_steps: i
         warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)`")
         sched.step()
     return sched
+
+
+def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, max_grad_norm: float
+                   ) -> tuple[float, float]:
+    """Clip the gradients, step the optimizer and the schedule, clear the gradients.
+    Returns (gradient norm before clipping, the learning rate this step used)."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(grad_norm), lr

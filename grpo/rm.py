@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 from grpo import checkpoint  # noqa: E402
 from grpo import config as C
 from grpo.modeling import load_tokenizer, pick_device
-from grpo.optim import build_optimizer, build_scheduler
+from grpo.optim import build_optimizer, build_scheduler, optimizer_step
 from grpo.preference import pairwise_loss, pointwise_loss, ranking_loss
 from grpo.reward_model import batch_sequences, fit_normalizer, init_reward_model, raw_scores, save_reward_model
 from grpo.tasks.base import TaskError, render_prompt
@@ -245,13 +245,11 @@ def run_rm(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
             rng = random.Random(f"{t.seed}:{step}")  # step s draws the same prompts after a resume
             batch = [train[rng.randrange(len(train))] for _ in range(t.batch_size)]
             loss_v, metrics = backward(model, batch, t.micro_batch_size, kind, pad, device, cfg.rm.center_coef)
-            gn = torch.nn.utils.clip_grad_norm_(model.parameters(), o.max_grad_norm)
-            lr = sched.get_last_lr()[0]
-            opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
+            gn, lr = optimizer_step(model, opt, sched, o.max_grad_norm)
             step += 1
             if step % t.log_every == 0 or step == t.max_steps:
                 tracker.log({"loss": loss_v, **{f"train/{k}": v for k, v in metrics.items()},
-                             "grad_norm": float(gn), "lr": lr, "time/elapsed": time.time() - t0}, step)
+                             "grad_norm": gn, "lr": lr, "time/elapsed": time.time() - t0}, step)
             if (t.eval_every and step % t.eval_every == 0) or step == t.max_steps:
                 last = run_eval()
                 first = first or last

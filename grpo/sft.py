@@ -19,7 +19,7 @@ import torch
 from grpo import checkpoint
 from grpo import config as C
 from grpo.modeling import load_model, load_tokenizer, pick_device
-from grpo.optim import build_optimizer, build_scheduler
+from grpo.optim import build_optimizer, build_scheduler, optimizer_step
 from grpo.tracking import Tracker
 from grpo.tasks.base import Sample, TaskError, render_prompt
 from grpo.tasks.file import read_rows, to_sample
@@ -82,12 +82,10 @@ def run_sft(raw: dict[str, Any], run_dir: Path) -> Path:
             ids, attn, labels = (x.to(device) for x in batch_tensors(batch, tok.pad_token_id))
             loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
             loss.backward()
-            gn = torch.nn.utils.clip_grad_norm_(model.parameters(), o.max_grad_norm)
-            lr = sched.get_last_lr()[0]
-            opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
+            gn, lr = optimizer_step(model, opt, sched, o.max_grad_norm)
             step += 1
             if step % t.log_every == 0 or step == t.max_steps:
-                tracker.log({"loss": loss.item(), "grad_norm": float(gn), "lr": lr, "time/elapsed": time.time() - t0}, step)
+                tracker.log({"loss": loss.item(), "grad_norm": gn, "lr": lr, "time/elapsed": time.time() - t0}, step)
             tracker.advance({"loss": f"{loss.item():.3f}"})
             if (t.save_every and step % t.save_every == 0) or step == t.max_steps:
                 checkpoint.save(run_dir, step, {"model": model}, tok, {"optimizer": opt, "scheduler": sched},
