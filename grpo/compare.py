@@ -21,17 +21,25 @@ from grpo.plot import load
 
 def curve(path: Path) -> dict:
     """{kind, kl: [...], true: [...], rm: [... or None]} of one run."""
+    from grpo.cli import UserError
+
     path = Path(path)
-    bon = path if path.suffix == ".json" else next(iter(sorted(path.glob("*.summary.json"))), None)
-    if bon is not None and "by_k" in json.loads(bon.read_text()):
-        by_k = json.loads(bon.read_text())["by_k"]
+    if not path.exists():
+        raise UserError(f"{path}: no such run dir or file")
+    bon = path if path.suffix == ".json" else next(iter(sorted(path.glob("best_of_n*.summary.json"))), None)
+    if bon is not None:
+        by_k = json.loads(bon.read_text()).get("by_k")
+        if not by_k or any(e.get("true/mean") is None for e in by_k):
+            raise UserError(f"{bon}: not a grpo bon summary with true scores (run grpo bon with task.verifiers)")
         return {"kind": "best-of-N", "kl": [e["kl"] for e in by_k], "true": [e.get("true/mean") for e in by_k],
                 "rm": [e.get("rm/mean") for e in by_k], "steps": [f"N={e['k']}" for e in by_k]}
     metrics = path / "metrics.jsonl" if path.is_dir() else path
+    if not metrics.exists():
+        raise UserError(f"{metrics}: not found (pass a run dir, a metrics.jsonl or a grpo bon summary)")
     evals = [r for r in load(metrics) if "eval/kl" in r and "eval/reward/mean" in r]
     if not evals:
-        raise SystemExit(f"grpo compare: error: {metrics}: no evaluation records with eval/kl (a run evaluated with a "
-                         "reference model: grpo dpo, or grpo train with algorithm.beta > 0)")
+        raise UserError(f"{metrics}: no evaluation records with eval/kl (a run evaluated with a reference model "
+                        "and plain sampling: grpo dpo, or grpo train with algorithm.beta > 0)")
     return {"kind": "run", "kl": [r["eval/kl"] for r in evals], "true": [r["eval/reward/mean"] for r in evals],
             "rm": [r.get("eval/rm_score") for r in evals], "steps": [f"step {r['step']}" for r in evals]}
 

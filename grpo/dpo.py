@@ -127,8 +127,8 @@ def reference_cache(ref, pairs: list[Pair], pad_id: int, device, run_dir: Path, 
     """Reference sums [n_pairs, 2] (chosen, rejected), computed once and cached by weights + data."""
     h = hashlib.sha256()
     for name, t in sorted(ref.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     for p in pairs:
         h.update(repr((p.prompt, p.chosen, p.rejected)).encode())
     path = Path(run_dir) / f"ref_logps_{h.hexdigest()[:16]}.pt"
@@ -154,8 +154,12 @@ def run_dpo(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     ckpt = checkpoint.begin(run_dir, t.resume, t.seed)
     if not cfg.task.get("verifiers"):
         raise C.ConfigError("task.verifiers is not set: evaluation needs them (the true score of the policy)")
+    if opts.loss == "ipo" and opts.label_smoothing > 0:
+        raise C.ConfigError("dpo.label_smoothing applies to the sigmoid and robust losses, not to ipo: set it to 0")
     task = build_task(cfg.task, seed=t.seed)
     eval_set = task.eval_samples()[: t.eval_size]
+    if not eval_set:
+        raise TaskError("the task holds out no samples for evaluation")
     tok = load_tokenizer(m.path)
     kind, records = read_preferences(resolve_data(d.path), d.split, d.config)
     if kind == "scores":
@@ -176,7 +180,8 @@ def run_dpo(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     if not pairs:
         raise TaskError(f"{d.path}: no training pairs")
     pad = tok.pad_token_id
-    ref_cache = reference_cache(ref, pairs, pad, device, run_dir, 64) if opts.precompute_ref else None
+    rows = t.micro_batch_size or t.batch_size  # pairs per forward, as in training
+    ref_cache = reference_cache(ref, pairs, pad, device, run_dir, rows) if opts.precompute_ref else None
 
     _, verifiers, _ = build_rewards(cfg.task["verifiers"], cfg.verifier.fail_fast, cfg.verifier.timeout, None, tok,
                                     device)
@@ -192,7 +197,7 @@ def run_dpo(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
         policy.eval()
         metrics, table = policy_eval(engine, eval_prompts, eval_set, sampling, greedy, verifiers,
                                      seed=t.seed + 1_000_003 * (step + 1), log_samples=t.log_samples,
-                                     kl_models=(policy, ref), pad_id=pad)
+                                     kl_models=(policy, ref), pad_id=pad, kl_batch_size=2 * rows)
         policy.train()
         tracker.log(metrics, step)
         tracker.log_samples(table, step)
@@ -206,6 +211,7 @@ def run_dpo(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
             idx = [rng.randrange(len(pairs)) for _ in range(t.batch_size)]
             mb = t.micro_batch_size or len(idx)
             loss_v, metrics = 0.0, {}
+            n_chosen_tok = sum(len(pairs[j].chosen) for j in idx)  # the NLL's global token count
             for i in range(0, len(idx), mb):
                 part = [pairs[j] for j in idx[i:i + mb]]
                 n = len(part)
@@ -220,14 +226,15 @@ def run_dpo(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
                 lens = mask.sum(1).float()  # [2n]
                 loss, m_part = dpo_loss(sums[:n], sums[n:], ref_c, ref_r, opts.beta, opts.loss, opts.label_smoothing,
                                         lens[:n], lens[n:])
-                if opts.nll_coef:
-                    nll = -(tok_logp[:n] * mask[:n]).sum() / mask[:n].sum().clamp(min=1)
-                    loss = loss + opts.nll_coef * nll
-                    m_part["loss/nll"] = float(nll.detach())
-                w = n / len(idx)  # every term is a mean over pairs: micro-batches add up to the batch's loss
-                (loss * w).backward()
-                loss_v += loss.item() * w
-                metrics = {k: metrics.get(k, 0.0) + v * w for k, v in m_part.items()}
+                w = n / len(idx)  # dpo_loss is a mean over pairs: weighted, micro-batches add up to the batch's
+                total = loss * w
+                if opts.nll_coef:  # a token mean over the whole batch's chosen tokens, like aggregate's
+                    nll = -(tok_logp[:n] * mask[:n]).sum() / n_chosen_tok
+                    total = total + opts.nll_coef * nll
+                    metrics["loss/nll"] = metrics.get("loss/nll", 0.0) + float(nll.detach())
+                total.backward()
+                loss_v += total.item()
+                metrics.update({k: metrics.get(k, 0.0) + v * w for k, v in m_part.items()})
             gn, lr = optimizer_step(policy, opt, sched, o.max_grad_norm)
             engine.update_weights(policy.named_parameters())
             step += 1

@@ -142,13 +142,15 @@ def sequence_kl(policy, ref, ro: Rollout, pad_id: int, temperature: float = 1.0,
 
 def policy_eval(engine, prompt_ids: list[list[int]], samples: list[Any], sampling: SamplingParams,
                 greedy: SamplingParams, verifiers, rm=None, seed: int = 0, log_samples: int = 0,
-                kl_models: tuple | None = None, pad_id: int | None = None
+                kl_models: tuple | None = None, pad_id: int | None = None, kl_batch_size: int = 256
                 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """A trainer's periodic evaluation: one sampled completion per held-out prompt scored by the
     task's verifiers (the true score; a trainer whose task has none passes its training reward),
     greedy pass@1, the reward model's score when there is one (eval/rm_score: proxy up while true
     down is over-optimisation), and with kl_models = (policy, reference) eval/kl, the sampled
-    completions' KL from the reference per sequence (sequence_kl), the x axis of `grpo compare`."""
+    completions' KL from the reference per sequence (sequence_kl), the x axis of `grpo compare`;
+    only for plain sampling (temperature > 0, no top-p / top-k truncation), where the samples come
+    from the distribution that is scored."""
     sampled, rs = sample_and_score(engine, prompt_ids, samples, 1, sampling, verifiers, seed)
     _, rg = sample_and_score(engine, prompt_ids, samples, 1, greedy, verifiers, seed)
     P = len(samples)
@@ -161,8 +163,8 @@ def policy_eval(engine, prompt_ids: list[list[int]], samples: list[Any], samplin
     }
     if rm is not None:
         metrics["eval/rm_score"] = float(rm.score(sampled.prompt_ids, sampled.completion_ids).mean())
-    if kl_models is not None:
-        metrics["eval/kl"] = sequence_kl(*kl_models, sampled, pad_id, sampling.temperature or 1.0)
+    if kl_models is not None and sampling.temperature > 0 and sampling.top_p >= 1.0 and sampling.top_k == 0:
+        metrics["eval/kl"] = sequence_kl(*kl_models, sampled, pad_id, sampling.temperature, kl_batch_size)
     table = [{"prompt": s.prompt or str(s.messages), "answer": str(s.answer if s.answer is not None else s.tests),
               "completion": c, "reward": r}
              for s, c, r in list(zip(samples, sampled.texts, rs.rewards))[:log_samples]]

@@ -192,7 +192,8 @@ class Trainer:
             self.engine, self.encode_prompts(self.eval_set), self.eval_set, self.sampling,
             sampling_params(self.cfg.rollout, greedy=True), self.verifiers or self.rewards, self.rm,
             seed=self.t.seed + 1_000_003 * (self.step + 1), log_samples=self.t.log_samples,
-            kl_models=(self.policy, self.ref) if self.ref is not None else None, pad_id=self.tok.pad_token_id)
+            kl_models=(self.policy, self.ref) if self.ref is not None else None, pad_id=self.tok.pad_token_id,
+            kl_batch_size=self.t.micro_batch_size or 256)
         metrics["time/eval"] = time.time() - t0
         self.tracker.log(metrics, self.step)
         self.tracker.log_samples(table, self.step)

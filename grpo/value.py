@@ -103,6 +103,10 @@ class AdaptiveKL:
     """
 
     def __init__(self, init: float, target: float | None = None, horizon: float = 10000.0):
+        if target is not None and not target > 0:
+            raise ValueError(f"AdaptiveKL: target must be > 0 (or None for a fixed beta), got {target}")
+        if not horizon > 0:
+            raise ValueError(f"AdaptiveKL: horizon must be > 0, got {horizon}")
         self.value, self.target, self.horizon = float(init), target, float(horizon)
 
     def update(self, kl: float, n: int) -> float:

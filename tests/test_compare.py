@@ -35,10 +35,22 @@ def test_curves_of_a_run_and_of_a_best_of_n_summary(tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_a_run_without_kl_is_refused(tmp_path):
+def test_inputs_it_cannot_plot_are_one_line_errors(tmp_path):
+    from grpo.cli import UserError
+
     run = write_run(tmp_path / "r", [{"step": 0, "eval/reward/mean": 0.3}])
-    with pytest.raises(SystemExit, match="no evaluation records with eval/kl"):
+    with pytest.raises(UserError, match="no evaluation records with eval/kl"):
         curve(run)
+    bon = tmp_path / "best_of_n.summary.json"
+    bon.write_text(json.dumps({"by_k": [{"k": 1, "kl": 0.0, "judge/mean": 0.4}]}))  # a run without verifiers
+    with pytest.raises(UserError, match="not a grpo bon summary with true scores"):
+        curve(bon)
+    other = tmp_path / "eval_samples.summary.json"
+    other.write_text(json.dumps({"reward/mean": 0.5}, indent=2))  # grpo eval's summary
+    with pytest.raises(UserError, match="not a grpo bon summary"):
+        curve(other)
+    with pytest.raises(UserError, match="no such run dir"):
+        curve(tmp_path / "missing")
 
 
 def test_sequence_kl_is_the_mean_summed_log_ratio(tiny_model_dir):

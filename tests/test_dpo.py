@@ -66,6 +66,32 @@ def test_dpo_resume_and_micro_batches(tiny_model_dir, pairs_file, tmp_path):
 
 
 @pytest.mark.slow
+def test_nll_term_is_a_token_mean_over_the_whole_batch(tiny_model_dir, tmp_path):
+    # Chosen completions of different lengths; the NLL must be the batch's token mean whatever the
+    # micro-batches, so step 1's loss and loss/nll are the same with micro_batch_size 0 and 3.
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"q{i}", "chosen": "y" * (1 + i % 5), "rejected": "n"}) + "\n"
+                            for i in range(20)))
+    out = {}
+    for micro in (0, 3):
+        run = tmp_path / f"m{micro}"
+        run_dpo(cfg(tiny_model_dir, data, "trainer.max_steps=1", "dpo.nll_coef=0.5",
+                    f"trainer.micro_batch_size={micro}"), run)
+        out[micro] = next(r for r in metrics(run) if "loss" in r)
+    assert out[3]["loss/nll"] == pytest.approx(out[0]["loss/nll"], rel=1e-5)
+    assert out[3]["loss"] == pytest.approx(out[0]["loss"], rel=1e-5)
+    # step 1: the DPO term is log 2 and the NLL term is 0.5 x the logged NLL
+    assert out[0]["loss"] == pytest.approx(math.log(2) + 0.5 * out[0]["loss/nll"], rel=1e-5)
+
+
+def test_ipo_with_label_smoothing_is_refused(tiny_model_dir, pairs_file, tmp_path):
+    from grpo.config import ConfigError
+
+    with pytest.raises(ConfigError, match="dpo.label_smoothing applies to the sigmoid and robust losses"):
+        run_dpo(cfg(tiny_model_dir, pairs_file, "dpo.loss=ipo", "dpo.label_smoothing=0.1"), tmp_path)
+
+
+@pytest.mark.slow
 def test_precomputed_reference_is_cached_by_weights_and_data(tiny_model_dir, pairs_file, tmp_path):
     from grpo.modeling import load_model, load_tokenizer
     from grpo.tasks.preference import read_preferences
@@ -73,6 +99,7 @@ def test_precomputed_reference_is_cached_by_weights_and_data(tiny_model_dir, pai
     tok = load_tokenizer(str(tiny_model_dir))
     pairs = encode_pairs(tok, read_preferences(str(pairs_file))[1], None)
     ref = load_model(str(tiny_model_dir))
+    ref.register_buffer("scalar", torch.tensor(1.0))  # a 0-dim tensor in the state dict hashes too
     a = reference_cache(ref, pairs, tok.pad_token_id, "cpu", tmp_path, 4)
     (cached,) = tmp_path.glob("ref_logps_*.pt")
     assert a.shape == (20, 2) and torch.equal(reference_cache(ref, pairs, tok.pad_token_id, "cpu", tmp_path, 7), a)

@@ -101,3 +101,5 @@ def test_adaptive_kl():
     assert again.value == ctl.value and again.target == 6.0
     fixed = AdaptiveKL(0.05)  # no target: fixed
     assert fixed.update(100.0, 1000) == 0.05
+    with pytest.raises(ValueError, match="target must be > 0"):
+        AdaptiveKL(0.1, target=0.0)
