@@ -1,6 +1,6 @@
-"""`grpo <command>`: train | sft | eval | rm | dpo | bon | prefs | verify | verifiers | sandbox.
+"""`grpo <command>`: train | sft | eval | rm | ppo | dpo | bon | prefs | verify | verifiers | sandbox.
 
-Hydra stays here, at the edge: `train`, `sft`, `eval`, `rm`, `dpo` and `bon` compose a config from conf/ plus the overrides
+Hydra stays here, at the edge: `train`, `sft`, `eval`, `rm`, `ppo`, `dpo` and `bon` compose a config from conf/ plus the overrides
 on the command line and pass plain values on. Errors in what the user typed end the command with
 one line naming the problem (exit 2), not a traceback.
 """
@@ -18,6 +18,7 @@ commands:
   sft [key=value ...]        supervised fine-tuning on prompt/completion rows
   eval [key=value ...]       evaluate a model or checkpoint on a task (pass@1, pass@k, maj@k)
   rm [key=value ...]         train a reward model on preference data (pairs, rankings, scores)
+  ppo [key=value ...]        PPO with a critic against a reward model (InstructGPT), PPO-ptx
   dpo [key=value ...]        direct preference optimisation (DPO, IPO, robust DPO) on pairs or rankings
   bon [key=value ...]        best-of-N: keep the reward model's best of N samples; writes SFT rows
   compare RUN ... [-o F]     one figure: true score against KL from the reference, one curve per run
@@ -100,6 +101,12 @@ def _rm(cfg: dict, run_dir: Path) -> None:
     from grpo.rm import run_rm
 
     run_rm(cfg, run_dir)
+
+
+def _ppo(cfg: dict, run_dir: Path) -> None:
+    from grpo.ppo import run_ppo
+
+    run_ppo(cfg, run_dir)
 
 
 def _dpo(cfg: dict, run_dir: Path) -> None:
@@ -192,6 +199,7 @@ COMMANDS = {
     "sft": lambda argv: _hydra_job("sft", _sft, argv),
     "eval": lambda argv: _hydra_job("eval", _eval, argv),
     "rm": lambda argv: _hydra_job("rm", _rm, argv),
+    "ppo": lambda argv: _hydra_job("ppo", _ppo, argv),
     "dpo": lambda argv: _hydra_job("dpo", _dpo, argv),
     "bon": lambda argv: _hydra_job("bon", _bon, argv),
     "prefs": prefs_main,

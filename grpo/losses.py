@@ -59,7 +59,8 @@ def policy_loss(
 
         -min(ratio * A, clip(ratio, 1 - clip_low, 1 + clip_high) * A) + beta * KL
 
-    logp, old_logp, ref_logp, mask: [N, T]; advantages: [N] (broadcast over tokens).
+    logp, old_logp, ref_logp, mask: [N, T]; advantages: [N] (broadcast over tokens, GRPO) or [N, T]
+    (per token, PPO's GAE).
     old_logp is detached (it is the sampling policy); with one update per batch pass
     logp.detach() so ratio = 1 and the gradient is the plain policy gradient.
     is_weights: optional [N, T] per-token weights on the clipped term (not on the KL), e.g.
@@ -72,7 +73,8 @@ def policy_loss(
     """
     m = mask.to(logp.dtype)  # [N, T]
     n_tok = m.sum().clamp(min=1.0)
-    adv = advantages.to(logp.dtype).unsqueeze(1)  # [N, 1]
+    adv = advantages.to(logp.dtype)
+    adv = adv if adv.dim() == 2 else adv.unsqueeze(1)  # [N, T] per token (PPO), or [N, 1] per row (GRPO)
     ratio = torch.exp(logp - old_logp.detach())  # [N, T]
     clipped = ratio.clamp(1.0 - clip_low, 1.0 + clip_high)  # [N, T]
     per_token = -torch.min(ratio * adv, clipped * adv)  # [N, T]

@@ -13,12 +13,17 @@ def test_shipped_configs_parse(command, schema):
     assert cfg.model.path == "embedded"
 
 
-def test_rm_and_bon_configs_parse():
+def test_preference_configs_parse():
     from grpo.bon import BonConfig
+    from grpo.dpo import DPOConfig
+    from grpo.ppo import PPOConfig
     from grpo.rm import RMConfig
 
     assert C.parse(RMConfig, compose_config("rm")).data.path == "embedded-prefs"
     assert C.parse(BonConfig, compose_config("bon")).reward_model.path == "embedded-rm"
+    assert C.parse(DPOConfig, compose_config("dpo")).dpo.loss == "sigmoid"
+    ppo = C.parse(PPOConfig, compose_config("ppo"))
+    assert ppo.reward_model.path == "embedded-rm" and ppo.model.path == "embedded-chat" and ppo.ppo.kl_target is None
 
 
 @pytest.mark.parametrize("override, message", [
