@@ -40,7 +40,7 @@ from grpo.rm import resolve_data
 from grpo.rollout import build_engine, encode_prompts, sampling_params
 from grpo.tasks.base import TaskError, build_task, render_prompt
 from grpo.tasks.preference import read_preferences
-from grpo.tracking import Tracker
+from grpo.tracking import Tracker, due
 
 
 @dataclass
@@ -238,17 +238,17 @@ def run_dpo(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
             gn, lr = optimizer_step(policy, opt, sched, o.max_grad_norm)
             engine.update_weights(policy.named_parameters())
             step += 1
-            if step % t.log_every == 0 or step == 1 or step == t.max_steps:
+            if step == 1 or due(step, t.log_every, t.max_steps):
                 tracker.log({"loss": loss_v, **metrics, "grad_norm": gn, "lr": lr,
                              "time/elapsed": time.time() - t0}, step)
-            if (t.eval_every and step % t.eval_every == 0) or step == t.max_steps:
+            if due(step, t.eval_every, t.max_steps):
                 last = run_eval()
                 first = first or last
             post = {"loss": f"{loss_v:.3f}"}
             if last:
                 post["eval"] = f"{last['eval/reward/mean']:.3f}"
             tracker.advance(post)
-            if (t.save_every and step % t.save_every == 0) or step == t.max_steps:
+            if due(step, t.save_every, t.max_steps):
                 checkpoint.save(run_dir, step, {"model": policy}, tok, {"optimizer": opt, "scheduler": sched},
                                 keep=t.keep_checkpoints)
     finally:

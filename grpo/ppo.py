@@ -45,7 +45,7 @@ from grpo.reward_model import init_reward_model, load_reward_model
 from grpo.rewards import RewardInputs, build_rewards
 from grpo.rollout import build_engine, encode_prompts, sampling_params
 from grpo.tasks.base import TaskError, build_task
-from grpo.tracking import Tracker
+from grpo.tracking import Tracker, due
 from grpo.value import AdaptiveKL, gae, ppo_rewards, value_loss, whiten
 
 log = logging.getLogger(__name__)
@@ -302,14 +302,14 @@ def run_ppo(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
                 "time/step": time.time() - t0,
             }
             tracker.log(metrics, step)
-            if (t.eval_every and step % t.eval_every == 0) or step == t.max_steps:
+            if due(step, t.eval_every, t.max_steps):
                 last = run_eval()
                 first = first or last
             post = {"score": f"{metrics['objective/scores']:.3f}"}
             if last:
                 post["eval"] = f"{last['eval/reward/mean']:.3f}"
             tracker.advance(post)
-            if (t.save_every and step % t.save_every == 0) or step == t.max_steps:
+            if due(step, t.save_every, t.max_steps):
                 checkpoint.save(run_dir, step, {"model": policy, "value": critic}, tok, stateful,
                                 {"data_pos": data_pos}, t.keep_checkpoints)
     finally:

@@ -40,7 +40,7 @@ from grpo.preference import pairwise_loss, pointwise_loss, ranking_loss
 from grpo.reward_model import batch_sequences, fit_normalizer, init_reward_model, raw_scores, save_reward_model
 from grpo.tasks.base import TaskError, render_prompt
 from grpo.tasks.preference import ranking_pairs, read_preferences
-from grpo.tracking import Tracker
+from grpo.tracking import Tracker, due
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 BUILTIN_DATA = {"embedded-prefs": DATA_DIR / "prefs_train.jsonl", "embedded-prefs-eval": DATA_DIR / "prefs_eval.jsonl"}
@@ -247,17 +247,17 @@ def run_rm(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
             loss_v, metrics = backward(model, batch, t.micro_batch_size, kind, pad, device, cfg.rm.center_coef)
             gn, lr = optimizer_step(model, opt, sched, o.max_grad_norm)
             step += 1
-            if step % t.log_every == 0 or step == t.max_steps:
+            if due(step, t.log_every, t.max_steps):
                 tracker.log({"loss": loss_v, **{f"train/{k}": v for k, v in metrics.items()},
                              "grad_norm": gn, "lr": lr, "time/elapsed": time.time() - t0}, step)
-            if (t.eval_every and step % t.eval_every == 0) or step == t.max_steps:
+            if due(step, t.eval_every, t.max_steps):
                 last = run_eval()
                 first = first or last
             post = {"loss": f"{loss_v:.3f}"}
             if last and "eval/accuracy" in last:
                 post["acc"] = f"{last['eval/accuracy']:.3f}"
             tracker.advance(post)
-            if (t.save_every and step % t.save_every == 0) or step == t.max_steps:
+            if due(step, t.save_every, t.max_steps):
                 checkpoint.save(run_dir, step, {"model": model}, tok, {"optimizer": opt, "scheduler": sched},
                                 keep=t.keep_checkpoints)
         norm = {}

@@ -20,7 +20,7 @@ from grpo import checkpoint
 from grpo import config as C
 from grpo.modeling import load_model, load_tokenizer, pick_device
 from grpo.optim import build_optimizer, build_scheduler, optimizer_step
-from grpo.tracking import Tracker
+from grpo.tracking import Tracker, due
 from grpo.tasks.base import Sample, TaskError, render_prompt
 from grpo.tasks.file import read_rows, to_sample
 
@@ -84,10 +84,10 @@ def run_sft(raw: dict[str, Any], run_dir: Path) -> Path:
             loss.backward()
             gn, lr = optimizer_step(model, opt, sched, o.max_grad_norm)
             step += 1
-            if step % t.log_every == 0 or step == t.max_steps:
+            if due(step, t.log_every, t.max_steps):
                 tracker.log({"loss": loss.item(), "grad_norm": gn, "lr": lr, "time/elapsed": time.time() - t0}, step)
             tracker.advance({"loss": f"{loss.item():.3f}"})
-            if (t.save_every and step % t.save_every == 0) or step == t.max_steps:
+            if due(step, t.save_every, t.max_steps):
                 checkpoint.save(run_dir, step, {"model": model}, tok, {"optimizer": opt, "scheduler": sched},
                                 keep=t.keep_checkpoints)
     finally:

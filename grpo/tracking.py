@@ -126,3 +126,9 @@ class Tracker:
     def close(self) -> None:
         self.bar.close()
         self.logger.close()
+
+
+def due(step: int, every: int, max_steps: int) -> bool:
+    """Whether a periodic event (evaluation, checkpoint) falls on `step`: every `every` steps
+    (0 = never) and always after the last step."""
+    return bool(every and step % every == 0) or step == max_steps

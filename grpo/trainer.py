@@ -42,7 +42,7 @@ from grpo.optim import build_optimizer, build_scheduler
 from grpo.rewards import RewardInputs, build_rewards
 from grpo.rollout import build_engine, encode_prompts, sampling_params
 from grpo.tasks.base import TaskError, build_task
-from grpo.tracking import Tracker
+from grpo.tracking import Tracker, due
 
 log = logging.getLogger(__name__)
 
@@ -217,13 +217,13 @@ class Trainer:
                 self.step += 1
                 self.tracker.log(metrics, self.step)
                 post = {"reward": f"{metrics['reward/mean']:.3f}"}
-                if (t.eval_every and self.step % t.eval_every == 0) or self.step == t.max_steps:
+                if due(self.step, t.eval_every, t.max_steps):
                     last_eval = self.run_eval()
                     first_eval = first_eval or last_eval
                 if last_eval:
                     post["eval"] = f"{last_eval['eval/reward/mean']:.3f}"
                 self.tracker.advance(post)
-                if (t.save_every and self.step % t.save_every == 0) or self.step == t.max_steps:
+                if due(self.step, t.save_every, t.max_steps):
                     last_ckpt = self.save()
         finally:
             self.tracker.close()
