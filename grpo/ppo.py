@@ -12,7 +12,8 @@ One step:
 Where this differs from InstructGPT (Ouyang et al., 2022) and why:
 - The critic is its own copy of the reward model (as in the paper; `ppo.value_model` names
   another) with its own optimizer; without a reward model it starts from the policy's weights
-  with a zero value head. A critic on the policy's trunk (`ppo.value=shared`) is not built yet.
+  with a zero value head. `ppo.value=shared` puts a zero-initialised value head on the policy's
+  own trunk instead (half the memory; the value loss then also shapes the policy's trunk).
 - The KL estimator is an option (k1 by default, as the paper; k3 has lower variance).
 - PPO-ptx mixes the LM loss of `ppo.ptx_path` rows (prompt/completion, as grpo sft reads) into the
   same gradients: InstructGPT's objective 2 with gamma = ptx_coef.
@@ -69,6 +70,7 @@ class PPOOptions:
     missing_eos_penalty: float | None = C.num(None, ge=0)  # subtracted from the score of a cut completion
     score_clip: float | None = C.num(None, gt=0)  # clip scores to [-c, c]
     critic_warmup_steps: int = C.num(0, ge=0)  # steps that train the critic only
+    value: str = C.choice("separate", "separate", "shared")  # a critic of its own, or a head on the policy
     value_model: str | None = None  # the critic's init (a reward model); null = reward_model.path
     value_lr: float | None = C.num(None, ge=0)  # null = optim.lr
     ptx_coef: float = C.num(0.0, ge=0)  # PPO-ptx gamma
@@ -101,6 +103,19 @@ class PPOConfig:
     optim: C.Optim = C.group(C.Optim)
     logger: C.Logger = C.group(C.Logger)
     verifier: C.Verifier = C.group(C.Verifier)
+
+
+class SharedValue(torch.nn.Module):
+    """A value head on the policy's own trunk (ppo.value=shared): the critic interface of a scalar-head
+    model (`base_model_prefix` and `score`), whose only parameters of its own are the head's."""
+
+    def __init__(self, policy):
+        super().__init__()
+        self.base_model_prefix = "trunk"
+        object.__setattr__(self, "trunk", getattr(policy, policy.base_model_prefix))  # shared, not registered
+        self.score = torch.nn.Linear(policy.config.hidden_size, 1, bias=False)
+        torch.nn.init.zeros_(self.score.weight)  # values start at 0
+        self.score.to(next(policy.parameters()).device)
 
 
 def token_values(critic, batch: RolloutBatch) -> torch.Tensor:
@@ -164,13 +179,16 @@ def run_ppo(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     disable_dropout(policy)
     policy.train()
     ref = load_model(m.path, m.dtype, device=device).eval().requires_grad_(False)
-    if ckpt or value_src:  # strict: a checkpoint's or a reward model's head must be there
+    if p.value == "shared":
+        critic = SharedValue(policy)  # its head comes back from state.pt on resume
+    elif ckpt or value_src:  # strict: a checkpoint's or a reward model's head must be there
         critic = load_reward_model(str(ckpt / "value") if ckpt else value_src, m.dtype, device)
     else:
         critic = init_reward_model(m.path, m.dtype, device, tok.pad_token_id)
         torch.nn.init.zeros_(critic.score.weight)  # values start at 0, not at noise
         log.info("ppo: no reward model: the critic starts from %s with a new, zero value head", m.path)
-    disable_dropout(critic)
+    if p.value == "separate":
+        disable_dropout(critic)
     critic.train()
     ptx = ptx_rows(p.ptx_path, tok, t.system_prompt) if p.ptx_coef > 0 else None
     engine = build_engine(cfg.rollout, policy, tok, m.path, m.dtype, m.device)
@@ -182,6 +200,8 @@ def run_ppo(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     kl_ctl = AdaptiveKL(p.beta, p.kl_target, p.kl_horizon)
     stateful = {"optimizer": opt, "scheduler": sched, "value_optimizer": vopt, "value_scheduler": vsched,
                 "kl_controller": kl_ctl}
+    if p.value == "shared":
+        stateful["value_head"] = critic.score
     step, data_pos = 0, 0
     if ckpt:
         st = checkpoint.restore(ckpt, stateful)
@@ -310,7 +330,8 @@ def run_ppo(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
                 post["eval"] = f"{last['eval/reward/mean']:.3f}"
             tracker.advance(post)
             if due(step, t.save_every, t.max_steps):
-                checkpoint.save(run_dir, step, {"model": policy, "value": critic}, tok, stateful,
+                modules = {"model": policy} if p.value == "shared" else {"model": policy, "value": critic}
+                checkpoint.save(run_dir, step, modules, tok, stateful,
                                 {"data_pos": data_pos}, t.keep_checkpoints)
     finally:
         tracker.close()

@@ -106,3 +106,20 @@ def test_ppo_with_verifiers_only_starts_a_zero_critic(tiny_model_dir, tmp_path):
     first = next(r for r in metrics(tmp_path) if "val/mean" in r)
     assert first["val/mean"] == 0.0  # the new value head is zero: every value starts at 0
     assert "eval/rm_score" not in next(r for r in metrics(tmp_path) if "eval/reward/mean" in r)
+
+
+def test_shared_value_head_trains_and_resumes_exactly(tiny_model_dir, tmp_path):
+    common = ["reward_model=none", "ppo.value=shared", "trainer.save_every=2", "optim.lr=1e-2"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    run_ppo(cfg(tiny_model_dir, "trainer.max_steps=4", *common), full)
+    run_ppo(cfg(tiny_model_dir, "trainer.max_steps=2", *common), part)
+    run_ppo(cfg(tiny_model_dir, "trainer.max_steps=4", "trainer.resume=true", *common), part)
+    a = {r["step"]: [r["loss/policy"], r["loss/value"], r["val/mean"]] for r in metrics(full) if "loss/policy" in r}
+    b = {r["step"]: [r["loss/policy"], r["loss/value"], r["val/mean"]] for r in metrics(part) if "loss/policy" in r}
+    assert sorted(b) == [1, 2, 3, 4] and a == b
+    # The head starts at zero (values 0 at step 1), then learns; it lives in state.pt, not a value/ folder.
+    assert a[1][2] == 0.0 and a[4][2] != 0.0
+    ck = part / "checkpoints" / "step_000004"
+    assert not (ck / "value").exists()
+    state = torch.load(ck / "state.pt", weights_only=False)
+    assert state["value_head"]["weight"].shape[0] == 1 and state["value_head"]["weight"].abs().sum() > 0
