@@ -1,4 +1,7 @@
-"""The 314 public answer-equivalence cases of ../shared/data/math_equivalence_dev.jsonl.
+"""The 314 public answer-equivalence cases of tests/data/math_equivalence_dev.jsonl.
+
+The file is a copy of the project's shared dev data: pairs taken from public test suites
+(Math-Verify, MATH, NeMo-Skills, verl, open-r1, Qwen2.5-Math), kept here so a clone passes alone.
 
 Two paths are checked:
 
@@ -22,7 +25,7 @@ import pytest
 
 from grpo.verifiers.math import MathVerifier
 
-DATA = Path(__file__).resolve().parents[2] / "shared/data/math_equivalence_dev.jsonl"
+DATA = Path(__file__).resolve().parent / "data" / "math_equivalence_dev.jsonl"
 
 # index -> why our verdict is the opposite of `expected` (unambiguous rows)
 KNOWN_DISAGREEMENTS = {
@@ -49,7 +52,7 @@ AMBIGUOUS_CHOICES = {
 def _rows():
     if not DATA.is_file():
         raise FileNotFoundError(
-            f"dev data missing: {DATA} (clone the repo with shared/ beside it, as CI does)")
+            f"dev data missing: {DATA} (it is part of the repository)")
     return [json.loads(line) for line in DATA.read_text().splitlines() if line.strip()]
 
 
