@@ -30,9 +30,6 @@ class RolloutBatch:
     def T(self) -> int:
         return self.mask.shape[1]
 
-    def __len__(self) -> int:
-        return self.mask.shape[0]
-
     def to(self, device) -> RolloutBatch:
         return RolloutBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
@@ -85,3 +82,11 @@ def batch_logprobs(model, batch: RolloutBatch, temperature: float = 1.0, with_en
     """token_logprobs over a RolloutBatch: logp [N, T] (and entropy [N, T])."""
     return token_logprobs(model, batch.input_ids, batch.attention_mask, batch.position_ids, batch.T, temperature,
                           with_entropy)
+
+
+def engine_logprobs(logprobs: list[list[float]], T: int, device) -> torch.Tensor:
+    """A Rollout's ragged sampling log-probs as [N, T], aligned with pack()'s completion columns (0 on padding)."""
+    out = torch.zeros(len(logprobs), T, device=device)
+    for i, lp in enumerate(logprobs):
+        out[i, :len(lp)] = torch.tensor(lp)
+    return out

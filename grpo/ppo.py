@@ -36,7 +36,7 @@ import torch
 
 from grpo import checkpoint
 from grpo import config as C
-from grpo.batch import RolloutBatch, batch_logprobs, pack
+from grpo.batch import RolloutBatch, batch_logprobs, engine_logprobs, pack
 from grpo.evaluate import policy_eval
 from grpo.kl import kl_penalty
 from grpo.losses import policy_loss
@@ -248,9 +248,7 @@ def run_ppo(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
                 adv, returns = gae(token_rewards, old_values, mask, p.gamma, p.lam)  # [N, T]
                 if p.whiten_advantages:
                     adv = whiten(adv, mask)
-            eng = torch.zeros(N, T, device=device)  # the engine's sampling log-probs, like the trainer's
-            for i, lp in enumerate(ro.logprobs):
-                eng[i, :len(lp)] = torch.tensor(lp)
+            eng = engine_logprobs(ro.logprobs, T, device)  # [N, T] the engine's sampling log-probs
             gap = ((eng - old_logp).abs() * mask).sum() / mask.sum().clamp(min=1)
 
             train_policy = step >= p.critic_warmup_steps

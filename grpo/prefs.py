@@ -41,7 +41,6 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-from grpo.tasks.base import render_prompt
 from grpo.tasks.preference import K_MAX, K_MIN
 from grpo.verifiers.prefs_rule import rule
 
@@ -75,10 +74,10 @@ def sample_distinct(engine, tok, samples: list, ks: list[int], seed: int, stream
     Sampling runs in rounds of PER_ROUND draws for every prompt still short of its K (all in one
     batched call per round, seeded by (seed, stream, round)), for at most MAX_ROUNDS rounds.
     """
+    from grpo.rollout import encode_prompts
     from grpo.rollout.base import SamplingParams
 
-    # as grpo.trainer.encode_prompts (no system prompt), without importing the trainer
-    ids = [tok(render_prompt(tok, s), add_special_tokens=False)["input_ids"] for s in samples]
+    ids = encode_prompts(tok, samples)
     got: list[list[str]] = [[] for _ in samples]
     draws = 0
     for rnd in range(MAX_ROUNDS):

@@ -94,7 +94,6 @@ class Encoded:
     seqs: list[list[int]]
     margin: float | None = None
     score: float | None = None  # pointwise data
-    where: str = ""
 
 
 def encode(tok, kind: str, records: list, system_prompt: str | None) -> list[Encoded]:
@@ -104,7 +103,7 @@ def encode(tok, kind: str, records: list, system_prompt: str | None) -> list[Enc
         p = tok(render_prompt(tok, r.sample, system_prompt), add_special_tokens=False)["input_ids"]
         responses = [r.response] if kind == "scores" else r.responses
         seqs = [p + tok(x, add_special_tokens=False)["input_ids"] + [eos] for x in responses]
-        out.append(Encoded(seqs, getattr(r, "margin", None), getattr(r, "score", None), r.where))
+        out.append(Encoded(seqs, getattr(r, "margin", None), getattr(r, "score", None)))
     return out
 
 

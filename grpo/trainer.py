@@ -33,7 +33,7 @@ import torch
 from grpo import checkpoint
 from grpo import config as C
 from grpo.advantages import group_advantages
-from grpo.batch import batch_logprobs, pack
+from grpo.batch import batch_logprobs, engine_logprobs, pack
 from grpo.config import ConfigError
 from grpo.evaluate import policy_eval
 from grpo.losses import policy_loss
@@ -128,9 +128,7 @@ class Trainer:
             ref_logp = torch.cat([batch_logprobs(self.ref, batch[s], temp) for s in mbs]) if self.ref is not None else None
 
         # The engine's sampling log-probs of the sampled tokens, [N, T] like the trainer's.
-        eng = torch.zeros(N, T, device=self.device)
-        for i, lp in enumerate(ro.logprobs):
-            eng[i, :len(lp)] = torch.tensor(lp)
+        eng = engine_logprobs(ro.logprobs, T, self.device)  # [N, T]
 
         first_logp = torch.zeros(N, T, device=self.device)
         acc: dict[str, float] = {}
