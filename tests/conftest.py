@@ -21,6 +21,20 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_rm_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """A reward model on tiny_model_dir: its trunk plus a seeded, untrained scalar head."""
+    import torch
+
+    from grpo.modeling import load_tokenizer
+    from grpo.reward_model import init_reward_model, save_reward_model
+
+    out = tmp_path_factory.mktemp("tiny_rm")
+    torch.manual_seed(0)
+    save_reward_model(init_reward_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir)), out)
+    return out
+
+
 def run_grpo(*args: str, timeout: int = 600):
     """Run the real CLI in a subprocess; returns CompletedProcess with text output."""
     import subprocess

@@ -47,12 +47,8 @@ def test_bon_with_verifiers_as_judge_is_monotone_and_writes_sft_rows(tiny_model_
 
 
 @pytest.mark.slow
-def test_bon_with_a_reward_model_reports_its_scores_and_the_true_score(tiny_model_dir, tmp_path):
-    from grpo.modeling import load_tokenizer
-    from grpo.reward_model import init_reward_model, save_reward_model
-
-    rm_dir = tmp_path / "rm"
-    save_reward_model(init_reward_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir)), rm_dir)
+def test_bon_with_a_reward_model_reports_its_scores_and_the_true_score(tiny_model_dir, tiny_rm_dir, tmp_path):
+    rm_dir = tiny_rm_dir
     cfg = compose_config("bon", [f"model.path={tiny_model_dir}", "task=arithmetic", TOY, f"reward_model.path={rm_dir}",
                                  "bon.n=4", "bon.prompts=6", "rollout.max_new_tokens=6"])
     summary = run_bon(cfg, tmp_path / "run")

@@ -12,17 +12,6 @@ pytestmark = pytest.mark.slow
 TOY = "task.verifiers=[{_target_: tests.toy_verifiers.DigitFraction}]"
 
 
-@pytest.fixture(scope="module")
-def tiny_rm(tiny_model_dir, tmp_path_factory):
-    from grpo.modeling import load_tokenizer
-    from grpo.reward_model import init_reward_model, save_reward_model
-
-    out = tmp_path_factory.mktemp("rm")
-    torch.manual_seed(0)
-    save_reward_model(init_reward_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir)), out)
-    return out
-
-
 def cfg(model_dir, *extra):
     return compose_config("ppo", [f"model.path={model_dir}", "task=arithmetic", TOY, "task.eval_size=8",
                                   "trainer.eval_size=8", "rollout.max_new_tokens=6", "trainer.prompts_per_step=4",
@@ -33,8 +22,8 @@ def metrics(run_dir):
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_ppo_with_a_reward_model_logs_the_invariants_and_both_scores(tiny_model_dir, tiny_rm, tmp_path):
-    run_ppo(cfg(tiny_model_dir, f"reward_model.path={tiny_rm}", "trainer.max_steps=3", "ppo.kl_target=1.0"), tmp_path)
+def test_ppo_with_a_reward_model_logs_the_invariants_and_both_scores(tiny_model_dir, tiny_rm_dir, tmp_path):
+    run_ppo(cfg(tiny_model_dir, f"reward_model.path={tiny_rm_dir}", "trainer.max_steps=3", "ppo.kl_target=1.0"), tmp_path)
     recs = metrics(tmp_path)
     steps = [r for r in recs if "objective/scores" in r]
     assert [r["step"] for r in steps] == [1, 2, 3]
@@ -54,8 +43,8 @@ def test_ppo_with_a_reward_model_logs_the_invariants_and_both_scores(tiny_model_
     assert [r["step"] for r in evals] == [0, 3] and all("eval/rm_score" in r and "eval/kl" in r for r in evals)
 
 
-def test_ppo_resume_is_exact(tiny_model_dir, tiny_rm, tmp_path):
-    common = [f"reward_model.path={tiny_rm}", "trainer.save_every=2", "optim.lr=1e-2", "ppo.kl_target=1.0"]
+def test_ppo_resume_is_exact(tiny_model_dir, tiny_rm_dir, tmp_path):
+    common = [f"reward_model.path={tiny_rm_dir}", "trainer.save_every=2", "optim.lr=1e-2", "ppo.kl_target=1.0"]
     full, part = tmp_path / "full", tmp_path / "part"
     run_ppo(cfg(tiny_model_dir, "trainer.max_steps=4", *common), full)
     run_ppo(cfg(tiny_model_dir, "trainer.max_steps=2", *common), part)
@@ -76,7 +65,7 @@ def test_ppo_resume_is_exact(tiny_model_dir, tiny_rm, tmp_path):
     assert all(torch.equal(va[k], vb[k]) for k in va)
 
 
-def test_ptx_keeps_the_lm_loss_on_the_ptx_data_lower(tiny_model_dir, tiny_rm, tmp_path):
+def test_ptx_keeps_the_lm_loss_on_the_ptx_data_lower(tiny_model_dir, tiny_rm_dir, tmp_path):
     from grpo.modeling import load_tokenizer
     from grpo.sft import batch_tensors, encode_rows
     from transformers import AutoModelForCausalLM
@@ -92,7 +81,7 @@ def test_ptx_keeps_the_lm_loss_on_the_ptx_data_lower(tiny_model_dir, tiny_rm, tm
         with torch.no_grad():
             return model(input_ids=ids, attention_mask=attn, labels=labels).loss.item()
 
-    common = [f"reward_model.path={tiny_rm}", "trainer.max_steps=6", "optim.lr=5e-3"]
+    common = [f"reward_model.path={tiny_rm_dir}", "trainer.max_steps=6", "optim.lr=5e-3"]
     run_ppo(cfg(tiny_model_dir, *common), tmp_path / "plain")
     run_ppo(cfg(tiny_model_dir, *common, "ppo.ptx_coef=1.0", f"ppo.ptx_path={ptx}", "ppo.ptx_batch_size=4"),
             tmp_path / "ptx")

@@ -169,12 +169,8 @@ def test_dropout_is_off_in_the_policy(tiny_model_dir, tmp_path):
     assert rec["rollout/logprob_abs_diff/max"] < 1e-4
 
 
-def test_a_reward_model_is_a_reward_source_and_the_verifiers_only_measure(tiny_model_dir, tmp_path):
-    from grpo.modeling import load_tokenizer
-    from grpo.reward_model import init_reward_model, save_reward_model
-
-    rm_dir = tmp_path / "rm"
-    save_reward_model(init_reward_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir)), rm_dir)
+def test_a_reward_model_is_a_reward_source_and_the_verifiers_only_measure(tiny_model_dir, tiny_rm_dir, tmp_path):
+    rm_dir = tiny_rm_dir
     run = tmp_path / "run"
     train(cfg_for(tiny_model_dir, "trainer.max_steps=2", "trainer.eval_every=0", f"reward_model.path={rm_dir}",
                   "reward_model.scale=0.5"), run)
@@ -189,12 +185,8 @@ def test_a_reward_model_is_a_reward_source_and_the_verifiers_only_measure(tiny_m
     assert all("eval/reward/digit_fraction/mean" in r and "eval/rm_score" in r for r in evals)
 
 
-def test_a_reward_model_alone_trains_and_evaluates(tiny_model_dir, tmp_path):
-    from grpo.modeling import load_tokenizer
-    from grpo.reward_model import init_reward_model, save_reward_model
-
-    rm_dir = tmp_path / "rm"
-    save_reward_model(init_reward_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir)), rm_dir)
+def test_a_reward_model_alone_trains_and_evaluates(tiny_model_dir, tiny_rm_dir, tmp_path):
+    rm_dir = tiny_rm_dir
     run = tmp_path / "run"
     train(cfg_for(tiny_model_dir, "trainer.max_steps=1", "trainer.eval_every=0", "task.verifiers=[]",
                   f"reward_model.path={rm_dir}"), run)
