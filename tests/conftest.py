@@ -35,6 +35,16 @@ def tiny_rm_dir(tiny_model_dir, tmp_path_factory) -> Path:
     return out
 
 
+def run_interrupted(run, make_cfg, tmp_path, steps: int, stop: int):
+    """The resume check's three runs: `steps` uninterrupted in tmp_path/full; `stop` steps, then
+    resumed to `steps`, in tmp_path/part. make_cfg(*overrides) -> a config. Returns (full, part)."""
+    full, part = tmp_path / "full", tmp_path / "part"
+    run(make_cfg(f"trainer.max_steps={steps}"), full)
+    run(make_cfg(f"trainer.max_steps={stop}"), part)
+    run(make_cfg(f"trainer.max_steps={steps}", "trainer.resume=true"), part)
+    return full, part
+
+
 def run_grpo(*args: str, timeout: int = 600):
     """Run the real CLI in a subprocess; returns CompletedProcess with text output."""
     import subprocess

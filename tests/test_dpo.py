@@ -10,6 +10,7 @@ from grpo.cli import compose_config
 from grpo.dpo import encode_pairs, reference_cache, run_dpo
 from grpo.tasks.base import Sample, TaskError
 from grpo.tasks.preference import Ranking
+from tests.conftest import run_interrupted
 
 TOY = "task.verifiers=[{_target_: tests.toy_verifiers.DigitFraction}]"
 
@@ -54,10 +55,7 @@ def test_dpo_starts_at_zero_rewards_and_learns_the_preference(tiny_model_dir, pa
 @pytest.mark.slow
 def test_dpo_resume_and_micro_batches(tiny_model_dir, pairs_file, tmp_path):
     common = ["trainer.save_every=2", "trainer.micro_batch_size=3"]
-    full, part = tmp_path / "full", tmp_path / "part"
-    run_dpo(cfg(tiny_model_dir, pairs_file, "trainer.max_steps=4", *common), full)
-    run_dpo(cfg(tiny_model_dir, pairs_file, "trainer.max_steps=2", *common), part)
-    run_dpo(cfg(tiny_model_dir, pairs_file, "trainer.max_steps=4", "trainer.resume=true", *common), part)
+    full, part = run_interrupted(run_dpo, lambda *o: cfg(tiny_model_dir, pairs_file, *o, *common), tmp_path, 4, 2)
     a = {r["step"]: r["loss"] for r in metrics(full) if "loss" in r}
     b = {r["step"]: r["loss"] for r in metrics(part) if "loss" in r}
     assert sorted(b) == [1, 2, 3, 4] and a == b

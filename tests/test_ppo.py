@@ -7,6 +7,7 @@ import torch
 
 from grpo.cli import compose_config
 from grpo.ppo import run_ppo
+from tests.conftest import run_interrupted
 
 pytestmark = pytest.mark.slow
 TOY = "task.verifiers=[{_target_: tests.toy_verifiers.DigitFraction}]"
@@ -45,10 +46,7 @@ def test_ppo_with_a_reward_model_logs_the_invariants_and_both_scores(tiny_model_
 
 def test_ppo_resume_is_exact(tiny_model_dir, tiny_rm_dir, tmp_path):
     common = [f"reward_model.path={tiny_rm_dir}", "trainer.save_every=2", "optim.lr=1e-2", "ppo.kl_target=1.0"]
-    full, part = tmp_path / "full", tmp_path / "part"
-    run_ppo(cfg(tiny_model_dir, "trainer.max_steps=4", *common), full)
-    run_ppo(cfg(tiny_model_dir, "trainer.max_steps=2", *common), part)
-    run_ppo(cfg(tiny_model_dir, "trainer.max_steps=4", "trainer.resume=true", *common), part)
+    full, part = run_interrupted(run_ppo, lambda *o: cfg(tiny_model_dir, *o, *common), tmp_path, 4, 2)
     keys = ("loss/policy", "loss/value", "objective/scores", "kl/beta")
     a = {r["step"]: [r[k] for k in keys] for r in metrics(full) if "loss/policy" in r}
     b = {r["step"]: [r[k] for k in keys] for r in metrics(part) if "loss/policy" in r}
@@ -99,10 +97,7 @@ def test_ppo_with_verifiers_only_starts_a_zero_critic(tiny_model_dir, tmp_path):
 
 def test_shared_value_head_trains_and_resumes_exactly(tiny_model_dir, tmp_path):
     common = ["reward_model=none", "ppo.value=shared", "trainer.save_every=2", "optim.lr=1e-2"]
-    full, part = tmp_path / "full", tmp_path / "part"
-    run_ppo(cfg(tiny_model_dir, "trainer.max_steps=4", *common), full)
-    run_ppo(cfg(tiny_model_dir, "trainer.max_steps=2", *common), part)
-    run_ppo(cfg(tiny_model_dir, "trainer.max_steps=4", "trainer.resume=true", *common), part)
+    full, part = run_interrupted(run_ppo, lambda *o: cfg(tiny_model_dir, *o, *common), tmp_path, 4, 2)
     a = {r["step"]: [r["loss/policy"], r["loss/value"], r["val/mean"]] for r in metrics(full) if "loss/policy" in r}
     b = {r["step"]: [r["loss/policy"], r["loss/value"], r["val/mean"]] for r in metrics(part) if "loss/policy" in r}
     assert sorted(b) == [1, 2, 3, 4] and a == b

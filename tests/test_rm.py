@@ -8,7 +8,7 @@ import torch
 from grpo.cli import compose_config
 from grpo.reward_model import load_reward_model
 from grpo.rm import run_rm
-from tests.conftest import run_grpo
+from tests.conftest import run_grpo, run_interrupted
 
 pytestmark = pytest.mark.slow
 
@@ -65,10 +65,7 @@ def test_rm_learns_rankings_and_saves_a_normalised_reward_model(tiny_model_dir, 
 def test_rm_resume_reproduces_the_uninterrupted_run(tiny_model_dir, data, tmp_path):
     train, held = data
     common = ["trainer.save_every=3", "trainer.log_every=1", "optim.schedule=constant_with_warmup"]
-    full, part = tmp_path / "full", tmp_path / "part"
-    run_rm(cfg(tiny_model_dir, train, held, "trainer.max_steps=6", *common), full)
-    run_rm(cfg(tiny_model_dir, train, held, "trainer.max_steps=3", *common), part)
-    run_rm(cfg(tiny_model_dir, train, held, "trainer.max_steps=6", "trainer.resume=true", *common), part)
+    full, part = run_interrupted(run_rm, lambda *o: cfg(tiny_model_dir, train, held, *o, *common), tmp_path, 6, 3)
     a = {r["step"]: r["loss"] for r in metrics(full) if "loss" in r}
     b = {r["step"]: r["loss"] for r in metrics(part) if "loss" in r}
     assert sorted(b) == [1, 2, 3, 4, 5, 6] and a == b

@@ -7,6 +7,7 @@ from grpo.cli import compose_config
 from grpo.sft import batch_tensors, encode_rows, run_sft
 from grpo.modeling import load_tokenizer
 from grpo.tasks.base import TaskError
+from tests.conftest import run_interrupted
 
 
 def test_labels_cover_only_the_completion_and_eos(tiny_model_dir):
@@ -52,17 +53,13 @@ def test_sft_resume_reproduces_the_uninterrupted_run(tiny_model_dir, tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"say {w}", "completion": w}) + "\n" for w in ("ab", "cd", "ef")))
 
-    def cfg(steps, *extra):
-        return compose_config("sft", [f"model.path={tiny_model_dir}", f"data.path={data}", f"trainer.max_steps={steps}",
-                                      "trainer.batch_size=4", "trainer.log_every=1", "trainer.save_every=2",
+    def cfg(*extra):
+        return compose_config("sft", [f"model.path={tiny_model_dir}", f"data.path={data}", "trainer.batch_size=4", "trainer.log_every=1", "trainer.save_every=2",
                                       "optim.warmup_steps=2", "optim.schedule=constant_with_warmup", *extra])
 
     # The interrupted run stops after 2 of 5 steps; a constant schedule (after warm-up) does not
     # depend on max_steps, so the 2-step run is exactly the first 2 steps of the 5-step one.
-    full, part = tmp_path / "full", tmp_path / "part"
-    run_sft(cfg(5), full)
-    run_sft(cfg(2), part)
-    run_sft(cfg(5, "trainer.resume=true"), part)
+    full, part = run_interrupted(run_sft, cfg, tmp_path, 5, 2)
     a = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
     b = [json.loads(x) for x in (part / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in b] == [1, 2, 3, 4, 5]  # the resumed log has each step once

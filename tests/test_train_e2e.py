@@ -7,7 +7,7 @@ import torch
 
 from grpo.cli import compose_config
 from grpo.trainer import train
-from tests.conftest import run_grpo
+from tests.conftest import run_grpo, run_interrupted
 
 pytestmark = pytest.mark.slow
 TOY = "task.verifiers=[{_target_: tests.toy_verifiers.DigitFraction}]"
@@ -50,10 +50,7 @@ def test_run_writes_metrics_and_a_loadable_checkpoint(tiny_model_dir, tmp_path):
 
 def test_resume_reproduces_the_uninterrupted_run(tiny_model_dir, tmp_path):
     common = ["trainer.eval_every=0", "trainer.save_every=2", "optim.lr=1e-2", "algorithm.beta=0.05"]
-    full, part = tmp_path / "full", tmp_path / "part"
-    train(cfg_for(tiny_model_dir, "trainer.max_steps=4", *common), full)
-    train(cfg_for(tiny_model_dir, "trainer.max_steps=2", *common), part)
-    train(cfg_for(tiny_model_dir, "trainer.max_steps=4", "trainer.resume=true", *common), part)
+    full, part = run_interrupted(train, lambda *o: cfg_for(tiny_model_dir, *o, *common), tmp_path, 4, 2)
     a = {r["step"]: r for r in read_metrics(full) if "loss" in r}
     b = {r["step"]: r for r in read_metrics(part) if "loss" in r}
     assert sorted(b) == [1, 2, 3, 4]  # no duplicated or missing steps in the resumed log
