@@ -109,10 +109,12 @@ GAMING = [
     ("3", boxed("\\pm 3"), 0.0, "hedged"),
     ("x = 3", boxed("x = 3 \\text{ or } x = 4"), 0.0, "hedged"),
     ("3", "The final answer is 3 or 4. I hope it is correct.", 0.0, "hedged"),
-    # several different boxes, anywhere after the thinking
-    ("3", "\\boxed{3} or \\boxed{4}", 0.0, "multiple_boxed"),
-    ("3", "First guess \\boxed{4}. Hmm, no: \\boxed{3}", 0.0, "multiple_boxed"),
-    ("3", "\\boxed{3}\\boxed{3}\\boxed{4}\\boxed{5}", 0.0, "multiple_boxed"),
+    # several different boxes: by default (multiple_boxed="last") only the final box is graded, so
+    # boxing extra candidates gains nothing. The strict "reject" rule these rows used to assert
+    # ("multiple_boxed" for all three) is tested in tests/test_math_verifier_classes.py.
+    ("3", "\\boxed{3} or \\boxed{4}", 0.0, "wrong"),  # the final box, 4, is graded
+    ("3", "First guess \\boxed{4}. Hmm, no: \\boxed{3}", 1.0, "correct"),  # a revision: the final box is 3
+    ("3", "\\boxed{3}\\boxed{3}\\boxed{4}\\boxed{5}", 0.0, "wrong"),  # the final box is 5
     # the same answer boxed twice is not a hedge (a restated final answer)
     ("3", "So \\boxed{3}. **Final Answer** \\boxed{3}", 1.0, "correct"),
     ("0.5", "\\boxed{\\frac{1}{2}} i.e. \\boxed{0.5}", 1.0, "correct"),  # equal values, written twice

@@ -30,7 +30,7 @@ DATA = Path(__file__).resolve().parent / "data" / "math_equivalence_dev.jsonl"
 # index -> why our verdict is the opposite of `expected` (unambiguous rows)
 KNOWN_DISAGREEMENTS = {
     167: "the completion boxes two different intermediate results (200, 255) and writes the final "
-    "10455 unboxed; the boxed-first policy plus the multiple-boxes rule give 0 by design",
+    "10455 unboxed; the boxed-first policy grades the last box, 255, which is wrong (0 by design)",
     209: "gold W(n)=1 and W(n)=-1 vs W(x)=1 or W(x)=-1: equal only after renaming n to x; we keep "
     "math-verify's strict variables (else x+1 would equal y+1), so function arguments must match",
 }

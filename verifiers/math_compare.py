@@ -7,10 +7,21 @@ caller for tests. math-verify's own SIGALRM timeouts are switched off (``parsing
 
 Verdict rules on top of math-verify's equivalence:
 
+- Several different boxes (``multiple_boxed``): with "last" (the verifier's default) a single-valued
+  gold is compared with the final box only, since a completion that revises its answer offers one
+  answer; a multi-part gold is compared with all boxes as a set, then with the final box alone.
+  With "reject" several boxes are compared as a set, which a single gold never equals.
 - A prediction is split into its alternatives (``3 or 4``, ``\\pm 3``, ``\\{3, 4\\}``, several
-  different boxes). If the gold is a single value, several alternatives get 0 ("hedged" /
-  "multiple_boxed") even when one of them is right. If the gold has several parts, the two must
-  match as collections (math-verify's set/tuple comparison).
+  different boxes under "reject"). If the gold is a single value, several alternatives get 0
+  ("hedged" / "multiple_boxed") even when one of them is right. If the gold has several parts, the
+  two must match as collections (math-verify's set/tuple comparison).
+- A hedge written in words gets 0 ("hedged") before anything is parsed: a range ("at least 1",
+  "1 or more", "at most 3", "3 or fewer", "more than 2"), an estimate ("approximately 3", "about 3",
+  ``\\approx 3``), an uncertain or parenthetical alternative ("1 (or 2)", "probably 4"). A phrase
+  only counts when the gold does not say the same kind of thing: a gold "at least 1" is matched by
+  "1 or more", both read without their phrases. See :data:`_HEDGE_PHRASES` for the choices.
+- ``|z|`` of a complex number is evaluated exactly: ``i`` inside an absolute value with no other
+  variable is the imaginary unit, so ``|3+4i|`` equals 5 (and not 7).
 - Only the pair that math-verify parsed as sympy objects is compared; the fallback of comparing
   raw strings is used only when neither side parsed (plain-text answers such as "Evelyn").
 """
@@ -20,6 +31,8 @@ from __future__ import annotations
 import logging
 import re
 from functools import lru_cache
+
+from grpo.verifiers.math_extract import NUMBER_WORDS
 
 # Imported lazily in the worker so that `import grpo.verifiers.math` in the trainer stays cheap.
 _mv = None
@@ -64,6 +77,93 @@ _REPEATING_RE = re.compile(r"([+-]?)(\d*)\.(\d*)\\overline\s*\{(\d+)\}")
 _WORD_ANSWER_RE = re.compile(r"[A-Za-z][A-Za-z ]*[A-Za-z]")
 _DECIMAL_COMMA_RE = re.compile(r"[+-]?\d+,\d+")
 _DOUBLE_ESCAPED_CMD_RE = re.compile(r"(?<!\\)\\\\(?=[A-Za-z]{2,})")
+
+
+# -- hedges written in words ------------------------------------------------------------------
+#
+# A span that qualifies its value instead of stating it: a range, an estimate or a guess. Each
+# phrase has a kind (phrases of one kind mean the same thing, so a gold "at least 1" accepts
+# "1 or more") and a place where it counts:
+#   "value": anywhere, when a value follows ("at least 3", "x is less than \\frac{1}{2}"), so
+#            "up to isomorphism" or "greater than or equal to" in prose do not count;
+#   "lead":  only when nothing but wrappers or "x =" comes before it, and a value follows.
+#            Estimates are hedges only as the whole answer ("approximately 3", "\\approx 3"): after
+#            an exact value ("\\frac{\\sqrt{3}}{3} \\approx 0.577", "x \\approx 11") they only annotate
+#            it, and the comparison reads the value as before. Leading relation symbols ("\\geq 3")
+#            work the same way; with a left side ("x \\geq 3") they are an inequality answer.
+#   "any":   anywhere ("1 or more", "1 (or 2)", "probably 4").
+# Chosen: "approximately 3" is a hedge. The gold is exact, and an answer that declines to claim
+# the exact value does not give it; a gold that is itself approximate ("\\approx 3.14") accepts it.
+_HEDGE_PHRASES: dict[str, dict[str, tuple[str, ...]]] = {
+    "at_least": {
+        "value": ("at least", "no less than", "not less than", "no fewer than", "not fewer than",
+                  "a minimum of", "at minimum", "greater than or equal to", "more than or equal to"),
+        "any": ("or more", "or greater", "or higher", "or above", "or larger", "or over", "and up",
+                "and above", "and more"),
+        "lead": (r"\\ge(?:q|qslant)?", ">=", "≥"),
+    },
+    "at_most": {
+        "value": ("at most", "no more than", "not more than", "no greater than", "not greater than",
+                  "no larger than", "a maximum of", "at maximum", "up to", "less than or equal to"),
+        "any": ("or less", "or fewer", "or lower", "or below", "or smaller", "or under", "and below",
+                "and under"),
+        "lead": (r"\\le(?:q|qslant)?", "<=", "≤"),
+    },
+    # (A bare "<" or ">" is not one: "<1, 2>" is a vector.)
+    "more_than": {"value": ("more than", "greater than", "larger than", "bigger than"), "lead": (r"\\gt",)},
+    "less_than": {"value": ("less than", "fewer than", "smaller than"), "lead": (r"\\lt",)},
+    "approximately": {
+        "lead": ("approximately", "approx.", "approx", "about", "around", "roughly", "nearly", "almost",
+                 "circa", "close to", "more or less", "an estimated", "estimated", r"\\approx", "≈", r"\\sim"),
+        "any": ("or so", "give or take"),
+    },
+    "unsure": {"any": ("maybe", "possibly", "perhaps", "probably", "likely", r"\(\s*or")},
+}
+# A value follows: a digit, sign, decimal point, LaTeX command, bracket or a number word, after
+# spaces, closing \text{} braces or "$" ("\text{at least } 1", "at least $\frac{1}{2}$").
+_VALUE_AHEAD = r"(?=[\s}$~]*(?:[-+−\d.\\({\[|]|(?:%s)(?![A-Za-z])))" % "|".join(sorted(NUMBER_WORDS - {"and"}))
+_WRAPPER = r"\s|\$|~|\{|\\[(\[,;: ]|\\(?:text|textbf|textit|textrm|mathrm|mbox|textnormal)\s*\{"
+# Before a "lead" phrase: only wrappers, and at most one "x =" ("x = about 3").
+_LEAD_ONLY_RE = re.compile(rf"(?:{_WRAPPER})*(?:[A-Za-z](?:_\{{?\w+\}}?)?\s*=(?:{_WRAPPER})*)?")
+
+
+def _phrase_re(phrase: str) -> str:
+    """A phrase as a regex: words at word boundaries with any spacing. Phrases that start with a
+    backslash are regexes already (a LaTeX command such as ``\\ge(?:q)?``, or ``\\(\\s*or`` for
+    "(or"), and a command must not run into a longer name (``\\le`` is not ``\\left``)."""
+    if phrase.startswith("\\"):
+        return phrase + r"(?![A-Za-z])"
+    body = r"\s+".join(re.escape(w) for w in phrase.split())
+    before = r"(?<![A-Za-z])" if phrase[0].isalpha() else ""
+    after = r"(?![A-Za-z])" if phrase[-1].isalpha() else ""
+    return before + body + after
+
+
+def _build_hedge_re() -> tuple[re.Pattern, list[tuple[str, str]]]:
+    # One alternation, longest phrase first, so that at one position "more or less" wins over
+    # "more than" and "no more than" is found before "more than" can be. Group n is phrase n.
+    table = [(p, kind, where) for kind, places in _HEDGE_PHRASES.items() for where, ps in places.items() for p in ps]
+    table.sort(key=lambda t: -len(t[0]))
+    alts = [f"(?P<h{n}>{_phrase_re(p)}){'' if where == 'any' else _VALUE_AHEAD}"
+            for n, (p, _, where) in enumerate(table)]
+    return re.compile("|".join(alts), re.I), [(kind, where) for _, kind, where in table]
+
+
+_HEDGE_RE, _HEDGE_KIND_OF = _build_hedge_re()
+
+
+def _hedges(span: str) -> tuple[frozenset[str], str]:
+    """The kinds of hedge phrases in ``span``, and the span without those phrases."""
+    kinds, keep, pos = set(), [], 0
+    for m in _HEDGE_RE.finditer(span):
+        kind, where = _HEDGE_KIND_OF[int(m.lastgroup[1:])]
+        if where == "lead" and not _LEAD_ONLY_RE.fullmatch(span[: m.start()]):
+            continue  # "x \approx 11", "x \geq 3": an annotation or an inequality, not a hedge
+        kinds.add(kind)
+        keep.append(span[pos: m.start()])
+        pos = m.end()
+    keep.append(span[pos:])
+    return frozenset(kinds), " ".join(keep).strip()
 
 
 def _is_prose(span: str) -> bool:
@@ -151,8 +251,35 @@ def parse_span(span: str, latex: bool = False) -> tuple:
 def _expr(parsed: tuple):
     """The sympy object of a parse (first candidate), or None when only a string came back."""
     if parsed and not isinstance(parsed[0], str):
-        return parsed[0]
+        return _moduli_evaluated(parsed[0])
     return None
+
+
+def _moduli_evaluated(expr):
+    """``|3+4i|`` -> 5: in an absolute value whose only variable is ``i``, ``i`` is the imaginary unit.
+
+    latex2sympy reads ``i`` as a variable, so ``|3+4i|`` (also ``\\left|...\\right|``, ``\\lvert
+    ...\\rvert``) stays ``Abs(4*i + 3)``, equal to no number. The modulus of an expression in ``i``
+    alone is the modulus of a complex number; rebuilt with sympy's ``I`` it evaluates exactly.
+    Outside an absolute value ``i`` keeps its meaning (an index, a variable), and a real modulus
+    such as ``|-7|`` needs nothing: sympy evaluates it already.
+    """
+    from sympy import Abs, Basic, I
+
+    if not isinstance(expr, Basic) or not expr.has(Abs) or _too_large(expr):
+        return expr  # (rebuilding a power tower would evaluate it)
+
+    def complex_modulus(e) -> bool:
+        return isinstance(e, Abs) and [s.name for s in e.free_symbols] == ["i"]
+
+    def evaluated(e):
+        (i,) = e.free_symbols
+        return Abs(e.args[0].subs(i, I))
+
+    try:
+        return expr.replace(complex_modulus, evaluated)
+    except Exception:  # noqa: BLE001 - an odd tree keeps its unevaluated form; the comparison decides
+        return expr
 
 
 def _alternatives(expr) -> list:
@@ -232,14 +359,61 @@ def _too_large(expr) -> bool:
     return False
 
 
-def judge(
-    gold_parts: tuple[str, ...], pred_parts: tuple[str, ...], gold_latex: bool = False, pred_latex: bool = False
-) -> tuple[bool, str, str | None]:
-    """(correct, reason, parsed prediction as text). ``reason`` is "correct" when correct.
+MULTIPLE_BOXED = ("last", "reject")
 
-    ``*_latex``: the parts came from boxes (see :func:`parse_span`).
+
+def judge(
+    gold_parts: tuple[str, ...],
+    pred_parts: tuple[str, ...],
+    gold_latex: bool = False,
+    pred_latex: bool = False,
+    multiple_boxed: str = "reject",
+    hedge_words: bool = False,
+) -> tuple[bool, str, str | None, bool]:
+    """(correct, reason, parsed prediction as text, whether only the final part was graded).
+
+    ``reason`` is "correct" when correct. ``*_latex``: the parts came from boxes (see
+    :func:`parse_span`). ``pred_parts`` are distinct boxes with the final box last;
+    ``multiple_boxed`` ("last" or "reject") says what several of them mean. ``hedge_words``: look
+    for hedges written in words (for short answer spans; a whole completion has prose).
     """
+    if multiple_boxed not in MULTIPLE_BOXED:
+        raise ValueError(f"multiple_boxed must be one of {MULTIPLE_BOXED}, got {multiple_boxed!r}")
+    if multiple_boxed == "last" and len(pred_parts) > 1:
+        if not _single_valued(gold_parts, gold_latex):
+            # "Find all roots": separate boxes may be the parts of one answer; else the final box
+            # may hold the whole list after a revision.
+            ok, reason, shown = _judge(gold_parts, pred_parts, gold_latex, pred_latex, hedge_words)
+            if ok:
+                return ok, reason, shown, False
+        return (*_judge(gold_parts, pred_parts[-1:], gold_latex, pred_latex, hedge_words), True)
+    return (*_judge(gold_parts, pred_parts, gold_latex, pred_latex, hedge_words), False)
+
+
+def _single_valued(gold_parts: tuple[str, ...], latex: bool) -> bool:
+    """False for a gold with several parts: several boxes, or a parse with several alternatives."""
+    if len(gold_parts) != 1:
+        return False
+    for reading in _readings(gold_parts[0], latex):
+        expr = _expr(reading)
+        if expr is not None and len(_alternatives(expr)) > 1:
+            return False
+    return True
+
+
+def _judge(
+    gold_parts: tuple[str, ...], pred_parts: tuple[str, ...], gold_latex: bool, pred_latex: bool, hedge_words: bool
+) -> tuple[bool, str, str | None]:
     gold_span, pred_span = ", ".join(gold_parts), ", ".join(pred_parts)
+    if hedge_words:
+        pred_kinds, pred_bare = _hedges(pred_span)
+        if pred_kinds:
+            gold_kinds, gold_bare = _hedges(gold_span)
+            if not pred_kinds <= gold_kinds:
+                return False, "hedged", None
+            if pred_kinds == gold_kinds:
+                # The gold says the same kind of thing ("at least 1" vs "1 or more"): compare the rest.
+                gold_span, pred_span = gold_bare, pred_bare
     gw, pw = _word_answer(gold_span), _word_answer(pred_span)
     if gw is not None and pw is not None:
         # Plain-text answers ("Evelyn", "odd"): sympy would read them as products of one-letter
@@ -310,6 +484,6 @@ def _canon_text(x) -> str:
 _LATEX_TEXT_INNER_RE = re.compile(r"\\(?:text|textbf|textit|mathrm|mbox|textnormal)\s*\{([^{}]*)\}")
 
 
-def judge_payload(payload: tuple) -> tuple[bool, str, str | None]:
+def judge_payload(payload: tuple) -> tuple[bool, str, str | None, bool]:
     """Pool entry point: ``payload`` is the argument tuple of :func:`judge`."""
     return judge(*payload)
