@@ -22,17 +22,18 @@ from grpo.modeling import load_model, load_tokenizer, pick_device
 from grpo.optim import build_optimizer, build_scheduler, optimizer_step
 from grpo.tracking import Tracker, due
 from grpo.tasks.base import Sample, TaskError, render_prompt
-from grpo.tasks.file import read_rows, to_sample
+from grpo.tasks.file import located_rows, to_sample
 
 log = logging.getLogger(__name__)
 
 
-def encode_rows(tokenizer, rows: list[dict[str, Any]], path: str, prompt_field: str, completion_field: str,
+def encode_rows(tokenizer, rows: list[tuple[str, dict[str, Any]]], prompt_field: str, completion_field: str,
                 system_prompt: str | None = None) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, completion ids + EOS) per row; ``rows`` are (where, row) from `located_rows`, so a
+    bad row's error names its file and line."""
     eos = tokenizer.eos_token_id
     out = []
-    for i, row in enumerate(rows):
-        where = f"{path}: row {i}"
+    for where, row in rows:
         sample: Sample = to_sample(row, where, prompt_field, None)
         if not isinstance(row.get(completion_field), str) or not row[completion_field]:
             raise TaskError(f"{where}: missing field {completion_field!r}")
@@ -63,8 +64,7 @@ def run_sft(raw: dict[str, Any], run_dir: Path) -> Path:
     run_dir = Path(run_dir)
     ckpt = checkpoint.begin(run_dir, t.resume, t.seed)
     tok = load_tokenizer(m.path)
-    rows = read_rows(data.path)
-    pairs = encode_rows(tok, rows, data.path, data.prompt_field, data.completion_field, data.system_prompt)
+    pairs = encode_rows(tok, located_rows(data.path), data.prompt_field, data.completion_field, data.system_prompt)
     if not pairs:
         raise TaskError(f"{data.path}: no rows")
     device = pick_device(m.device)

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from grpo.tasks.base import Sample, TaskError
+
+log = logging.getLogger(__name__)
 
 _FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 
@@ -36,9 +39,9 @@ def read_rows(path: str, split: str = "train", config: str | None = None) -> lis
             rows = json.loads(p.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise TaskError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
-        for i, row in enumerate(rows):
+        for i, row in enumerate(rows, start=1):
             if not isinstance(row, dict):
-                raise TaskError(f"{path}: row {i}: expected a JSON object, got {type(row).__name__}")
+                raise TaskError(f"{path}: row {i} (1-based): expected a JSON object, got {type(row).__name__}")
         return rows
     if p.suffix == ".jsonl" or (p.suffix == ".json" and p.exists()):
         return [row for _, row in jsonl_lines(path)]
@@ -61,6 +64,22 @@ def read_rows(path: str, split: str = "train", config: str | None = None) -> lis
                     " path at a local .jsonl/.parquet copy (HF_HUB_OFFLINE=1 skips the network retries)")
         raise TaskError(f"{path}: cannot load dataset ({where}): {type(e).__name__}: {e}{hint}") from e
     return [dict(r) for r in ds]
+
+
+def _is_json_lines(p: Path) -> bool:
+    """read_rows' rule: .jsonl, or a .json file that does not hold one array of rows."""
+    return p.suffix == ".jsonl" or (
+        p.suffix == ".json" and p.is_file() and not p.read_text(encoding="utf-8").lstrip().startswith("["))
+
+
+def located_rows(path: str, split: str = "train", config: str | None = None) -> list[tuple[str, dict[str, Any]]]:
+    """(where, row) for each row, ``where`` naming the place as an editor shows it: "FILE: line N" for
+    JSON lines (the 1-based line, blank lines counted), "FILE: row N (1-based)" for a JSON array,
+    Parquet or a hub dataset, whose rows have no line."""
+    if _is_json_lines(Path(path).expanduser()):
+        return [(f"{path}: line {n}", row) for n, row in jsonl_lines(path)]
+    label = path if is_single_file(path) else f"{path} (split {split})"
+    return [(f"{label}: row {i} (1-based)", row) for i, row in enumerate(read_rows(path, split, config), start=1)]
 
 
 def jsonl_lines(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -103,13 +122,20 @@ def to_sample(row: dict[str, Any], where: str, prompt_field: str, answer_field: 
     return Sample(prompt=prompt, messages=messages, answer=answer, tests=row.get("tests"), meta=meta)
 
 
-def hold_out(samples: list[Sample], eval_size: int, seed: int) -> tuple[list[Sample], list[Sample]]:
-    """(train, eval): a seeded subset of at most half the rows is held out, both kept in file order."""
+def hold_out(samples: list[Sample], eval_size: int, seed: int, path: str = "the data") -> tuple[list[Sample], list[Sample]]:
+    """(train, eval): a seeded subset of at most half the rows is held out, both kept in file order.
+
+    A file too small for ``eval_size`` says so, with the numbers it holds out and trains on."""
     order = list(range(len(samples)))
     random.Random(f"{seed}:split").shuffle(order)
     k = min(eval_size, len(samples) // 2)
     held = [samples[i] for i in sorted(order[:k])]
-    return [samples[i] for i in sorted(order[k:])] or samples, held
+    train = [samples[i] for i in sorted(order[k:])] or samples
+    if k < eval_size:
+        log.warning("%s holds %d rows, fewer than twice task.eval_size=%d: holding out %d for evaluation and "
+                    "training on %d (set task.eval_path to evaluate on another file)",
+                    path, len(samples), eval_size, k, len(train))
+    return train, held
 
 
 @functools.lru_cache(maxsize=4)
@@ -143,16 +169,16 @@ class FileTask:
     ):
         if not path:
             raise TaskError("task file: set task.path=FILE.jsonl (or .parquet)")
-        rows = read_rows(path, split)
+        rows = located_rows(path, split)
         if not rows:
             raise TaskError(f"{path}: no rows")
-        samples = [to_sample(r, f"{path}: row {i}", prompt_field, answer_field) for i, r in enumerate(rows)]
+        samples = [to_sample(r, where, prompt_field, answer_field) for where, r in rows]
         if eval_path:
-            erows = read_rows(eval_path, split)
-            self.eval = [to_sample(r, f"{eval_path}: row {i}", prompt_field, answer_field) for i, r in enumerate(erows)]
+            erows = located_rows(eval_path, split)
+            self.eval = [to_sample(r, where, prompt_field, answer_field) for where, r in erows]
             self.train = samples
         else:
-            self.train, self.eval = hold_out(samples, eval_size, seed)
+            self.train, self.eval = hold_out(samples, eval_size, seed, path)
         self.seed = seed
 
     def train_sample(self, index: int) -> Sample:
@@ -186,14 +212,13 @@ def load_splits(
         raise TaskError(f"task {task}: set task.path to a hub dataset name or a local .jsonl/.parquet file")
 
     def samples(src: str, spl: str, cfg: str | None) -> list[Sample]:
-        rows = read_rows(src, spl, cfg)
+        rows = located_rows(src, spl, cfg)
         if not rows:
             raise TaskError(f"{src}: no rows")
-        label = src if is_single_file(src) else f"{src} (split {spl})"
-        return [convert(r, f"{label}: row {i}") for i, r in enumerate(rows)]
+        return [convert(r, where) for where, r in rows]
 
     train = samples(path, split, config)
     if eval_path or (eval_split and not is_single_file(path)):
         held = samples(eval_path or path, eval_split or split, eval_config if eval_path else config)
         return train, held if eval_size is None else held[:eval_size]
-    return hold_out(train, 64 if eval_size is None else eval_size, seed)
+    return hold_out(train, 64 if eval_size is None else eval_size, seed, path)

@@ -26,11 +26,10 @@ import math
 import numbers
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from grpo.tasks.base import Sample, TaskError
-from grpo.tasks.file import is_single_file, jsonl_lines, read_rows
+from grpo.tasks.file import located_rows
 
 K_MIN, K_MAX = 2, 9
 ASSISTANT_MARKER = "Assistant:"
@@ -58,7 +57,7 @@ class Scored:
 
 def read_preferences(path: str, split: str = "train", config: str | None = None) -> tuple[str, list]:
     """(kind, records): kind is "pairs" or "rankings" (records are Ranking) or "scores" (Scored)."""
-    rows = _located_rows(str(path), split, config)
+    rows = located_rows(str(path), split, config)
     if not rows:
         raise TaskError(f"{path}: no rows")
     kind = _shape(*rows[0])
@@ -76,18 +75,6 @@ def ranking_pairs(rankings: list[Ranking]) -> list[tuple[Sample, str, str]]:
     """(sample, chosen, rejected) for every pair i < j of every ranking: C(K, 2) per ranking."""
     return [(r.sample, r.responses[i], r.responses[j])
             for r in rankings for i in range(len(r.responses)) for j in range(i + 1, len(r.responses))]
-
-
-def _located_rows(path: str, split: str, config: str | None) -> list[tuple[str, dict[str, Any]]]:
-    """(where, row) pairs: "FILE: line N" for JSON lines, "FILE: row N (1-based)" otherwise."""
-    p = Path(path).expanduser()
-    # read_rows' rule: a .json file is JSON lines unless it holds one array of rows
-    json_lines = p.suffix == ".jsonl" or (
-        p.suffix == ".json" and p.is_file() and not p.read_text(encoding="utf-8").lstrip().startswith("["))
-    if json_lines:
-        return [(f"{path}: line {n}", row) for n, row in jsonl_lines(path)]
-    label = path if is_single_file(path) else f"{path} (split {split})"
-    return [(f"{label}: row {i} (1-based)", row) for i, row in enumerate(read_rows(path, split, config), start=1)]
 
 
 def _shape(where: str, row: dict[str, Any]) -> str:

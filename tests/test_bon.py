@@ -42,8 +42,8 @@ def test_bon_with_verifiers_as_judge_is_monotone_and_writes_sft_rows(tiny_model_
     from grpo.modeling import load_tokenizer
     from grpo.sft import encode_rows
 
-    nonempty = [r for r in rows if r["completion"]]
-    assert encode_rows(load_tokenizer(str(tiny_model_dir)), nonempty, "bon.jsonl", "prompt", "completion")
+    nonempty = [("bon.jsonl", r) for r in rows if r["completion"]]
+    assert encode_rows(load_tokenizer(str(tiny_model_dir)), nonempty, "prompt", "completion")
 
 
 @pytest.mark.slow

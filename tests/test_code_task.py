@@ -138,7 +138,7 @@ def write_rows(tmp_path, rows):
 
 def test_file_task_code_rows_need_no_answer_field(tmp_path):
     path = write_rows(tmp_path, CODE_ROWS)
-    with pytest.raises(TaskError, match="row 0: missing field 'answer'"):
+    with pytest.raises(TaskError, match="line 1: missing field 'answer'"):
         FileTask(path=str(path))
     cfg = compose_config("train", ["task=file", f"task.path={path}", "task.answer_field=null", "task.verifiers=[code]"])
     assert cfg["task"]["answer_field"] is None

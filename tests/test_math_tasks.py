@@ -86,9 +86,9 @@ def test_gsm8k_prompt_goes_through_the_chat_template(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.parametrize("bad, message", [
-    ({"answer": "#### 3"}, r"g.jsonl: row 2: missing field 'question'"),
-    ({"question": "q"}, r"g.jsonl: row 2: missing field 'answer'"),
-    ({"question": "q", "answer": "three, I think"}, r"g.jsonl: row 2: field 'answer' has no final '#### <number>' line"),
+    ({"answer": "#### 3"}, r"g.jsonl: line 3: missing field 'question'"),
+    ({"question": "q"}, r"g.jsonl: line 3: missing field 'answer'"),
+    ({"question": "q", "answer": "three, I think"}, r"g.jsonl: line 3: field 'answer' has no final '#### <number>' line"),
 ])
 def test_gsm8k_bad_rows_name_file_row_field(tmp_path, bad, message):
     path = write_jsonl(tmp_path / "g.jsonl", [gsm_row(0), gsm_row(1), bad, gsm_row(3)])
@@ -99,7 +99,7 @@ def test_gsm8k_bad_rows_name_file_row_field(tmp_path, bad, message):
 def test_bad_row_in_eval_file_is_named(tmp_path):
     train = write_jsonl(tmp_path / "train.jsonl", [gsm_row(0)])
     test = write_jsonl(tmp_path / "test.jsonl", [gsm_row(1), {"question": "q", "answer": "#### "}])
-    with pytest.raises(TaskError, match=r"test.jsonl: row 1: field 'answer'"):
+    with pytest.raises(TaskError, match=r"test.jsonl: line 2: field 'answer'"):
         GSM8KTask(path=train, eval_path=test)
 
 
@@ -160,9 +160,9 @@ def test_math_empty_answer_falls_back_to_the_solution(tmp_path):
 
 
 @pytest.mark.parametrize("bad, message", [
-    ({"problem": "p", "solution": "no box"}, r"m.jsonl: row 1: field 'solution' has no \\boxed\{\} answer"),
-    ({"problem": "p"}, r"m.jsonl: row 1: missing field 'answer' or 'solution'"),
-    ({"solution": "\\boxed{1}"}, r"m.jsonl: row 1: missing field 'problem'"),
+    ({"problem": "p", "solution": "no box"}, r"m.jsonl: line 2: field 'solution' has no \\boxed\{\} answer"),
+    ({"problem": "p"}, r"m.jsonl: line 2: missing field 'answer' or 'solution'"),
+    ({"solution": "\\boxed{1}"}, r"m.jsonl: line 2: missing field 'problem'"),
 ])
 def test_math_bad_rows_name_file_row_field(tmp_path, bad, message):
     path = write_jsonl(tmp_path / "m.jsonl", [HENDRYCKS[0], bad])

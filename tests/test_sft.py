@@ -5,6 +5,7 @@ import torch
 
 from grpo.cli import compose_config
 from grpo.sft import batch_tensors, encode_rows, run_sft
+from grpo.tasks.file import located_rows
 from grpo.modeling import load_tokenizer
 from grpo.tasks.base import TaskError
 from tests.conftest import run_interrupted
@@ -12,8 +13,8 @@ from tests.conftest import run_interrupted
 
 def test_labels_cover_only_the_completion_and_eos(tiny_model_dir):
     tok = load_tokenizer(str(tiny_model_dir))
-    pairs = encode_rows(tok, [{"prompt": "1+1", "completion": "2"}, {"prompt": "10+10", "completion": "20"}], "x.jsonl",
-                        "prompt", "completion")
+    pairs = encode_rows(tok, [("x.jsonl", {"prompt": "1+1", "completion": "2"}),
+                              ("x.jsonl", {"prompt": "10+10", "completion": "20"})], "prompt", "completion")
     # "<|user|>1+1<|end|><|assistant|>" = 1 + 3 + 2 tokens; completion "2" + EOS = 2 tokens
     assert [len(p) for p, _ in pairs] == [6, 8] and [len(c) for _, c in pairs] == [2, 3]
     ids, attn, labels = batch_tensors(pairs, tok.pad_token_id)
@@ -22,10 +23,13 @@ def test_labels_cover_only_the_completion_and_eos(tiny_model_dir):
     assert (labels[1] != -100).sum() == 3 and attn[0].sum() == 8
 
 
-def test_rows_without_completion_are_named(tiny_model_dir):
+def test_rows_without_completion_are_named_by_their_editor_line(tiny_model_dir, tmp_path):
     tok = load_tokenizer(str(tiny_model_dir))
-    with pytest.raises(TaskError, match=r"d.jsonl: row 1: missing field 'completion'"):
-        encode_rows(tok, [{"prompt": "a", "completion": "b"}, {"prompt": "c"}], "d.jsonl", "prompt", "completion")
+    path = tmp_path / "d.jsonl"
+    # line 1 is fine, line 2 is blank (skipped but counted), line 3 lacks the completion
+    path.write_text('{"prompt": "a", "completion": "b"}\n\n{"prompt": "c"}\n')
+    with pytest.raises(TaskError, match=r"d.jsonl: line 3: missing field 'completion'"):
+        encode_rows(tok, located_rows(str(path)), "prompt", "completion")
 
 
 @pytest.mark.slow
@@ -59,7 +63,7 @@ def test_sft_resume_reproduces_the_uninterrupted_run(tiny_model_dir, tmp_path):
 
     # The interrupted run stops after 2 of 5 steps; a constant schedule (after warm-up) does not
     # depend on max_steps, so the 2-step run is exactly the first 2 steps of the 5-step one.
-    full, part = run_interrupted(run_sft, cfg, tmp_path, 5, 2)
+    full, part, _ = run_interrupted(run_sft, cfg, tmp_path, 5, 2)
     a = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
     b = [json.loads(x) for x in (part / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in b] == [1, 2, 3, 4, 5]  # the resumed log has each step once

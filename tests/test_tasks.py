@@ -1,4 +1,5 @@
 import json
+import logging
 
 import pytest
 
@@ -60,14 +61,32 @@ def test_file_task_parquet(tmp_path):
     pq.write_table(pa.table({"prompt": ["a", "b", "c", "d"], "answer": ["1", "2", "3", "4"]}), tmp_path / "d.parquet")
     t = FileTask(path=str(tmp_path / "d.parquet"), eval_size=1)
     assert len(t.train) == 3 and t.eval_samples()[0].answer in {"1", "2", "3", "4"}
+    # Parquet rows have no line: the third row is "row 3 (1-based)"
+    pq.write_table(pa.table({"prompt": ["a", "b", None], "answer": ["1", "2", "3"]}), tmp_path / "bad.parquet")
+    with pytest.raises(TaskError, match=r"bad.parquet: row 3 \(1-based\): missing field 'prompt'"):
+        FileTask(path=str(tmp_path / "bad.parquet"))
+
+
+def test_a_file_too_small_for_eval_size_says_what_it_holds_out(tmp_path, caplog):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"q{i}", "answer": str(i)} for i in range(10)])
+    with caplog.at_level(logging.WARNING, logger="grpo.tasks.file"):
+        t = FileTask(path=str(path), eval_size=64)
+    # at most half of 10 rows is held out: 5 for evaluation, 5 to train on
+    assert len(t.eval_samples()) == 5 and len(t.train) == 5
+    assert (f"{path} holds 10 rows, fewer than twice task.eval_size=64: holding out 5 for evaluation and "
+            "training on 5") in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="grpo.tasks.file"):
+        FileTask(path=str(path), eval_size=3)  # room for it: nothing to say
+    assert caplog.text == ""
 
 
 @pytest.mark.parametrize(
     "row, message",
     [
-        ({"prompt": "q"}, r"d.jsonl: row 1: missing field 'answer'"),
-        ({"answer": "3"}, r"d.jsonl: row 1: missing field 'prompt'"),
-        ({"prompt": 5, "answer": "3"}, r"d.jsonl: row 1: field 'prompt' must be a string"),
+        ({"prompt": "q"}, r"d.jsonl: line 2: missing field 'answer'"),
+        ({"answer": "3"}, r"d.jsonl: line 2: missing field 'prompt'"),
+        ({"prompt": 5, "answer": "3"}, r"d.jsonl: line 2: field 'prompt' must be a string"),
     ],
 )
 def test_file_task_bad_rows_name_file_row_field(tmp_path, row, message):
@@ -116,5 +135,5 @@ def test_file_task_reads_a_json_array(tmp_path):
     t = FileTask(path=str(p), eval_size=2)
     assert len(t.train) == 4 and len(t.eval_samples()) == 2
     p.write_text('[{"prompt": "a", "answer": "1"}, 3]')
-    with pytest.raises(TaskError, match=r"d.json: row 1: expected a JSON object"):
+    with pytest.raises(TaskError, match=r"d.json: row 2 \(1-based\): expected a JSON object"):
         FileTask(path=str(p))

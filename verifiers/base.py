@@ -17,7 +17,8 @@ why), or a bare number when there is nothing to say. Rewards must be finite and 
 anything else is rejected for that sample, with an error naming the verifier.
 
 When an object has both methods, ``ascore`` is used. An optional ``close()`` is called once at the
-end of the run. Verifiers never import the trainer; subclassing anything here is not required.
+end of the run. An optional ``required_fields`` (a tuple of sample field names, e.g. ``("answer",)``)
+lets `grpo verify` reject a row that lacks one, naming its line, before anything is scored. Verifiers never import the trainer; subclassing anything here is not required.
 """
 
 from __future__ import annotations

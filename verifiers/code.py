@@ -204,6 +204,7 @@ class CodeVerifier:
     """
 
     name = "code"
+    required_fields = ("tests",)
 
     def __init__(self, *, test_time: float = 4.0, sample_time: float = 30.0, memory_mb: int = 1024,
                  max_procs: int = 32, stdout_bytes: int = 1 << 20, parallelism: int | None = None,

@@ -369,6 +369,15 @@ class RewardFunction:
     def labels(self) -> list[str]:
         return [e.label for e in self.entries]
 
+    def missing_field(self, sample: Mapping) -> str | None:
+        """The first field a verifier declares in ``required_fields`` that ``sample`` lacks (absent,
+        null or empty), as "'answer' (verifier 'math' needs it)"; None when nothing is missing."""
+        for e in self.entries:
+            for name in getattr(e.verifier, "required_fields", ()):
+                if sample.get(name) in (None, "", [], {}):
+                    return f"{name!r} (verifier {e.label!r} needs it)"
+        return None
+
     def __call__(self, completions: Sequence[str],
                  samples: Sequence[Mapping]) -> tuple[list[float], list[dict], dict[str, float]]:
         """Returns (rewards [N] in [0, 1], infos [N] as {label: info}, metrics)."""

@@ -65,6 +65,7 @@ def rule(text: Any, answer: Any) -> tuple[float, dict[str, Any]]:
 
 class PrefsRuleVerifier:
     name = "prefs_rule"
+    required_fields = ("answer",)
 
     def score(self, completions: Sequence[str], samples: Sequence[Mapping[str, Any]]) -> list[Score]:
         return [Score(*rule(text, s.get("answer"))) for text, s in zip(completions, samples)]
