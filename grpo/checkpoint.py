@@ -13,6 +13,7 @@ is replaced with os.replace, so a crash mid-write leaves the previous checkpoint
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import shutil
@@ -23,6 +24,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+log = logging.getLogger(__name__)
 
 
 def seed_everything(seed: int) -> None:
@@ -62,6 +65,8 @@ def save(run_dir: Path, step: int, modules: Mapping[str, Any], tokenizer, statef
     the RNG states and `extra` (plain values such as the data position)."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
+    for leftover in root.glob(".tmp_step_*"):  # a save cut short by a crash or a kill
+        shutil.rmtree(leftover, ignore_errors=True)
     final = root / f"step_{step:06d}"
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp_step_{step:06d}_"))
     try:
@@ -95,21 +100,105 @@ def restore(ckpt: Path, stateful: Mapping[str, Any]) -> dict[str, Any]:
     return state
 
 
+def resuming(resume: Any) -> bool:
+    """Whether trainer.resume asks to continue a run (true, or a checkpoint path)."""
+    return resume not in (None, False, "", "false")
+
+
+def holds_run(run_dir: Path) -> bool:
+    """Whether run_dir already holds a run (its metrics or its checkpoints)."""
+    return (Path(run_dir) / "metrics.jsonl").exists() or (Path(run_dir) / "checkpoints").is_dir()
+
+
+def refusal(run_dir: Path) -> Exception:
+    from grpo.config import ConfigError
+
+    return ConfigError(f"{run_dir} already holds a run: continue it with trainer.resume=true, "
+                       "or start a new one in another hydra.run.dir")
+
+
+def remove_if_empty_run(run_dir: Path) -> None:
+    """Remove the run dir of a command that failed before it trained: with no checkpoint and no
+    metrics it holds nothing worth keeping (its log holds what the terminal showed)."""
+    d = Path(run_dir)
+    metrics = d / "metrics.jsonl"
+    if not (d / "checkpoints").is_dir() and not (metrics.exists() and metrics.stat().st_size):
+        shutil.rmtree(d, ignore_errors=True)
+        # and the parents made for it (runs/ on a first run), up to the working directory
+        cwd, parent = Path.cwd().resolve(), d.resolve().parent
+        while parent != cwd and cwd in parent.parents and not any(parent.iterdir()):
+            parent.rmdir()
+            parent = parent.parent
+
+
+def _safetensors_whole(f: Path) -> bool:
+    """A safetensors file's header parses and its tensors end exactly at the end of the file."""
+    import json
+    import struct
+
+    try:
+        size = f.stat().st_size
+        with f.open("rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            if n > size - 8:
+                return False
+            header = json.loads(fh.read(n))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        return 8 + n + end == size
+    except (OSError, ValueError, KeyError, TypeError, struct.error):
+        return False
+
+
+def damaged_file(folder: Path) -> Path | None:
+    """The first file of a checkpoint or model folder that is cut short or unreadable, else None.
+    A cheap check that reads no tensor: every safetensors file must be whole (see above), and
+    state.pt must exist in a checkpoint and be a whole zip archive (torch.save's format)."""
+    import zipfile
+
+    folder = Path(folder)
+    for f in sorted(folder.rglob("*.safetensors")):
+        if not _safetensors_whole(f):
+            return f
+    if folder.name.startswith("step_") or (folder / "state.pt").exists():
+        try:
+            with zipfile.ZipFile(folder / "state.pt") as z:
+                z.namelist()
+        except (OSError, zipfile.BadZipFile):
+            return folder / "state.pt"
+    return None
+
+
 def find(run_dir: Path, resume: Any) -> Path | None:
-    """The checkpoint to resume from: `resume` is true (newest in run_dir) or a checkpoint path."""
-    if resume in (None, False, "", "false"):
+    """The checkpoint to resume from: `resume` is true (the newest complete and readable one in
+    run_dir; a damaged newer one is skipped with a warning naming it) or a checkpoint path (which
+    must be whole)."""
+    from grpo.config import ConfigError
+
+    if not resuming(resume):
         return None
     if resume is True or resume == "true":
-        latest = Path(run_dir) / "checkpoints" / "latest"
+        root = Path(run_dir) / "checkpoints"
+        latest = root / "latest"
         if not latest.exists():
             raise FileNotFoundError(f"trainer.resume=true but {latest} does not exist: pass the run's hydra.run.dir")
-        ckpt = latest.parent / latest.read_text().strip()
-        if not (ckpt / "state.pt").exists():
-            raise FileNotFoundError(f"{latest} names {ckpt.name}, which is not a complete checkpoint")
-        return ckpt
+        # `latest` names the newest complete one; older ones stand in if it was damaged since.
+        named = root / latest.read_text().strip()
+        candidates = [named] + [p for p in sorted(root.glob("step_*"), reverse=True) if p.name < named.name]
+        skipped = []
+        for ckpt in candidates:
+            bad = damaged_file(ckpt) if ckpt.is_dir() else ckpt
+            if bad is None:
+                for b in skipped:
+                    log.warning("trainer.resume=true: skipping %s (damaged or incomplete); resuming from %s", b, ckpt.name)
+                return ckpt
+            skipped.append(bad)
+        raise ConfigError(f"trainer.resume=true: no readable checkpoint in {root} (damaged: {skipped[0]})")
     p = Path(str(resume))
-    if not (p / "state.pt").exists():
-        raise FileNotFoundError(f"trainer.resume={resume}: not a checkpoint (no state.pt)")
+    if not p.is_dir():
+        raise FileNotFoundError(f"trainer.resume={resume}: not a checkpoint directory")
+    bad = damaged_file(p)
+    if bad is not None:
+        raise ConfigError(f"trainer.resume={resume}: {bad} is missing, cut short or unreadable")
     return p
 
 
@@ -122,12 +211,14 @@ def begin(run_dir: Path, resume: Any, seed: int | None = None) -> Path | None:
         seed_everything(seed)
     ckpt = find(run_dir, resume)
     if not ckpt and (Path(run_dir) / "metrics.jsonl").exists():
-        from grpo.config import ConfigError
-
-        raise ConfigError(f"{run_dir} already holds a run: continue it with trainer.resume=true, "
-                          "or start a new one in another hydra.run.dir")
+        raise refusal(run_dir)
     return ckpt
 
 
 def load_state(ckpt: Path) -> dict[str, Any]:
-    return torch.load(ckpt / "state.pt", weights_only=False)
+    from grpo.config import ConfigError
+
+    try:
+        return torch.load(ckpt / "state.pt", weights_only=False)
+    except (OSError, RuntimeError, EOFError, ValueError) as e:
+        raise ConfigError(f"{ckpt / 'state.pt'}: cannot read it ({type(e).__name__}: {str(e).splitlines()[0]})") from e

@@ -11,7 +11,9 @@ import json
 import sys
 from pathlib import Path
 
-USAGE = """usage: grpo <command> [args]
+USAGE = """usage: grpo [-v] <command> [args]
+
+  -v, --verbose              show the libraries' logs and progress bars too (else in <run dir>/<command>.log)
 
 commands:
   train [key=value ...]      GRPO training (Hydra overrides, e.g. task=file task.path=x.jsonl)
@@ -46,10 +48,88 @@ def _user_errors():
     return (UserError, ModelError, ConfigError, TaskError, VerifierConfigError, FileNotFoundError)
 
 
+def _overrides(argv: list[str]) -> list[str] | None:
+    """The key=value overrides of a command line, as Hydra reads them; None when Hydra is asked for
+    something else (--help, --cfg, --multirun ...), which Hydra then handles itself."""
+    from hydra._internal.utils import get_args_parser
+
+    try:
+        args = get_args_parser().parse_args(argv)
+    except SystemExit:  # a malformed command line: Hydra's own message says how
+        return None
+    asked = [v for k, v in vars(args).items() if k != "overrides"]  # --cfg, --multirun, --config-dir ...
+    return None if any(asked) else list(args.overrides)
+
+
+def _hydra_message(e: Exception, config_name: str, overrides: list[str]) -> str:
+    """Hydra's several-line composition error as one line that names the override at fault."""
+    import difflib
+    import re
+
+    text = str(e)
+    m = re.search(r"Could not find '([^']+)/([^']+)'", text)
+    if m:
+        group, option = m.groups()
+        options = re.findall(r"^\t(\S+)$", text.split("Config search path")[0], flags=re.M)
+        listed = f"; {group} is one of {', '.join(options)}" if options else ""
+        return f"{group}={option}: no such option{listed}"
+    m = re.search(r"Could not override '([^']+)'", text)
+    if m:
+        key = m.group(1)
+        given = next((o for o in overrides if o.split("=", 1)[0] == key), f"{key}=...")
+        parent, _, leaf = key.rpartition(".")
+        hint = f"a new key needs a +: +{given}"
+        try:  # the keys beside it, from the config composed without this override
+            node = compose_config(config_name, [o for o in overrides if o != given], resolve=False)
+            for part in filter(None, parent.split(".")):
+                node = node[part]
+            close = difflib.get_close_matches(leaf, [str(k) for k in node], n=1)
+            if close:
+                hint = f"did you mean {parent + '.' if parent else ''}{close[0]}? ({hint})"
+        except Exception:
+            pass
+        return f"{key}: no such key; {hint}"
+    if type(e).__name__ == "OverrideParseException":  # name the override that does not parse
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        for o in overrides:
+            try:
+                OverridesParser.create().parse_overrides([o])
+            except Exception as bad:
+                first = str(bad).splitlines()[-2 if "See https" in str(bad) else -1]
+                return f"{o}: not a valid override ({first}); see https://hydra.cc/docs/advanced/override_grammar/basic/"
+    lines = [ln.strip() for ln in text.split("Config search path")[0].splitlines()]
+    return " ".join(ln for ln in lines if ln and not ln.startswith("See https://"))
+
+
+def _check_overrides(config_name: str, argv: list[str]) -> None:
+    """Compose the config once before Hydra's own run, so that an unknown key or group option is
+    one `grpo <command>: error:` line with exit status 2 (as the project's own errors are), and no
+    run directory is made for a command that cannot start."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    overrides = _overrides(argv)
+    if overrides is None:
+        return
+    try:
+        compose_config(config_name, overrides, resolve=False)
+    except (HydraException, OmegaConfBaseException) as e:
+        raise UserError(_hydra_message(e, config_name, overrides)) from None
+
+
+# Hydra makes the run dir; the project writes what goes in it (after the checks below) and sets up
+# logging itself (grpo.logs), so Hydra's own .hydra/ writing and logging are switched off.
+_HYDRA_OWN = ["hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none"]
+
+
 def _hydra_job(config_name: str, fn, argv: list[str]) -> int:
     import hydra
     from omegaconf import OmegaConf
 
+    from grpo import checkpoint, logs
+
+    _check_overrides(config_name, argv)
     result = {"rc": 0}
 
     @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name=config_name)
@@ -57,20 +137,33 @@ def _hydra_job(config_name: str, fn, argv: list[str]) -> int:
         from hydra.core.hydra_config import HydraConfig
 
         run_dir = Path(HydraConfig.get().runtime.output_dir)
+        fresh = not any(run_dir.iterdir())  # Hydra has just made it, or it was empty
         try:
-            plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-        except Exception as e:  # a ??? left unset
-            print(f"grpo {config_name}: config error: {e}", file=sys.stderr)
-            result["rc"] = 2
-            return
-        try:
-            fn(plain, run_dir)
+            try:
+                plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+            except Exception as e:  # a ??? left unset, a bad interpolation
+                raise UserError(f"config: {e}".splitlines()[0]) from None
+            trains = "resume" in (plain.get("trainer") or {})  # a training command, which may resume
+            if trains and not checkpoint.resuming(plain["trainer"]["resume"]) and checkpoint.holds_run(run_dir):
+                raise checkpoint.refusal(run_dir)  # before anything in that run is touched
+            # The record of what ran: config.yaml for a new or resumed run; another command run in an
+            # existing run dir (grpo eval there, say) keeps the run's record and writes its own.
+            prefix = "" if fresh or trains else f"{config_name}_"
+            logs.write_record(run_dir, prefix, OmegaConf.to_yaml(cfg), argv)
+            with logs.command_output(run_dir, config_name):
+                fn(plain, run_dir)
         except _user_errors() as e:
             print(f"grpo {config_name}: error: {e}", file=sys.stderr)
             result["rc"] = 2
+            if fresh:
+                checkpoint.remove_if_empty_run(run_dir)
+        except BaseException:
+            if fresh:
+                checkpoint.remove_if_empty_run(run_dir)
+            raise
 
     saved = sys.argv
-    sys.argv = [f"grpo {config_name}"] + argv
+    sys.argv = [f"grpo {config_name}"] + argv + _HYDRA_OWN
     try:
         job()
     finally:
@@ -153,18 +246,22 @@ def verify_main(argv: list[str]) -> int:
     if not isinstance(kwargs, dict):
         raise UserError("--args: must be a JSON object")
     spec = {("_target_" if ":" in a.verifier else "name"): a.verifier, **kwargs}
-    from grpo.tasks.file import read_rows
+    from grpo.tasks.file import located_rows
 
-    rows = read_rows(a.file) if a.file.endswith(".jsonl") else None
-    if rows is None:
+    if not a.file.endswith(".jsonl"):
         raise UserError(f"{a.file}: expected a .jsonl file")
-    for i, row in enumerate(rows):
-        if not isinstance(row.get("completion"), str):
-            raise UserError(f"{a.file}: row {i}: missing field 'completion' (a string)")
+    located = located_rows(a.file)
+    rows = [row for _, row in located]
     errors = 0
     # The same isolation as training: a raising, hanging or out-of-range verifier costs only its rows.
     with RewardFunction([spec], timeout=a.timeout) as reward_fn:
         label = reward_fn.labels[0]
+        for where, row in located:  # every row is checked before any is scored, as grpo train does
+            if not isinstance(row.get("completion"), str):
+                raise UserError(f"{where}: missing field 'completion' (a string)")
+            missing = reward_fn.missing_field(row)
+            if missing:
+                raise UserError(f"{where}: missing field {missing}")
         for start in range(0, len(rows), a.batch_size):
             chunk = rows[start:start + a.batch_size]
             rewards, infos, metrics = reward_fn([r["completion"] for r in chunk], chunk)
@@ -212,6 +309,10 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("-v", "--verbose"):  # grpo -v <command>: library output on the terminal too
+        from grpo import logs
+
+        logs.VERBOSE, argv = True, argv[1:]
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         sys.exit(0)
@@ -227,11 +328,11 @@ def main(argv: list[str] | None = None) -> None:
     sys.exit(rc or 0)
 
 
-def compose_config(config_name: str, overrides: list[str] | None = None) -> dict:
+def compose_config(config_name: str, overrides: list[str] | None = None, resolve: bool = True) -> dict:
     """The plain config that `grpo <config_name> overrides...` would run with (for Python use and tests)."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
     with initialize_config_dir(version_base="1.3", config_dir=CONF_DIR):
         cfg = compose(config_name=config_name, overrides=list(overrides or []))
-    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    return OmegaConf.to_container(cfg, resolve=resolve, throw_on_missing=resolve)

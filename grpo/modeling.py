@@ -71,10 +71,22 @@ def load_tokenizer(path: str):
     return tok
 
 
+def check_whole(what: str, src: str) -> None:
+    """A local model folder with a weights file cut short (a copy or a save that was killed) is a
+    one-line error naming the file, not a deserialiser's traceback."""
+    from grpo.checkpoint import damaged_file
+
+    if Path(src).is_dir():
+        bad = damaged_file(Path(src))
+        if bad is not None:
+            raise ModelError(f"{what}: {bad} is cut short or unreadable")
+
+
 def load_model(path: str, dtype: str = "float32", gradient_checkpointing: bool = False, device: str = "cpu"):
     from transformers import AutoModelForCausalLM
 
     src = resolve_model_path(path)
+    check_whole(f"model.path={path!r}", src)
     try:
         model = AutoModelForCausalLM.from_pretrained(src, dtype=torch_dtype(dtype))
     except OSError as e:

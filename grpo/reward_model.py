@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from grpo.modeling import ModelError, disable_dropout, resolve_model_path, torch_dtype
+from grpo.modeling import ModelError, check_whole, disable_dropout, resolve_model_path, torch_dtype
 
 HEAD = "score"  # the head's attribute in Llama / Qwen / Mistral / Gemma ...ForSequenceClassification
 
@@ -39,6 +39,7 @@ def _from_pretrained(path: str, dtype: str, **kw):
     from transformers import AutoModelForSequenceClassification
 
     src, dt = resolve_model_path(path), torch_dtype(dtype)
+    check_whole(f"reward model {path!r}", src)
     try:
         return AutoModelForSequenceClassification.from_pretrained(src, dtype=dt, output_loading_info=True, **kw)
     except (OSError, ValueError) as e:  # ValueError: an architecture with no sequence-classification class

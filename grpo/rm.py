@@ -237,7 +237,7 @@ def run_rm(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
             tracker.log(metrics, step)
         return metrics
 
-    first = last = run_eval() if not ckpt else None
+    first, last = tracker.past_evals("eval/accuracy") if ckpt else (run_eval(),) * 2
     t0 = time.time()
     try:
         while step < t.max_steps:

@@ -118,6 +118,12 @@ class Tracker:
     def log_samples(self, rows: list[dict[str, Any]], step: int) -> None:
         self.logger.log_samples(rows, step)
 
+    def past_evals(self, key: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        """The first and the last record holding `key` already in metrics.jsonl: a resumed run's
+        evaluations from before it stopped, so that its summary starts from the run's first one."""
+        found = [r for r in map(json.loads, self.logger.path.read_text().splitlines()) if key in r]
+        return (found[0], found[-1]) if found else (None, None)
+
     def advance(self, postfix: dict[str, str]) -> None:
         """One step done: move the bar and show `postfix` (e.g. reward, eval) beside it."""
         self.bar.set_postfix(postfix, refresh=False)

@@ -37,12 +37,13 @@ def tiny_rm_dir(tiny_model_dir, tmp_path_factory) -> Path:
 
 def run_interrupted(run, make_cfg, tmp_path, steps: int, stop: int):
     """The resume check's three runs: `steps` uninterrupted in tmp_path/full; `stop` steps, then
-    resumed to `steps`, in tmp_path/part. make_cfg(*overrides) -> a config. Returns (full, part)."""
+    resumed to `steps`, in tmp_path/part. make_cfg(*overrides) -> a config. Returns (full, part,
+    (what the full run returned, what the resumed run returned))."""
     full, part = tmp_path / "full", tmp_path / "part"
-    run(make_cfg(f"trainer.max_steps={steps}"), full)
+    whole = run(make_cfg(f"trainer.max_steps={steps}"), full)
     run(make_cfg(f"trainer.max_steps={stop}"), part)
-    run(make_cfg(f"trainer.max_steps={steps}", "trainer.resume=true"), part)
-    return full, part
+    resumed = run(make_cfg(f"trainer.max_steps={steps}", "trainer.resume=true"), part)
+    return full, part, (whole, resumed)
 
 
 def run_grpo(*args: str, timeout: int = 600):

@@ -25,7 +25,7 @@ def test_verify_scores_each_line(tmp_path, capsys):
 @pytest.mark.parametrize(
     "text, message",
     [
-        ('{"completion": "a"}\n{"answer": "1"}\n', "c.jsonl: row 1: missing field 'completion'"),
+        ('{"completion": "a"}\n{"answer": "1"}\n', "c.jsonl: line 2: missing field 'completion'"),
         ('{"completion": "a"}\n{oops\n', "c.jsonl: line 2: not valid JSON"),
     ],
 )
@@ -36,8 +36,36 @@ def test_verify_bad_input_names_file_and_row(tmp_path, capsys, text, message):
     assert code == 2 and message in err and out == ""
 
 
+@pytest.mark.parametrize("verifier", ["prefs_rule", "math"])
+def test_verify_row_without_a_field_the_verifier_needs_is_an_error(tmp_path, capsys, verifier):
+    # Both verifiers read the gold from `answer`; line 3 has none. grpo train stops on such a row, so
+    # grpo verify does too, instead of scoring it 0 as a bad gold.
+    f = tmp_path / "c.jsonl"
+    f.write_text('{"completion": "\\\\boxed{7}", "answer": "7"}\n\n{"completion": "\\\\boxed{8}"}\n')
+    code, out, err = run_cli(capsys, "verify", "--verifier", verifier, str(f))
+    assert code == 2 and out == ""
+    assert err.strip() == f"grpo verify: error: {f}: line 3: missing field 'answer' (verifier {verifier!r} needs it)"
+
+
 def test_unknown_command_and_help(capsys):
     code, _, err = run_cli(capsys, "trian")
     assert code == 2 and "unknown command 'trian'" in err
     code, out, _ = run_cli(capsys, "--help")
-    assert code == 0 and "grpo <command>" in out
+    assert code == 0 and "grpo [-v] <command>" in out
+
+
+@pytest.mark.parametrize("override, message", [
+    # a typo'd key: the one beside it is suggested
+    ("trainer.max_step=3", "trainer.max_step: no such key; did you mean trainer.max_steps? "
+                           "(a new key needs a +: +trainer.max_step=3)"),
+    ("nosuchkey=1", "nosuchkey: no such key; a new key needs a +: +nosuchkey=1"),
+    # a group option that does not exist: the ones that do are listed
+    ("task=nosuch", "task=nosuch: no such option; task is one of arithmetic, code, file, gsm8k, math, prefs"),
+    ("task.path", "task.path: not a valid override (missing EQUAL at '<EOF>')"),
+])
+def test_hydra_errors_are_one_line_with_exit_2_and_leave_no_run_dir(tmp_path, capsys, monkeypatch, override, message):
+    monkeypatch.chdir(tmp_path)  # where runs/<date> would be made
+    code, out, err = run_cli(capsys, "train", override)
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and err.startswith(f"grpo train: error: {message}"), err
+    assert list(tmp_path.iterdir()) == []

@@ -55,7 +55,7 @@ def test_dpo_starts_at_zero_rewards_and_learns_the_preference(tiny_model_dir, pa
 @pytest.mark.slow
 def test_dpo_resume_and_micro_batches(tiny_model_dir, pairs_file, tmp_path):
     common = ["trainer.save_every=2", "trainer.micro_batch_size=3"]
-    full, part = run_interrupted(run_dpo, lambda *o: cfg(tiny_model_dir, pairs_file, *o, *common), tmp_path, 4, 2)
+    full, part, _ = run_interrupted(run_dpo, lambda *o: cfg(tiny_model_dir, pairs_file, *o, *common), tmp_path, 4, 2)
     a = {r["step"]: r["loss"] for r in metrics(full) if "loss" in r}
     b = {r["step"]: r["loss"] for r in metrics(part) if "loss" in r}
     assert sorted(b) == [1, 2, 3, 4] and a == b

@@ -46,7 +46,7 @@ def test_ppo_with_a_reward_model_logs_the_invariants_and_both_scores(tiny_model_
 
 def test_ppo_resume_is_exact(tiny_model_dir, tiny_rm_dir, tmp_path):
     common = [f"reward_model.path={tiny_rm_dir}", "trainer.save_every=2", "optim.lr=1e-2", "ppo.kl_target=1.0"]
-    full, part = run_interrupted(run_ppo, lambda *o: cfg(tiny_model_dir, *o, *common), tmp_path, 4, 2)
+    full, part, _ = run_interrupted(run_ppo, lambda *o: cfg(tiny_model_dir, *o, *common), tmp_path, 4, 2)
     keys = ("loss/policy", "loss/value", "objective/scores", "kl/beta")
     a = {r["step"]: [r[k] for k in keys] for r in metrics(full) if "loss/policy" in r}
     b = {r["step"]: [r[k] for k in keys] for r in metrics(part) if "loss/policy" in r}
@@ -72,7 +72,7 @@ def test_ptx_keeps_the_lm_loss_on_the_ptx_data_lower(tiny_model_dir, tiny_rm_dir
     ptx = tmp_path / "ptx.jsonl"
     ptx.write_text("".join(json.dumps(r) + "\n" for r in rows))
     tok = load_tokenizer(str(tiny_model_dir))
-    ids, attn, labels = batch_tensors(encode_rows(tok, rows, str(ptx), "prompt", "completion"), tok.pad_token_id)
+    ids, attn, labels = batch_tensors(encode_rows(tok, [(str(ptx), r) for r in rows], "prompt", "completion"), tok.pad_token_id)
 
     def lm_loss(run):
         model = AutoModelForCausalLM.from_pretrained(run / "checkpoints" / "step_000006" / "model")
@@ -97,7 +97,7 @@ def test_ppo_with_verifiers_only_starts_a_zero_critic(tiny_model_dir, tmp_path):
 
 def test_shared_value_head_trains_and_resumes_exactly(tiny_model_dir, tmp_path):
     common = ["reward_model=none", "ppo.value=shared", "trainer.save_every=2", "optim.lr=1e-2"]
-    full, part = run_interrupted(run_ppo, lambda *o: cfg(tiny_model_dir, *o, *common), tmp_path, 4, 2)
+    full, part, _ = run_interrupted(run_ppo, lambda *o: cfg(tiny_model_dir, *o, *common), tmp_path, 4, 2)
     a = {r["step"]: [r["loss/policy"], r["loss/value"], r["val/mean"]] for r in metrics(full) if "loss/policy" in r}
     b = {r["step"]: [r["loss/policy"], r["loss/value"], r["val/mean"]] for r in metrics(part) if "loss/policy" in r}
     assert sorted(b) == [1, 2, 3, 4] and a == b

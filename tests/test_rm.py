@@ -65,7 +65,11 @@ def test_rm_learns_rankings_and_saves_a_normalised_reward_model(tiny_model_dir, 
 def test_rm_resume_reproduces_the_uninterrupted_run(tiny_model_dir, data, tmp_path):
     train, held = data
     common = ["trainer.save_every=3", "trainer.log_every=1", "optim.schedule=constant_with_warmup"]
-    full, part = run_interrupted(run_rm, lambda *o: cfg(tiny_model_dir, train, held, *o, *common), tmp_path, 6, 3)
+    full, part, (whole, resumed) = run_interrupted(run_rm, lambda *o: cfg(tiny_model_dir, train, held, *o, *common),
+                                                   tmp_path, 6, 3)
+    # the summary after the resume starts from the run's first evaluation, made before the stop
+    assert resumed["first_eval"]["eval/accuracy"] == whole["first_eval"]["eval/accuracy"]
+    assert resumed["first_eval"]["step"] == 0
     a = {r["step"]: r["loss"] for r in metrics(full) if "loss" in r}
     b = {r["step"]: r["loss"] for r in metrics(part) if "loss" in r}
     assert sorted(b) == [1, 2, 3, 4, 5, 6] and a == b

@@ -80,6 +80,19 @@ def test_model_generation_config_penalties_do_not_change_sampling(tiny_model_dir
         assert out[i, : len(c)].argmax(-1).tolist() == c
 
 
+def test_only_the_processors_a_model_sets_are_overridden():
+    from transformers import GenerationConfig
+
+    from grpo.rollout.hf import neutral_processing
+
+    # A bare config sets none: no override, so generate() builds no do-nothing processor (min_p=0,
+    # suppress_tokens=[] ... would each add one that runs at every step).
+    assert neutral_processing(GenerationConfig()) == {}
+    gc = GenerationConfig(repetition_penalty=5.0, suppress_tokens=[3], min_p=0.0, typical_p=1.0)
+    # min_p=0 and typical_p=1 are already neutral; the penalty and the suppressed token are undone
+    assert neutral_processing(gc) == {"repetition_penalty": 1.0, "suppress_tokens": []}
+
+
 def test_stop_string_cut_when_pad_is_eos(tiny_model_dir):
     tok, model, eng = engine(tiny_model_dir)
     eng.pad_id = tok.eos_token_id  # as for tokenizers without a pad token

@@ -50,7 +50,13 @@ def test_run_writes_metrics_and_a_loadable_checkpoint(tiny_model_dir, tmp_path):
 
 def test_resume_reproduces_the_uninterrupted_run(tiny_model_dir, tmp_path):
     common = ["trainer.eval_every=0", "trainer.save_every=2", "optim.lr=1e-2", "algorithm.beta=0.05"]
-    full, part = run_interrupted(train, lambda *o: cfg_for(tiny_model_dir, *o, *common), tmp_path, 4, 2)
+    full, part, (whole, resumed) = run_interrupted(train, lambda *o: cfg_for(tiny_model_dir, *o, *common), tmp_path, 4, 2)
+    # The resumed run's summary starts from the run's first evaluation (step 0, made before the
+    # stop), not from its own: the same as the uninterrupted run's, both ends.
+    assert resumed["first_eval"]["step"] == 0
+    same = [k for k in whole["first_eval"] if not k.startswith("time/")]
+    assert same and all(resumed["first_eval"][k] == whole["first_eval"][k] for k in same)
+    assert resumed["last_eval"]["eval/reward/mean"] == whole["last_eval"]["eval/reward/mean"]
     a = {r["step"]: r for r in read_metrics(full) if "loss" in r}
     b = {r["step"]: r for r in read_metrics(part) if "loss" in r}
     assert sorted(b) == [1, 2, 3, 4]  # no duplicated or missing steps in the resumed log
@@ -104,8 +110,8 @@ def test_wandb_logger_writes_offline_run(tiny_model_dir, tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["task=nope"], "Could not find 'task/nope'"),
-        (["trainer.max_stepz=3"], "max_stepz"),
+        (["task=nope"], "task=nope: no such option; task is one of"),
+        (["trainer.max_stepz=3"], "trainer.max_stepz: no such key; did you mean trainer.max_steps?"),
         (["model.path=/does/not/exist"], "model.path='/does/not/exist': no such directory"),
         (["task.verifiers=[nope]"], "unknown verifier 'nope'"),
         (["algorithm.loss_agg=sum"], "algorithm.loss_agg='sum': use one of"),
@@ -115,10 +121,11 @@ def test_wandb_logger_writes_offline_run(tiny_model_dir, tmp_path, monkeypatch):
     ],
 )
 def test_bad_config_stops_before_training_with_one_clear_message(args, message, tmp_path):
-    r = run_grpo("train", f"hydra.run.dir={tmp_path}", "logger=jsonl", *args, timeout=120)
-    assert r.returncode != 0
+    r = run_grpo("train", f"hydra.run.dir={tmp_path / 'run'}", "logger=jsonl", *args, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.startswith("grpo train: error: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr[-2000:]
     assert message in r.stderr, r.stderr[-2000:]
-    assert not (tmp_path / "metrics.jsonl").exists()
+    assert not (tmp_path / "run").exists()  # a command that cannot start leaves no run dir
 
 
 def test_file_task_row_without_answer_is_reported(tmp_path):
@@ -126,7 +133,38 @@ def test_file_task_row_without_answer_is_reported(tmp_path):
     data.write_text('{"prompt": "What is 1 + 1?", "answer": "2"}\n{"prompt": "What is 2 + 2?"}\n')
     r = run_grpo("train", f"hydra.run.dir={tmp_path / 'run'}", "logger=jsonl", "task=file", f"task.path={data}", timeout=120)
     assert r.returncode == 2
-    assert f"{data}: row 1: missing field 'answer'" in r.stderr
+    assert f"{data}: line 2: missing field 'answer'" in r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_terminal_output_refused_start_and_verbose(tiny_model_dir, tmp_path, monkeypatch):
+    """One short run as a user sees it: one bar and the summary, nothing from the libraries (it is in
+    train.log); a second start in the same run dir is refused without touching it; -v brings the
+    libraries' output back."""
+    monkeypatch.delenv("WANDB_MODE", raising=False)  # logger=wandb as by default: offline, no key
+    monkeypatch.setenv("HOME", str(tmp_path))
+    run = tmp_path / "run"
+    args = ["train", f"hydra.run.dir={run}", f"model.path={tiny_model_dir}", "trainer.prompts_per_step=4",
+            "algorithm.group_size=4", "trainer.eval_size=4", "rollout.max_new_tokens=6", TOY]
+    r = run_grpo(*args, "trainer.max_steps=1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.splitlines()[1] == "done after 1 steps"
+    bar = [ln for ln in r.stderr.replace("\r", "\n").splitlines() if ln.strip()]
+    assert bar and all(ln.startswith("grpo: ") for ln in bar), bar  # only the progress bar's frames
+    assert (run / "train.log").exists() and list((run / "wandb").glob("offline-run-*"))
+    record = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in (run / ".hydra").iterdir()}
+    assert sorted(record) == ["config.yaml", "overrides.yaml"]
+
+    r = run_grpo(*args, "trainer.max_steps=2", "trainer.seed=5")  # no resume: refused, nothing touched
+    assert r.returncode == 2 and r.stderr.strip() == (
+        f"grpo train: error: {run} already holds a run: continue it with trainer.resume=true, "
+        "or start a new one in another hydra.run.dir")
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in (run / ".hydra").iterdir()} == record
+
+    r = run_grpo("-v", *args, "trainer.max_steps=2", "trainer.resume=true")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "wandb:" in r.stderr and "Loading weights" in r.stderr
+    assert "resumed from" in r.stderr  # the project's INFO records too
 
 
 def test_run_dir_reuse_resume_after_a_torn_line_and_checkpoint_pruning(tiny_model_dir, tmp_path):

@@ -19,6 +19,15 @@ NEUTRAL_PROCESSING = dict(
 )
 
 
+def neutral_processing(generation_config) -> dict:
+    """generate() overrides that switch off the logits processors a model's generation_config asks
+    for (repetition penalties and the like): the trainer's log-probs see none of them, so the engine
+    must not sample with them. Only the keys the model sets are overridden: passing a neutral value
+    for an unset key is not free (``min_p=0`` or ``suppress_tokens=[]`` adds a processor that runs at
+    every decoding step and does nothing, and transformers warns about the flag)."""
+    return {k: v for k, v in NEUTRAL_PROCESSING.items() if getattr(generation_config, k, None) not in (None, v)}
+
+
 def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """[B] ragged -> input_ids [B, L], attention_mask [B, L], padded on the left."""
     L = max(len(s) for s in seqs)
@@ -63,10 +72,7 @@ class HFEngine:
             return_dict_in_generate=True,
             output_logits=True,
             use_cache=True,
-            # Neutralise logits processors a model's generation_config may carry (repetition
-            # penalties and the like): the trainer's log-probs see none of them, so the engine
-            # must not sample with them.
-            **NEUTRAL_PROCESSING,
+            **neutral_processing(self.model.generation_config),
         )
         if not greedy:
             kwargs.update(temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k or None)

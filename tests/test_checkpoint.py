@@ -1,0 +1,96 @@
+"""Damaged checkpoints: found without reading a tensor, named in one line, skipped on resume."""
+
+import json
+import logging
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from grpo import checkpoint
+from grpo.config import ConfigError
+from grpo.modeling import ModelError, load_model
+
+
+def cut(path, keep: float = 0.5) -> None:
+    """Truncate a file to `keep` of its size, as a full disk or a killed copy would."""
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def fake_checkpoint(root, step: int):
+    d = root / "checkpoints" / f"step_{step:06d}"
+    (d / "model").mkdir(parents=True)
+    save_file({"w": torch.full((4, 4), float(step))}, d / "model" / "model.safetensors")
+    torch.save({"step": step, "rng": checkpoint.rng_state()}, d / "state.pt")
+    (root / "checkpoints" / "latest").write_text(d.name + "\n")
+    return d
+
+
+def test_whole_files_pass_and_cut_ones_are_named(tmp_path):
+    d = fake_checkpoint(tmp_path, 2)
+    assert checkpoint.damaged_file(d) is None
+    st = d / "model" / "model.safetensors"
+    st.write_bytes(st.read_bytes() + b"\0")  # one byte too many is not the file that was written either
+    assert checkpoint.damaged_file(d) == st
+    cut(st, 0.99)
+    assert checkpoint.damaged_file(d) == st
+    save_file({"w": torch.zeros(4, 4)}, st)
+    cut(d / "state.pt")
+    assert checkpoint.damaged_file(d) == d / "state.pt"
+    (d / "state.pt").unlink()  # a checkpoint without its state is incomplete
+    assert checkpoint.damaged_file(d) == d / "state.pt"
+
+
+def test_resume_skips_a_damaged_newest_checkpoint_with_a_warning(tmp_path, caplog):
+    fake_checkpoint(tmp_path, 2)
+    newest = fake_checkpoint(tmp_path, 4)
+    cut(newest / "model" / "model.safetensors")
+    with caplog.at_level(logging.WARNING, logger="grpo.checkpoint"):
+        found = checkpoint.find(tmp_path, True)
+    assert found.name == "step_000002"
+    assert f"skipping {newest / 'model' / 'model.safetensors'}" in caplog.text
+    cut(found / "state.pt")  # nothing whole left: one line naming what is damaged
+    with pytest.raises(ConfigError, match="no readable checkpoint.*step_000004"):
+        checkpoint.find(tmp_path, True)
+
+
+def test_a_damaged_checkpoint_path_is_one_line(tmp_path):
+    d = fake_checkpoint(tmp_path, 2)
+    cut(d / "state.pt")
+    with pytest.raises(ConfigError, match=r"trainer.resume=.*step_000002/state.pt is missing, cut short or unreadable"):
+        checkpoint.find(tmp_path, str(d))
+
+
+def test_a_model_folder_with_cut_weights_is_one_line(tiny_model_dir, tmp_path):
+    copy = shutil.copytree(tiny_model_dir, tmp_path / "m")
+    cut(copy / "model.safetensors")
+    with pytest.raises(ModelError, match=r"model.safetensors is cut short or unreadable"):
+        load_model(str(copy))
+
+
+def test_next_save_removes_what_a_crash_left(tiny_model_dir, tmp_path):
+    from grpo.modeling import load_tokenizer
+
+    left = tmp_path / "checkpoints" / ".tmp_step_000002_abcd"
+    (left / "model").mkdir(parents=True)
+    model, tok = load_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
+    checkpoint.save(tmp_path, 4, {"model": model}, tok, {}, keep=2)
+    assert not left.exists() and (tmp_path / "checkpoints" / "step_000004" / "state.pt").exists()
+
+
+@pytest.mark.slow
+def test_training_resumes_from_the_last_whole_checkpoint(tiny_model_dir, tmp_path):
+    from tests.test_train_e2e import cfg_for, train
+
+    common = ["trainer.eval_every=0", "trainer.save_every=2", "optim.lr=1e-2"]
+    train(cfg_for(tiny_model_dir, "trainer.max_steps=4", *common), tmp_path)
+    cut(tmp_path / "checkpoints" / "step_000004" / "model" / "model.safetensors")
+    summary = train(cfg_for(tiny_model_dir, "trainer.max_steps=5", "trainer.resume=true", *common), tmp_path)
+    # From step 2's checkpoint the log keeps records up to step 2 (eval at 0, steps 1, 2); steps 3
+    # and 4 run again, then 5, and the final evaluation at 5: every training step logged once.
+    recs = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if "loss" in r] == [1, 2, 3, 4, 5]
+    assert [r["step"] for r in recs if "eval/reward/mean" in r] == [0, 5]
+    assert summary["steps"] == 5 and checkpoint.damaged_file(tmp_path / "checkpoints" / "step_000005") is None
