@@ -89,7 +89,8 @@ def run_bon(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     engine = None
     try:
         policy = load_model(model_dir, m.dtype, device=device).eval()
-        engine = build_engine(cfg.rollout, policy, tok, model_dir, m.dtype, m.device)
+        engine = build_engine(cfg.rollout, policy, tok, model_dir, m.dtype, m.device, lambda: samples,
+                              t.system_prompt)
         ro, judged = sample_and_score(engine, encode_prompts(tok, samples, t.system_prompt), samples, b.n,
                                       sampling_params(cfg.rollout), judge, seed=t.seed)
         select = judged.rewards  # [P * n]

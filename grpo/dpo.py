@@ -185,7 +185,7 @@ def run_dpo(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
 
     _, verifiers, _ = build_rewards(cfg.task["verifiers"], cfg.verifier.fail_fast, cfg.verifier.timeout, None, tok,
                                     device)
-    engine = build_engine(cfg.rollout, policy, tok, m.path, m.dtype, m.device)
+    engine = build_engine(cfg.rollout, policy, tok, m.path, m.dtype, m.device, lambda: eval_set, t.system_prompt)
     opt = build_optimizer(policy.parameters(), o.lr, o.betas, o.weight_decay)
     sched = build_scheduler(opt, o.schedule, o.warmup_steps, t.max_steps, o.min_lr_rate)
     step = checkpoint.restore(ckpt, {"optimizer": opt, "scheduler": sched})["step"] if ckpt else 0
@@ -203,7 +203,7 @@ def run_dpo(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
         tracker.log_samples(table, step)
         return metrics
 
-    first = last = run_eval() if not ckpt else None
+    first, last = tracker.past_evals("eval/reward/mean") if ckpt else (run_eval(),) * 2
     t0 = time.time()
     try:
         while step < t.max_steps:

@@ -241,7 +241,7 @@ def run_eval(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     engine = None
     try:
         model = load_model(model_dir, m.dtype, device=device).eval()
-        engine = build_engine(cfg.rollout, model, tok, model_dir, m.dtype, m.device)
+        engine = build_engine(cfg.rollout, model, tok, model_dir, m.dtype, m.device, lambda: samples, t.system_prompt)
         sp = sampling_params(cfg.rollout, greedy=temperature <= 0)
         t0 = time.time()
         seed_everything(t.seed)  # the samples depend on the seed, not on what loading drew

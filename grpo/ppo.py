@@ -44,7 +44,7 @@ from grpo.modeling import disable_dropout, load_model, load_tokenizer, pick_devi
 from grpo.optim import build_optimizer, build_scheduler
 from grpo.reward_model import init_reward_model, load_reward_model
 from grpo.rewards import RewardInputs, build_rewards
-from grpo.rollout import build_engine, encode_prompts, sampling_params
+from grpo.rollout import build_engine, encode_prompts, sampling_params, task_prompts
 from grpo.tasks.base import TaskError, build_task
 from grpo.tracking import Tracker, due
 from grpo.value import AdaptiveKL, gae, ppo_rewards, value_loss, whiten
@@ -130,9 +130,9 @@ def token_values(critic, batch: RolloutBatch) -> torch.Tensor:
 
 def ptx_rows(path: str, tok, system_prompt: str | None):
     from grpo.sft import encode_rows
-    from grpo.tasks.file import read_rows
+    from grpo.tasks.file import located_rows
 
-    pairs = encode_rows(tok, read_rows(path), path, "prompt", "completion", system_prompt)
+    pairs = encode_rows(tok, located_rows(path), "prompt", "completion", system_prompt)
     if not pairs:
         raise TaskError(f"{path}: no ptx rows")
     return pairs
@@ -191,7 +191,8 @@ def run_ppo(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
         disable_dropout(critic)
     critic.train()
     ptx = ptx_rows(p.ptx_path, tok, t.system_prompt) if p.ptx_coef > 0 else None
-    engine = build_engine(cfg.rollout, policy, tok, m.path, m.dtype, m.device)
+    engine = build_engine(cfg.rollout, policy, tok, m.path, m.dtype, m.device, lambda: task_prompts(task),
+                          t.system_prompt)
     updates = t.max_steps * p.epochs * p.minibatches  # optimizer steps
     opt = build_optimizer(policy.parameters(), o.lr, o.betas, o.weight_decay)
     sched = build_scheduler(opt, o.schedule, o.warmup_steps, updates, o.min_lr_rate)
@@ -220,7 +221,7 @@ def run_ppo(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
         tracker.log_samples(table, step)
         return metrics
 
-    first = last = run_eval() if not ckpt else None
+    first, last = tracker.past_evals("eval/reward/mean") if ckpt else (run_eval(),) * 2
     try:
         while step < t.max_steps:
             t0 = time.time()

@@ -40,7 +40,7 @@ from grpo.losses import policy_loss
 from grpo.modeling import disable_dropout, load_model, load_tokenizer, pick_device
 from grpo.optim import build_optimizer, build_scheduler
 from grpo.rewards import RewardInputs, build_rewards
-from grpo.rollout import build_engine, encode_prompts, sampling_params
+from grpo.rollout import build_engine, encode_prompts, sampling_params, task_prompts
 from grpo.tasks.base import TaskError, build_task
 from grpo.tracking import Tracker, due
 
@@ -85,7 +85,8 @@ class Trainer:
         disable_dropout(self.policy)
         self.policy.train()
         self.ref = load_model(m.path, m.dtype, device=self.device).eval().requires_grad_(False) if a.beta > 0 else None
-        self.engine = build_engine(r, self.policy, self.tok, m.path, m.dtype, m.device)
+        self.engine = build_engine(r, self.policy, self.tok, m.path, m.dtype, m.device,
+                                   lambda: task_prompts(self.task), t.system_prompt)
 
         o = cfg.optim
         self.opt = build_optimizer(self.policy.parameters(), o.lr, o.betas, o.weight_decay)
@@ -205,8 +206,9 @@ class Trainer:
     # ---- the loop ------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         t = self.t
-        first_eval = last_eval = None
-        if not self.ckpt:
+        if self.ckpt:
+            first_eval, last_eval = self.tracker.past_evals("eval/reward/mean")
+        else:
             first_eval = last_eval = self.run_eval()
         last_ckpt = self.ckpt  # a resumed run with nothing left to do still names its checkpoint
         try:

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
 from grpo.config import ConfigError
 from grpo.rollout.base import SamplingParams
-from grpo.tasks.base import render_prompt
+from grpo.tasks.base import Sample, render_prompt
 
 
-def build_engine(rollout, model, tokenizer, path: str, dtype: str = "float32", device: str = "auto"):
-    """The engine named by `rollout.engine` (a config.Rollout) around the trainer's own model."""
+def build_engine(rollout, model, tokenizer, path: str, dtype: str = "float32", device: str = "auto",
+                 prompts: Callable[[], Iterable[Sample]] | None = None, system_prompt: str | None = None):
+    """The engine named by `rollout.engine` (a config.Rollout) around the trainer's own model.
+
+    ``prompts`` gives the samples the engine will be asked to continue (called only for vLLM, when
+    `rollout.max_model_len` is null): vLLM reserves KV cache for its whole context, so the context
+    is sized from the longest of them rather than from the model's maximum (131072 positions for a
+    Llama-3 would need more cache than a CPU run has)."""
     if rollout.engine == "hf":
         from grpo.rollout.hf import HFEngine
 
@@ -18,8 +26,70 @@ def build_engine(rollout, model, tokenizer, path: str, dtype: str = "float32", d
             from grpo.rollout.vllm import VLLMEngine  # the only place vllm is imported
         except ImportError as e:  # its message says how to install vLLM
             raise ConfigError(str(e)) from e
-        return VLLMEngine(model, tokenizer, path, dtype, device, **rollout.engine_options())
+        opts = rollout.engine_options()
+        limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+        if not opts["max_model_len"] and prompts is not None:
+            longest = max((len(p) for p in encode_prompts(tokenizer, prompts(), system_prompt)), default=0)
+            opts["max_model_len"] = context_length(longest, rollout.max_new_tokens, limit)
+        length = opts["max_model_len"] or limit
+        on_gpu = device != "cpu" and _cuda()
+        if not on_gpu:
+            check_kv_cache(model.config, dtype, length, opts["kv_cache_gib"])
+        try:
+            return VLLMEngine(model, tokenizer, path, dtype, device, **opts)
+        except RuntimeError as e:
+            if "initialization failed" not in str(e):
+                raise
+            budget = "rollout.gpu_memory_utilization" if on_gpu else "rollout.kv_cache_gib"
+            raise ConfigError(f"rollout=vllm: the engine did not start with rollout.max_model_len={length} (the "
+                              f"reason is in vLLM's log above): lower rollout.max_model_len or raise {budget}") from e
     raise ConfigError(f"rollout.engine={rollout.engine!r}: use hf or vllm")
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def context_length(longest_prompt: int, max_new_tokens: int, limit: int | None) -> int:
+    """The default vLLM context: the longest prompt plus the completion, rounded up to a multiple of
+    256 (room for a procedural task's longer draws), at most the model's own limit."""
+    need = -(-(longest_prompt + max_new_tokens) // 256) * 256
+    return min(need, limit) if limit else need
+
+
+def kv_cache_bytes(config, dtype: str, tokens: int) -> int | None:
+    """Bytes of K and V cache for `tokens` positions of a model with full attention in every layer
+    (None where the config does not say, or uses sliding windows, whose cache is smaller)."""
+    from grpo.modeling import torch_dtype
+
+    c = config.get_text_config()
+    layers, heads = getattr(c, "num_hidden_layers", None), getattr(c, "num_attention_heads", None)
+    if not layers or not heads or getattr(c, "sliding_window", None):
+        return None
+    kv_heads = getattr(c, "num_key_value_heads", None) or heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+    return 2 * layers * kv_heads * head_dim * torch_dtype(dtype).itemsize * tokens
+
+
+def check_kv_cache(config, dtype: str, tokens: int | None, kv_cache_gib: float) -> None:
+    """On CPU the cache is a fixed budget: a context that cannot fit is one line before vLLM starts."""
+    need = kv_cache_bytes(config, dtype, tokens) if tokens else None
+    have = float(kv_cache_gib) * (1 << 30)
+    if need is not None and need > have:
+        fits = int(have // (need // tokens)) // 256 * 256
+        raise ConfigError(f"rollout=vllm: a context of rollout.max_model_len={tokens} tokens needs "
+                          f"{need / (1 << 30):.2f} GiB of KV cache, more than rollout.kv_cache_gib={kv_cache_gib}: "
+                          f"lower rollout.max_model_len (at most {fits} fits) or raise rollout.kv_cache_gib")
+
+
+def task_prompts(task, scan: int = 1024) -> list[Sample]:
+    """The samples a run on `task` may prompt with: every row of a task that holds its rows (a file),
+    the first `scan` draws of a procedural one, and the held-out rows."""
+    rows = getattr(task, "train", None)
+    train = rows if isinstance(rows, list) else [task.train_sample(i) for i in range(scan)]
+    return [*train, *task.eval_samples()]
 
 
 def sampling_params(rollout, greedy: bool = False) -> SamplingParams:
