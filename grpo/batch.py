@@ -90,3 +90,146 @@ def engine_logprobs(logprobs: list[list[float]], T: int, device) -> torch.Tensor
     for i, lp in enumerate(logprobs):
         out[i, :len(lp)] = torch.tensor(lp)
     return out
+
+
+# ---- the shared-prompt layout --------------------------------------------------------------
+@dataclass
+class GroupBatch:
+    """B groups of G completions of one prompt, one row per group: the prompt once, then its G
+    completions one after another. Each completion attends to the prompt and to itself only, and
+    its positions restart where the prompt ends, so every completion token gets the log-prob it
+    gets in its own padded row, while the prompt is computed once per group instead of G times.
+
+    input_ids, position_ids: [B, L] (right-padded to the longest group);
+    prompt_lens [B], completion_lens [B, G], lengths [B] (real tokens per row);
+    index: [N, T] the row position whose logits predict completion token t (the prompt's last
+    position for t = 0); completion_ids, mask: [N, T], N = B * G prompt-major as in RolloutBatch.
+    """
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    prompt_lens: torch.Tensor
+    completion_lens: torch.Tensor
+    lengths: torch.Tensor
+    index: torch.Tensor
+    completion_ids: torch.Tensor
+    mask: torch.Tensor
+
+    @property
+    def G(self) -> int:
+        return self.completion_lens.shape[1]
+
+    @property
+    def T(self) -> int:
+        return self.mask.shape[1]
+
+    def to(self, device) -> GroupBatch:
+        return GroupBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+    def __getitem__(self, rows: slice) -> GroupBatch:
+        """The groups whose completions are `rows` (a slice over N that starts and ends on a group),
+        cut to their own longest row: a micro-batch costs its real tokens, not the batch's longest."""
+        G = self.G
+        if rows.start % G or rows.stop % G:
+            raise ValueError(f"rows {rows} split a group of {G}")
+        g = slice(rows.start // G, rows.stop // G)
+        L = int(self.lengths[g].max())
+        return GroupBatch(self.input_ids[g, :L], self.position_ids[g, :L], self.prompt_lens[g],
+                          self.completion_lens[g], self.lengths[g], self.index[rows], self.completion_ids[rows],
+                          self.mask[rows])
+
+    def attention_bias(self, dtype: torch.dtype) -> torch.Tensor:
+        """[B, 1, L, L] additive mask: 0 where query i may attend to key j, the dtype's minimum
+        elsewhere. Causal within the prompt; a completion sees the prompt and its own past; padding
+        sees itself (a row with no allowed key would give NaN)."""
+        B, L = self.input_ids.shape
+        seg = torch.full((B, L), -1, dtype=torch.long)  # -1 prompt, k completion k, -2 padding
+        for b in range(B):
+            start = int(self.prompt_lens[b])
+            for k, n in enumerate(self.completion_lens[b].tolist()):
+                seg[b, start:start + n] = k
+                start += n
+            seg[b, start:] = -2
+        seg = seg.to(self.input_ids.device)
+        q, k = seg.unsqueeze(2), seg.unsqueeze(1)  # [B, L, 1], [B, 1, L]
+        idx = torch.arange(L, device=seg.device)
+        causal = idx.view(1, L, 1) >= idx.view(1, 1, L)
+        allowed = causal & ((k == -1) | (q == k)) & (q != -2)
+        allowed |= torch.eye(L, dtype=torch.bool, device=seg.device).unsqueeze(0)
+        bias = torch.zeros(B, 1, L, L, dtype=dtype, device=seg.device)
+        return bias.masked_fill_(~allowed.unsqueeze(1), torch.finfo(dtype).min)
+
+
+def pack_groups(prompts: list[list[int]], completions: list[list[int]], G: int, pad_id: int) -> GroupBatch:
+    """The rollout (N = B * G rows, prompt-major: rows b*G .. b*G+G-1 share prompts[b*G]) in the
+    shared-prompt layout."""
+    N = len(completions)
+    if N % G:
+        raise ValueError(f"{N} completions are not whole groups of {G}")
+    B = N // G
+    T = max(1, max(len(c) for c in completions))
+    group_prompts = [prompts[b * G] for b in range(B)]
+    lengths = [len(group_prompts[b]) + sum(len(c) for c in completions[b * G:(b + 1) * G]) for b in range(B)]
+    L = max(lengths)
+    ids = torch.full((B, L), pad_id, dtype=torch.long)
+    pos = torch.zeros((B, L), dtype=torch.long)
+    index = torch.zeros((N, T), dtype=torch.long)
+    comp = torch.full((N, T), pad_id, dtype=torch.long)
+    mask = torch.zeros((N, T), dtype=torch.long)
+    for b in range(B):
+        p = group_prompts[b]
+        P = len(p)
+        ids[b, :P] = torch.tensor(p, dtype=torch.long)
+        pos[b, :P] = torch.arange(P)
+        start = P
+        for i in range(b * G, (b + 1) * G):
+            c = completions[i]
+            n = len(c)
+            if n:
+                ids[b, start:start + n] = torch.tensor(c, dtype=torch.long)
+                pos[b, start:start + n] = torch.arange(P, P + n)
+                comp[i, :n] = torch.tensor(c, dtype=torch.long)
+                mask[i, :n] = 1
+                # token 0 is predicted at the prompt's last position, token t at the completion's t-1
+                index[i, 0] = P - 1
+                index[i, 1:n] = torch.arange(start, start + n - 1)
+            else:
+                index[i, :] = P - 1
+            index[i, n:] = index[i, max(n - 1, 0)]  # padding columns read a real position (masked out)
+            start += n
+    prompt_lens = torch.tensor([len(p) for p in group_prompts])
+    comp_lens = torch.tensor([[len(c) for c in completions[b * G:(b + 1) * G]] for b in range(B)])
+    return GroupBatch(ids, pos, prompt_lens, comp_lens, torch.tensor(lengths), index, comp, mask)
+
+
+def supports_shared_prompt(model) -> bool:
+    """Whether the shared-prompt layout gives this model the padded layout's log-probs: it needs a
+    custom 4D attention mask (eager or sdpa attention; flash attention takes none) and logits that
+    are the LM head of the last hidden state (no final soft-capping or scaling after it)."""
+    config = model.config
+    impl = getattr(config, "_attn_implementation", None) or "eager"
+    head = model.get_output_embeddings()
+    base = getattr(model, "base_model", None)
+    return (impl in ("eager", "sdpa") and head is not None and base is not None and base is not model
+            and not getattr(config.get_text_config(), "final_logit_softcapping", None)
+            and getattr(config, "logit_scale", None) in (None, 1, 1.0))
+
+
+def group_logprobs(model, batch: GroupBatch, temperature: float = 1.0, with_entropy: bool = False):
+    """token_logprobs for a GroupBatch: logp [N, T] (and entropy [N, T]), each completion token's
+    log-prob under logits / temperature. Only the [N, T] positions that predict a completion token
+    go through the LM head, as in the padded path."""
+    head = model.get_output_embeddings()
+    dtype = head.weight.dtype
+    hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_bias(dtype),
+                              position_ids=batch.position_ids, use_cache=False).last_hidden_state  # [B, L, H]
+    rows = torch.arange(batch.index.shape[0], device=hidden.device) // batch.G  # [N] group of each completion
+    h = hidden[rows.unsqueeze(1), batch.index]  # [N, T, H]
+    logits = head(h).float() / temperature  # [N, T, V]
+    logp_all = torch.log_softmax(logits, dim=-1)
+    logp = logp_all.gather(-1, batch.completion_ids.unsqueeze(-1)).squeeze(-1)  # [N, T]
+    if not with_entropy:
+        return logp
+    with torch.no_grad():
+        entropy = -(logp_all.exp() * logp_all).sum(-1)  # [N, T]
+    return logp, entropy

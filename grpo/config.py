@@ -138,6 +138,8 @@ class Trainer:
     max_steps: int = num(120, ge=0)
     prompts_per_step: int = num(16, ge=1)
     micro_batch_size: int = num(0, ge=0)  # rows per forward/backward; 0 = all at once
+    max_tokens_per_batch: int = num(0, ge=0)  # tokens per forward/backward (padding counted); 0 = no limit
+    shared_prompt: bool = True  # grpo train: each group's prompt computed once (where the model allows)
     eval_every: int = num(20, ge=0)
     eval_size: int = num(128, ge=1)
     save_every: int = num(40, ge=0)

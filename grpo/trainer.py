@@ -33,7 +33,7 @@ import torch
 from grpo import checkpoint
 from grpo import config as C
 from grpo.advantages import group_advantages
-from grpo.batch import batch_logprobs, engine_logprobs, pack
+from grpo.batch import batch_logprobs, engine_logprobs, group_logprobs, pack, pack_groups, supports_shared_prompt
 from grpo.config import ConfigError
 from grpo.evaluate import policy_eval
 from grpo.losses import policy_loss
@@ -47,10 +47,21 @@ from grpo.tracking import Tracker, due
 log = logging.getLogger(__name__)
 
 
-def micro_batches(n: int, size: int) -> list[slice]:
-    """Row slices of at most `size` rows (0 = one slice of all n)."""
-    size = size or n
-    return [slice(i, min(n, i + size)) for i in range(0, n, size)]
+def micro_batches(lengths: list[int], unit: int, size: int = 0, budget: int = 0) -> list[slice]:
+    """Slices over the N = len(lengths) * unit rows of a step, each a run of whole units (a group
+    in the shared-prompt layout, one row in the padded one) of at most `size` rows (0 = no limit,
+    at least one unit) and, with a budget, at most `budget` tokens as the forward pays for them:
+    units x the longest unit's length (at least one unit)."""
+    per = max(1, size // unit) if size else len(lengths)
+    out, start, longest = [], 0, 0
+    for i, n in enumerate(lengths):
+        count = i - start
+        if count and (count >= per or (budget and (count + 1) * max(longest, n) > budget)):
+            out.append(slice(start * unit, i * unit))
+            start, longest = i, 0
+        longest = max(longest, n)
+    out.append(slice(start * unit, len(lengths) * unit))
+    return out
 
 
 class Trainer:
@@ -85,6 +96,13 @@ class Trainer:
         disable_dropout(self.policy)
         self.policy.train()
         self.ref = load_model(m.path, m.dtype, device=self.device).eval().requires_grad_(False) if a.beta > 0 else None
+        # The shared-prompt layout gives the padded layout's log-probs (tests/test_shared_prompt.py)
+        # at a fraction of the prompt's cost; models whose attention takes no custom mask fall back.
+        models = [x for x in (self.policy, self.ref) if x is not None]
+        self.shared_prompt = t.shared_prompt and self.G > 1 and all(supports_shared_prompt(x) for x in models)
+        if t.shared_prompt and self.G > 1 and not self.shared_prompt:
+            log.info("trainer.shared_prompt: %s attention takes no custom mask; using one padded row per completion",
+                     self.policy.config._attn_implementation)
         self.engine = build_engine(r, self.policy, self.tok, m.path, m.dtype, m.device,
                                    lambda: task_prompts(self.task), t.system_prompt)
 
@@ -118,15 +136,23 @@ class Trainer:
         adv = group_advantages(rewards, self.G, a.adv_scale, a.adv_eps).to(self.device)  # [N]
         t2 = time.time()
 
-        batch = pack(ro.prompt_ids, ro.completion_ids, self.tok.pad_token_id).to(self.device)
+        pad = self.tok.pad_token_id
+        if self.shared_prompt:  # one row per group: its prompt once, then its G completions
+            batch = pack_groups(ro.prompt_ids, ro.completion_ids, self.G, pad).to(self.device)
+            logprobs, unit, lengths = group_logprobs, self.G, batch.lengths.tolist()
+        else:  # one padded row per completion
+            batch = pack(ro.prompt_ids, ro.completion_ids, pad).to(self.device)
+            logprobs, unit, lengths = batch_logprobs, 1, [batch.input_ids.shape[1]] * len(ro.completion_ids)
         mask = batch.mask  # [N, T]
         N, T = mask.shape
         n_tok = mask.sum().clamp(min=1)  # the step's global token count: every micro-batch divides by it
-        mbs = micro_batches(N, self.t.micro_batch_size)
+        mbs = micro_batches(lengths, unit, self.t.micro_batch_size, self.t.max_tokens_per_batch)
         temp = self.sampling.temperature or 1.0
+        clock = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}
         with torch.no_grad():
-            old_logp = torch.cat([batch_logprobs(self.policy, batch[s], temp) for s in mbs]) if a.epochs > 1 else None
-            ref_logp = torch.cat([batch_logprobs(self.ref, batch[s], temp) for s in mbs]) if self.ref is not None else None
+            old_logp = torch.cat([logprobs(self.policy, batch[s], temp) for s in mbs]) if a.epochs > 1 else None
+            ref_logp = torch.cat([logprobs(self.ref, batch[s], temp) for s in mbs]) if self.ref is not None else None
+        t_ref = time.time()
 
         # The engine's sampling log-probs of the sampled tokens, [N, T] like the trainer's.
         eng = engine_logprobs(ro.logprobs, T, self.device)  # [N, T]
@@ -137,7 +163,8 @@ class Trainer:
         for epoch in range(a.epochs):
             self.opt.zero_grad(set_to_none=True)
             for s in mbs:
-                logp, ent = batch_logprobs(self.policy, batch[s], temp, with_entropy=True)  # [n, T]
+                tf = time.time()
+                logp, ent = logprobs(self.policy, batch[s], temp, with_entropy=True)  # [n, T]
                 old = old_logp[s] if old_logp is not None else logp.detach()
                 # Truncated importance sampling: reweight tokens the engine sampled with a slightly
                 # different distribution than the trainer's (off when tis_cap = 0).
@@ -146,7 +173,10 @@ class Trainer:
                     logp, old, adv[s], mask[s], a.clip_low, a.clip_high, ref_logp[s] if ref_logp is not None else None,
                     a.beta, a.loss_agg, max_len=self.sampling.max_new_tokens, kl_estimator=a.kl_estimator,
                     is_weights=tis, num_tokens=n_tok, num_rows=N)
+                tb = time.time()
                 loss.backward()  # micro-batch losses over the global normaliser add up to the step's loss
+                clock["forward"] += tb - tf
+                clock["backward"] += time.time() - tb
                 w = float(mask[s].sum() / n_tok)
                 if epoch == last_epoch:  # clipping only happens after the first update
                     for k, v in m.items():
@@ -157,10 +187,12 @@ class Trainer:
                     acc["kl"] = acc.get("kl", 0.0) + w * m["kl"]
                     acc["entropy"] = acc.get("entropy", 0.0) + float((ent * mask[s]).sum() / n_tok)
                     acc["loss"] = acc.get("loss", 0.0) + float(loss.detach())
+            to = time.time()
             grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.optim.max_grad_norm)
             lr = self.sched.get_last_lr()[0]  # the rate this step uses
             self.opt.step()
             self.sched.step()
+            clock["optimizer"] += time.time() - to
         self.engine.update_weights(self.policy.named_parameters())
         t3 = time.time()
 
@@ -182,6 +214,8 @@ class Trainer:
             "rollout/logprob_abs_diff/mean": float(gap.sum() / n_tok),
             "rollout/logprob_abs_diff/max": float(gap.max()),
             "time/rollout": t1 - t0, "time/reward": t2 - t1, "time/update": t3 - t2, "time/step": t3 - t0,
+            # the update's split: old-policy and reference forwards, then the policy's own
+            "time/ref_forward": t_ref - t2, **{f"time/{k}": v for k, v in clock.items()},
         }
 
     # ---- evaluation, checkpoints ------------------------------------------------------------

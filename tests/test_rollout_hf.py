@@ -107,3 +107,19 @@ def test_stop_string_cut_when_pad_is_eos(tiny_model_dir):
     five = tok.convert_tokens_to_ids("5")
     assert ro.completion_ids == [[five], [five]] and ro.finished == [True, True] and ro.texts == ["5", "5"]
     assert all(len(lp) == 1 for lp in ro.logprobs)  # no EOS the model never sampled
+
+
+def test_one_prefill_per_prompt_samples_what_a_prefill_per_sample_does(tiny_model_dir):
+    # The n samples of a prompt share its prompt's KV cache, computed once. Same seed, same model:
+    # the same tokens, and log-probs that differ only by float rounding (< 1e-5).
+    tok, model, eng = engine(tiny_model_dir)
+    prompts = [tok(p, add_special_tokens=False)["input_ids"]
+               for p in ("<|user|>12+7<|end|><|assistant|>", "<|user|>a longer prompt, 3*4<|end|><|assistant|>")]
+    sp = SamplingParams(temperature=1.0, max_new_tokens=8, seed=3)
+    shared = eng.generate(prompts, 4, sp)
+    eng.prefill_once = False
+    each = eng.generate(prompts, 4, sp)
+    assert shared.completion_ids == each.completion_ids and shared.finished == each.finished
+    assert shared.prompt_ids == each.prompt_ids == [p for p in prompts for _ in range(4)]
+    gap = max(abs(a - b) for x, y in zip(shared.logprobs, each.logprobs) for a, b in zip(x, y))
+    assert gap < 1e-5

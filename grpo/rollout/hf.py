@@ -41,8 +41,9 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
 
 
 class HFEngine:
-    def __init__(self, model, tokenizer, batch_size: int = 256):
+    def __init__(self, model, tokenizer, batch_size: int = 256, prefill_once: bool = True):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.prefill_once = prefill_once  # the n samples of a prompt share one prefill (see _prefill)
         self.eos_ids = _eos_ids(model, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
 
@@ -54,15 +55,32 @@ class HFEngine:
             torch.manual_seed(sampling.seed)
         was_training = self.model.training
         self.model.eval()
+        per = max(1, self.batch_size // n)  # whole prompts per chunk: their n samples share one prefill
         try:
-            for start in range(0, len(rows), self.batch_size):
-                self._generate_chunk(rows[start:start + self.batch_size], sampling, out)
+            for start in range(0, len(prompt_ids), per):
+                self._generate_chunk(prompt_ids[start:start + per], n, sampling, out)
         finally:
             self.model.train(was_training)
         return out
 
-    def _generate_chunk(self, rows: list[list[int]], sp: SamplingParams, out: Rollout) -> None:
-        ids, mask = left_pad(rows, self.pad_id)  # [B, P]
+    def _prefill(self, ids: torch.Tensor, mask: torch.Tensor, n: int):
+        """The KV cache of every prompt but its last token, computed once and copied for its n
+        samples: generate() then feeds only the last token, so the prompt costs one forward per
+        group instead of n. Positions count real tokens, as generate() counts them."""
+        if not self.prefill_once or n == 1 or ids.shape[1] < 2:
+            return None
+        pos = (mask.cumsum(1) - 1).clamp(min=0)
+        cache = self.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=pos[:, :-1],
+                           use_cache=True).past_key_values
+        if not hasattr(cache, "batch_repeat_interleave"):  # a cache type that cannot be copied per sample
+            return None
+        cache.batch_repeat_interleave(n)
+        return cache
+
+    def _generate_chunk(self, prompts: list[list[int]], n: int, sp: SamplingParams, out: Rollout) -> None:
+        ids, mask = left_pad(prompts, self.pad_id)  # [b, P]
+        cache = self._prefill(ids, mask, n)
+        ids, mask = ids.repeat_interleave(n, 0), mask.repeat_interleave(n, 0)  # [b * n, P] prompt-major
         greedy = sp.temperature <= 0
         kwargs = dict(
             do_sample=not greedy,
@@ -78,6 +96,8 @@ class HFEngine:
             kwargs.update(temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k or None)
         if sp.stop:
             kwargs.update(stop_strings=list(sp.stop), tokenizer=self.tokenizer)
+        if cache is not None:
+            kwargs["past_key_values"] = cache
         gen = self.model.generate(input_ids=ids, attention_mask=mask, **kwargs)
         new = gen.sequences[:, ids.shape[1]:]  # [B, T]
         # Sampling log-probs at temperature, before truncation; greedy decoding uses T = 1.
