@@ -80,19 +80,6 @@ def test_model_generation_config_penalties_do_not_change_sampling(tiny_model_dir
         assert out[i, : len(c)].argmax(-1).tolist() == c
 
 
-def test_only_the_processors_a_model_sets_are_overridden():
-    from transformers import GenerationConfig
-
-    from grpo.rollout.hf import neutral_processing
-
-    # A bare config sets none: no override, so generate() builds no do-nothing processor (min_p=0,
-    # suppress_tokens=[] ... would each add one that runs at every step).
-    assert neutral_processing(GenerationConfig()) == {}
-    gc = GenerationConfig(repetition_penalty=5.0, suppress_tokens=[3], min_p=0.0, typical_p=1.0)
-    # min_p=0 and typical_p=1 are already neutral; the penalty and the suppressed token are undone
-    assert neutral_processing(gc) == {"repetition_penalty": 1.0, "suppress_tokens": []}
-
-
 def test_stop_string_cut_when_pad_is_eos(tiny_model_dir):
     tok, model, eng = engine(tiny_model_dir)
     eng.pad_id = tok.eos_token_id  # as for tokenizers without a pad token
@@ -109,17 +96,45 @@ def test_stop_string_cut_when_pad_is_eos(tiny_model_dir):
     assert all(len(lp) == 1 for lp in ro.logprobs)  # no EOS the model never sampled
 
 
-def test_one_prefill_per_prompt_samples_what_a_prefill_per_sample_does(tiny_model_dir):
-    # The n samples of a prompt share its prompt's KV cache, computed once. Same seed, same model:
-    # the same tokens, and log-probs that differ only by float rounding (< 1e-5).
-    tok, model, eng = engine(tiny_model_dir)
-    prompts = [tok(p, add_special_tokens=False)["input_ids"]
-               for p in ("<|user|>12+7<|end|><|assistant|>", "<|user|>a longer prompt, 3*4<|end|><|assistant|>")]
-    sp = SamplingParams(temperature=1.0, max_new_tokens=8, seed=3)
-    shared = eng.generate(prompts, 4, sp)
-    eng.prefill_once = False
-    each = eng.generate(prompts, 4, sp)
-    assert shared.completion_ids == each.completion_ids and shared.finished == each.finished
-    assert shared.prompt_ids == each.prompt_ids == [p for p in prompts for _ in range(4)]
-    gap = max(abs(a - b) for x, y in zip(shared.logprobs, each.logprobs) for a, b in zip(x, y))
-    assert gap < 1e-5
+def test_samples_follow_temperature_top_k_and_top_p():
+    from grpo.rollout.hf import pick
+
+    # logits for 4 tokens; at T = 1 the probabilities are 0.4, 0.3, 0.2, 0.1
+    logits = torch.log(torch.tensor([[0.4, 0.3, 0.2, 0.1]])).repeat(4000, 1)
+    torch.manual_seed(0)
+    tok, lp = pick(logits, SamplingParams(temperature=1.0, top_p=0.7))
+    # top_p 0.7: token 0 (0.4) is not enough, tokens {0, 1} (0.7) are: renormalised 4/7, 3/7
+    assert set(tok.tolist()) == {0, 1} and abs(float((tok == 0).float().mean()) - 4 / 7) < 0.03
+    # the log-probs are those before truncation: log 0.4 and log 0.3
+    assert torch.allclose(lp[tok == 0], torch.tensor(0.4).log()) and torch.allclose(lp[tok == 1], torch.tensor(0.3).log())
+    tok, _ = pick(logits, SamplingParams(temperature=1.0, top_k=3))
+    assert set(tok.tolist()) == {0, 1, 2}
+    tok, lp = pick(logits, SamplingParams(temperature=0.0))
+    assert set(tok.tolist()) == {0} and torch.allclose(lp, torch.tensor(0.4).log())
+    # T = 0.5 squares the odds: 0.16 / (0.16 + 0.09 + 0.04 + 0.01) = 8/15 for token 0
+    tok, lp = pick(logits, SamplingParams(temperature=0.5))
+    assert abs(float((tok == 0).float().mean()) - 8 / 15) < 0.03
+    assert torch.allclose(lp[tok == 0], torch.tensor(8 / 15).log(), atol=1e-5)
+
+
+def test_finished_rows_leave_the_batch_and_the_rest_decode_as_alone():
+    # Each row decoded in a batch with rows that stop early gets the tokens and log-probs it gets
+    # decoded alone: dropping finished rows from the cache does not disturb the others. The
+    # embedded model answers \\boxed{7} and \\boxed{579} (+ EOS): rows of different lengths.
+    from grpo.modeling import load_model, load_tokenizer
+    from grpo.rollout import encode_prompts
+    from grpo.rollout.hf import HFEngine
+    from grpo.tasks.base import Sample
+
+    tok, model = load_tokenizer("embedded"), load_model("embedded")
+    eng = HFEngine(model, tok)
+    prompts = encode_prompts(tok, [Sample(prompt=f"What is {q}?") for q in ("3 + 4", "123 + 456", "50 + 50")])
+    for sp in (SamplingParams(temperature=0.0, max_new_tokens=12), SamplingParams(temperature=1.0, max_new_tokens=12)):
+        together = eng.generate(prompts, 1, sp)
+        assert len({len(c) for c in together.completion_ids}) > 1  # rows did stop at different steps
+        if sp.temperature > 0:
+            continue  # sampled rows draw in a different order alone; the greedy check covers decoding
+        for i, p in enumerate(prompts):
+            alone = eng.generate([p], 1, sp)
+            assert alone.completion_ids[0] == together.completion_ids[i] and together.finished[i]
+            assert max(abs(a - b) for a, b in zip(alone.logprobs[0], together.logprobs[i])) < 1e-5

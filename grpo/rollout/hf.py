@@ -1,6 +1,13 @@
-"""Rollouts with transformers' ``generate``: batched, KV cache, left padding, stops at EOS.
+"""Rollouts with the trainer's own transformers model: batched, KV cache, left padding, stops at EOS.
 
-The engine holds the trainer's own model object, so there are no weights to sync.
+The engine holds the trainer's own model object, so there are no weights to sync. It runs its own
+decoding loop on the model's forward rather than ``generate()``, for three reasons:
+  - a prompt is prefilled once and its KV cache copied to its n samples (not prefilled n times);
+  - a row that finished (EOS or a stop string) leaves the batch and its cache, so the remaining
+    steps cost the rows still going, not the longest row times all;
+  - nothing touches the logits but temperature, top-k and top-p: no logits processor from the
+    model's generation_config (repetition penalties ...), whose distribution the trainer's
+    log-probs would never see.
 """
 
 from __future__ import annotations
@@ -10,22 +17,6 @@ from collections.abc import Iterable
 import torch
 
 from grpo.rollout.base import Rollout, SamplingParams
-
-
-NEUTRAL_PROCESSING = dict(
-    repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0,
-    typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, min_p=0.0, suppress_tokens=[],
-    begin_suppress_tokens=[], renormalize_logits=False,
-)
-
-
-def neutral_processing(generation_config) -> dict:
-    """generate() overrides that switch off the logits processors a model's generation_config asks
-    for (repetition penalties and the like): the trainer's log-probs see none of them, so the engine
-    must not sample with them. Only the keys the model sets are overridden: passing a neutral value
-    for an unset key is not free (``min_p=0`` or ``suppress_tokens=[]`` adds a processor that runs at
-    every decoding step and does nothing, and transformers warns about the flag)."""
-    return {k: v for k, v in NEUTRAL_PROCESSING.items() if getattr(generation_config, k, None) not in (None, v)}
 
 
 def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,10 +31,33 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     return ids, mask
 
 
+def pick(logits: torch.Tensor, sp: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """The next token of each row and its log-prob at temperature before truncation.
+
+    logits: [k, V] float. Greedy (temperature 0): the argmax, with its T = 1 log-prob. Otherwise
+    logits / T, then top-k, then top-p (the smallest set of most likely tokens whose probability
+    reaches top_p), then one draw from what is left. Returns tokens [k], logprobs [k]."""
+    if sp.temperature <= 0:
+        tok = logits.argmax(-1)
+        return tok, torch.log_softmax(logits, -1).gather(-1, tok[:, None]).squeeze(1)
+    scaled = logits / sp.temperature
+    logp = torch.log_softmax(scaled, -1)  # [k, V]
+    keep = scaled
+    if sp.top_k and sp.top_k < scaled.shape[-1]:
+        kth = scaled.topk(sp.top_k, -1).values[:, -1:]  # [k, 1]
+        keep = keep.masked_fill(scaled < kth, float("-inf"))
+    if sp.top_p < 1.0:
+        probs, order = torch.softmax(keep, -1).sort(-1, descending=True)
+        before = probs.cumsum(-1) - probs  # mass of the tokens ranked above each one
+        drop = torch.zeros_like(keep, dtype=torch.bool).scatter_(-1, order, before >= sp.top_p)
+        keep = keep.masked_fill(drop, float("-inf"))
+    tok = torch.multinomial(torch.softmax(keep, -1), 1).squeeze(1)
+    return tok, logp.gather(-1, tok[:, None]).squeeze(1)
+
+
 class HFEngine:
-    def __init__(self, model, tokenizer, batch_size: int = 256, prefill_once: bool = True):
+    def __init__(self, model, tokenizer, batch_size: int = 256):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
-        self.prefill_once = prefill_once  # the n samples of a prompt share one prefill (see _prefill)
         self.eos_ids = _eos_ids(model, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
 
@@ -63,68 +77,64 @@ class HFEngine:
             self.model.train(was_training)
         return out
 
-    def _prefill(self, ids: torch.Tensor, mask: torch.Tensor, n: int):
-        """The KV cache of every prompt but its last token, computed once and copied for its n
-        samples: generate() then feeds only the last token, so the prompt costs one forward per
-        group instead of n. Positions count real tokens, as generate() counts them."""
-        if not self.prefill_once or n == 1 or ids.shape[1] < 2:
-            return None
-        pos = (mask.cumsum(1) - 1).clamp(min=0)
-        cache = self.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=pos[:, :-1],
-                           use_cache=True).past_key_values
-        if not hasattr(cache, "batch_repeat_interleave"):  # a cache type that cannot be copied per sample
-            return None
-        cache.batch_repeat_interleave(n)
-        return cache
-
     def _generate_chunk(self, prompts: list[list[int]], n: int, sp: SamplingParams, out: Rollout) -> None:
         ids, mask = left_pad(prompts, self.pad_id)  # [b, P]
-        cache = self._prefill(ids, mask, n)
-        ids, mask = ids.repeat_interleave(n, 0), mask.repeat_interleave(n, 0)  # [b * n, P] prompt-major
-        greedy = sp.temperature <= 0
-        kwargs = dict(
-            do_sample=not greedy,
-            max_new_tokens=sp.max_new_tokens,
-            eos_token_id=self.eos_ids,
-            pad_token_id=self.pad_id,
-            return_dict_in_generate=True,
-            output_logits=True,
-            use_cache=True,
-            **neutral_processing(self.model.generation_config),
-        )
-        if not greedy:
-            kwargs.update(temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k or None)
-        if sp.stop:
-            kwargs.update(stop_strings=list(sp.stop), tokenizer=self.tokenizer)
-        if cache is not None:
-            kwargs["past_key_values"] = cache
-        gen = self.model.generate(input_ids=ids, attention_mask=mask, **kwargs)
-        new = gen.sequences[:, ids.shape[1]:]  # [B, T]
-        # Sampling log-probs at temperature, before truncation; greedy decoding uses T = 1.
-        logits = torch.stack(gen.logits, dim=1).float()  # [B, T, V]
-        temp = sp.temperature if not greedy else 1.0
-        lp = torch.log_softmax(logits / temp, dim=-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)  # [B, T]
-        for i in range(new.shape[0]):
-            toks = new[i].tolist()
-            # generate() pads finished rows; with pad == eos a stop-string row ends in padding that
-            # looks like EOS, so the stop string is looked for first, then the first EOS.
-            eos_at = next((t for t, tok in enumerate(toks) if tok in self.eos_ids), None)
-            length, finished = (eos_at + 1, True) if eos_at is not None else (len(toks), False)
-            if sp.stop:
-                cut = _stop_end(toks[:length], sp.stop, self.tokenizer)
-                if cut is not None:
-                    length, finished = cut, True
-            toks = toks[:length]
-            out.completion_ids.append(toks)
-            out.logprobs.append(lp[i, :length].tolist())
-            out.texts.append(self.tokenizer.decode(toks, skip_special_tokens=True))
-            out.finished.append(finished)
+        device = next(self.model.parameters()).device
+        ids, mask = ids.to(device), mask.to(device)
+        pos = (mask.cumsum(1) - 1).clamp(min=0)  # positions count real tokens only
+        res = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+        cache, logits = res.past_key_values, res.logits[:, -1].float()  # logits [b, V]
+        if n > 1:  # the n samples of a prompt continue one prefill
+            cache.batch_repeat_interleave(n)
+            logits, mask = logits.repeat_interleave(n, 0), mask.repeat_interleave(n, 0)
+        N = logits.shape[0]
+        nxt = mask.sum(1, keepdim=True)  # [N, 1] the next token's position
+        live = torch.arange(N, device=device)  # rows still decoding, as indices into the chunk
+        toks: list[list[int]] = [[] for _ in range(N)]
+        lps: list[list[float]] = [[] for _ in range(N)]
+        finished = [False] * N
+        eos = torch.tensor(self.eos_ids, device=device)
+        for step in range(sp.max_new_tokens):
+            tok, lp = pick(logits, sp)  # [k], [k]
+            done = torch.isin(tok, eos)
+            for j, (i, t, v) in enumerate(zip(live.tolist(), tok.tolist(), lp.tolist())):
+                toks[i].append(t)
+                lps[i].append(v)
+                if not done[j] and sp.stop:
+                    tail = self.tokenizer.decode(toks[i][-_STOP_WINDOW:], skip_special_tokens=True)
+                    done[j] = any(s in tail for s in sp.stop)
+            for i in live[done].tolist():
+                finished[i] = True
+            if step == sp.max_new_tokens - 1 or bool(done.all()):
+                break
+            if bool(done.any()):  # finished rows leave the batch and the cache
+                keep = (~done).nonzero().squeeze(1)
+                cache.batch_select_indices(keep)
+                live, tok, mask, nxt = live[keep], tok[keep], mask[keep], nxt[keep]
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+            res = self.model(input_ids=tok[:, None], attention_mask=mask, position_ids=nxt, past_key_values=cache,
+                             use_cache=True)
+            cache, logits = res.past_key_values, res.logits[:, -1].float()
+            nxt = nxt + 1
+        for i in range(N):
+            length = len(toks[i])
+            if sp.stop and finished[i] and toks[i][-1] not in self.eos_ids:
+                length = _stop_end(toks[i], sp.stop, self.tokenizer) or length
+            out.completion_ids.append(toks[i][:length])
+            out.logprobs.append(lps[i][:length])
+            out.texts.append(self.tokenizer.decode(toks[i][:length], skip_special_tokens=True))
+            out.finished.append(finished[i])
 
     def update_weights(self, named_params: Iterable[tuple[str, torch.Tensor]]) -> None:
         """The engine shares the trainer's module: nothing to copy."""
 
     def close(self) -> None:
         pass
+
+
+# Tokens decoded to look for a stop string as a row grows: enough for any stop string of up to 16
+# tokens (a stop string already seen would have ended the row earlier).
+_STOP_WINDOW = 16
 
 
 def _stop_end(toks: list[int], stops: list[str], tokenizer) -> int | None:
