@@ -12,8 +12,19 @@ from dataclasses import dataclass, fields
 import torch
 
 
+class _Tensors:
+    """A dataclass of tensors that moves to a device as one."""
+
+    @property
+    def T(self) -> int:
+        return self.mask.shape[1]
+
+    def to(self, device):
+        return type(self)(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+
 @dataclass
-class RolloutBatch:
+class RolloutBatch(_Tensors):
     """N rows of prompt + completion; every completion starts at column P.
 
     input_ids, attention_mask, position_ids: [N, P+T] (prompts left-padded, completions right-padded)
@@ -25,13 +36,6 @@ class RolloutBatch:
     position_ids: torch.Tensor
     completion_ids: torch.Tensor
     mask: torch.Tensor
-
-    @property
-    def T(self) -> int:
-        return self.mask.shape[1]
-
-    def to(self, device) -> RolloutBatch:
-        return RolloutBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
     def __getitem__(self, rows: slice) -> RolloutBatch:
         return RolloutBatch(**{f.name: getattr(self, f.name)[rows] for f in fields(self)})
@@ -94,7 +98,7 @@ def engine_logprobs(logprobs: list[list[float]], T: int, device) -> torch.Tensor
 
 # ---- the shared-prompt layout --------------------------------------------------------------
 @dataclass
-class GroupBatch:
+class GroupBatch(_Tensors):
     """B groups of G completions of one prompt, one row per group: the prompt once, then its G
     completions one after another. Each completion attends to the prompt and to itself only, and
     its positions restart where the prompt ends, so every completion token gets the log-prob it
@@ -118,13 +122,6 @@ class GroupBatch:
     @property
     def G(self) -> int:
         return self.completion_lens.shape[1]
-
-    @property
-    def T(self) -> int:
-        return self.mask.shape[1]
-
-    def to(self, device) -> GroupBatch:
-        return GroupBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
     def __getitem__(self, rows: slice) -> GroupBatch:
         """The groups whose completions are `rows` (a slice over N that starts and ends on a group),
