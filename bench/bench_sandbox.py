@@ -2,7 +2,8 @@
 
 Every run is a fresh sandbox (new namespaces, fresh filesystem view, new interpreter). Prints
 runs/s measured on the wall clock, and the CPU time one run costs (host side plus everything in
-the sandbox, collected by making this process the subreaper of the sandboxes' init processes),
+the sandbox: the sandbox's reaper helper is stopped before the second count, so its CPU time and its
+children's land in this process's RUSAGE_CHILDREN),
 from which it derives the capacity on N idle cores: wall numbers drop when other work shares
 the machine, the CPU cost does not.
 """
@@ -10,7 +11,6 @@ the machine, the CPU cost does not.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import resource
@@ -19,16 +19,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from grpo.sandbox import Limits, Sandbox  # noqa: E402
-
-
-def reap() -> None:
-    while True:
-        try:
-            if os.waitpid(-1, os.WNOHANG)[0] == 0:
-                return
-        except ChildProcessError:
-            return
+from grpo.sandbox import Limits, Sandbox, reaper  # noqa: E402
 
 
 def main() -> int:
@@ -37,19 +28,15 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=4)
     ap.add_argument("--target", type=float, default=100.0, help="runs/s to meet on the machine's cores")
     a = ap.parse_args()
-    # bwrap's outer process exits without reaping the sandbox's init; as subreaper we inherit
-    # and reap it, so its CPU time lands in our RUSAGE_CHILDREN.
-    ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
     sb = Sandbox(limits=Limits(wall_time=10))
     sb.check()
-    reap()
+    reaper.shutdown()  # the count starts with no helper: the runs below start their own
     c0, s0 = resource.getrusage(resource.RUSAGE_CHILDREN), resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     with ThreadPoolExecutor(a.threads) as ex:
         results = list(ex.map(lambda i: sb.run(f"print({i})"), range(a.runs)))
     wall = time.perf_counter() - t0
-    time.sleep(0.3)
-    reap()
+    reaper.shutdown()  # the helper reaped every sandbox; it exits now and we reap it
     c1, s1 = resource.getrusage(resource.RUSAGE_CHILDREN), resource.getrusage(resource.RUSAGE_SELF)
     bad = [r for i, r in enumerate(results) if r.status != "ok" or r.stdout != f"{i}\n".encode()]
     cpu = (c1.ru_utime + c1.ru_stime - c0.ru_utime - c0.ru_stime + s1.ru_utime + s1.ru_stime

@@ -17,8 +17,13 @@ Every run is a fresh ``bwrap`` invocation, so nothing is shared between two runs
   per sandbox because the kernel counts ``RLIMIT_NPROC`` per user namespace), file size and
   open files; a wall-clock deadline enforced by the host; stdout/stderr capped by the host;
 * the sandbox's PID 1 is bwrap's init, which dies with its parent (``--die-with-parent``): at
-  the deadline the host SIGKILLs the outer bwrap, PID 1 receives SIGKILL, and the kernel kills
-  every process of the PID namespace, including those that called ``setsid`` or double-forked.
+  the deadline the outer bwrap is SIGKILLed, PID 1 receives SIGKILL, and the kernel kills
+  every process of the PID namespace, including those that called ``setsid`` or double-forked;
+* every process a run starts is reaped: bwrap is started by a small helper process
+  (``reaper.py``, one per host process) that is a subreaper and waits for everything below it,
+  since the outer bwrap exits without waiting for its init. Nothing of a sandbox is re-parented
+  to the host or to PID 1 (a trainer that is PID 1 in a container would never reap it), and the
+  helper kills the runs still going when the host dies.
 
 When the host process runs as root we first drop to an unprivileged uid (``setpriv``,
 default 65534) so that the kernel enforces ``RLIMIT_NPROC`` (it never does for uid 0) and the
@@ -56,11 +61,12 @@ import os
 import selectors
 import shutil
 import signal
-import subprocess
 import threading
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
+
+from grpo.sandbox import reaper
 
 __all__ = ["Limits", "Image", "Result", "Sandbox", "SandboxUnavailable", "run", "default_sandbox"]
 
@@ -358,19 +364,25 @@ class Sandbox:
             else:
                 command = tuple(a.replace("{program}", prog_path) for a in self.image.command) + tuple(args)
             argv = self._build_argv(lim, file_fds, env, command, raw=bool(argv_override))
+            out_r, out_w = os.pipe()
+            err_r, err_w = os.pipe()
+            to_close += [out_r, out_w, err_r, err_w]
             t0 = time.monotonic()
+            # Started by the sandbox helper, which reaps bwrap and the sandbox's init: see reaper.py.
             try:
-                proc = subprocess.Popen(argv, stdin=stdin_fd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                        pass_fds=pass_fds, env={}, close_fds=True)
+                child = reaper.spawn(argv, {0: stdin_fd, 1: out_w, 2: err_w, **{fd: fd for fd in pass_fds}})
             except OSError as e:
                 return Result("sandbox_error", None, stderr=f"cannot start bwrap: {e}".encode())
             # The child holds its own copies now; closing ours makes the pipes hit EOF when
             # the sandbox ends.
             for fd in list(to_close):
-                if fd not in (chan_r, stats_r):
+                if fd not in (chan_r, stats_r, out_r, err_r):
                     os.close(fd)
                     to_close.remove(fd)
-            return self._collect(proc, lim, t0, chan_r, stats_r)
+            try:
+                return self._collect(child, lim, t0, out_r, err_r, chan_r, stats_r)
+            finally:
+                child.close()  # a no-op once reaped; kills the run if _collect was interrupted
         finally:
             for fd in to_close:
                 try:
@@ -378,7 +390,8 @@ class Sandbox:
                 except OSError:
                     pass
 
-    def _collect(self, proc: subprocess.Popen, lim: Limits, t0: float, chan_r: int, stats_r: int) -> Result:
+    def _collect(self, proc: reaper.Child, lim: Limits, t0: float, out_r: int, err_r: int, chan_r: int,
+                 stats_r: int) -> Result:
         deadline = t0 + lim.wall_time
         out = bytearray()
         err = bytearray()
@@ -387,8 +400,8 @@ class Sandbox:
         out_trunc = err_trunc = False
         killed_for: str | None = None
         sel = selectors.DefaultSelector()
-        sel.register(proc.stdout, selectors.EVENT_READ, "out")
-        sel.register(proc.stderr, selectors.EVENT_READ, "err")
+        sel.register(out_r, selectors.EVENT_READ, "out")
+        sel.register(err_r, selectors.EVENT_READ, "err")
         if chan_r >= 0:
             sel.register(chan_r, selectors.EVENT_READ, "chan")
         if stats_r >= 0:
@@ -396,10 +409,7 @@ class Sandbox:
         open_streams = len(sel.get_map())
 
         def kill() -> None:
-            try:
-                proc.send_signal(signal.SIGKILL)  # outer bwrap; its init follows (pdeathsig)
-            except ProcessLookupError:
-                pass
+            proc.kill()  # SIGKILL to the outer bwrap; its init follows (pdeathsig), then the namespace
 
         try:
             while open_streams:
@@ -445,20 +455,24 @@ class Sandbox:
                         chan += data[:max(room, 0)]
         finally:
             sel.close()
-        # Pipes are closed once every sandbox process is gone; reap bwrap for its rusage.
-        if proc.poll() is None and killed_for is None and time.monotonic() > deadline:
-            killed_for = "timeout"
-            kill()
+        # Pipes are closed once every sandbox process is gone; the helper reaps bwrap (and the
+        # sandbox's init) and sends bwrap's wait status.
+        if killed_for is None and time.monotonic() > deadline:
+            try:
+                proc.wait(0)
+            except TimeoutError:
+                killed_for = "timeout"
+                kill()
         try:
-            _, status, ru = os.wait4(proc.pid, 0)
-        except ChildProcessError:
-            status, ru = 0, None
-        proc.returncode = os.waitstatus_to_exitcode(status) if ru is not None else proc.returncode
+            status = proc.wait(10.0)
+        except TimeoutError:  # cannot happen unless bwrap hangs: kill it and give up on its status
+            kill()
+            try:
+                status = proc.wait(10.0)
+            except TimeoutError:
+                status = None
         wall = time.monotonic() - t0
-        proc.stdout.close()
-        proc.stderr.close()
-        # bwrap's outer process does not reap the sandbox's init, so its rusage is empty: the
-        # python launcher's self-report is all we have.
+        # The python launcher's self-report is all we have of the program's resource use.
         cpu: float | None = None
         rss: int | None = None
         try:
@@ -466,7 +480,7 @@ class Sandbox:
             cpu, rss = round(float(c_s), 4), int(r_s)
         except ValueError:
             pass
-        rc = proc.returncode
+        rc = os.waitstatus_to_exitcode(status) if status is not None else None
         sig = None
         if killed_for is not None:
             status_s, code = killed_for, None

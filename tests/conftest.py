@@ -53,3 +53,21 @@ def run_grpo(*args: str, timeout: int = 600):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     return subprocess.run([sys.executable, "-m", "grpo", *args], capture_output=True, text=True, timeout=timeout,
                           cwd=ROOT, env=env)
+
+
+def proc_table() -> dict[int, tuple[int, str, str, int]]:
+    """pid -> (ppid, state, comm, start time) for every process on the host, from /proc (the process
+    tests look for what a command left behind)."""
+    table = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        close = stat.rindex(")")
+        fields = stat[close + 2:].split()
+        table[int(name)] = (int(fields[1]), fields[0], stat[stat.index("(") + 1:close], int(fields[19]))
+    return table
