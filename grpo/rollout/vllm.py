@@ -28,6 +28,8 @@ Sampling maps one-to-one onto the hf engine: same EOS ids, texts decoded by the 
 RNG, so runs are reproducible through `trainer.seed` as with the hf engine (the samples differ
 between engines: they use different random streams).
 
+The engine's processes end with the trainer, however it ends: see `EngineWatchdog`.
+
 A remote engine (vLLM's OpenAI-compatible server plus a weight-update channel) fits the same
 three methods: nothing in the trainer depends on the engine living in this process.
 """
@@ -37,7 +39,10 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
+import weakref
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -157,7 +162,14 @@ class VLLMEngine:
             kwargs["enable_chunked_prefill"] = False
         if max_num_batched_tokens:
             kwargs["max_num_batched_tokens"] = int(max_num_batched_tokens)
-        self.llm = LLM(**kwargs)
+        # Watch the processes vLLM starts, so that they die with the trainer even when it is killed.
+        self._watchdog = EngineWatchdog()
+        try:
+            self.llm = LLM(**kwargs)
+        except BaseException:
+            self._watchdog.close(kill=True)
+            raise
+        self._watchdog.engine_started()
         self._dir = Path(tempfile.mkdtemp(prefix="grpo-weights-", dir=_weights_dir(model)))
         # The trainer's weights may not be the files' (a resumed checkpoint, an SFT'd module): push them now.
         self._asleep: set[str] = set()  # sleep-mode memory pools now released ("weights", "kv_cache")
@@ -233,7 +245,208 @@ class VLLMEngine:
             if core is not None and hasattr(core, "shutdown"):
                 core.shutdown()
             del llm
+        watchdog = getattr(self, "_watchdog", None)
+        if watchdog is not None:
+            watchdog.close()
         shutil.rmtree(getattr(self, "_dir", ""), ignore_errors=True)
+
+
+# ---- the engine's processes die with the trainer ------------------------------------------
+# vLLM 0.32 runs the engine in processes of its own: EngineCore (started through multiprocessing,
+# `spawn` here), which starts a Worker (the model, the KV cache: GPU memory on a GPU). `close()`,
+# or vLLM's finalizers at a clean exit, shut them down. But a trainer killed by SIGTERM (Python's
+# default action ends it on the spot, no `finally`, no atexit) or SIGKILL left them running,
+# re-parented to PID 1, holding their memory: EngineCore sets no PR_SET_PDEATHSIG and does not
+# notice its client going away (ZMQ sockets; the Worker does watch EngineCore, through a pipe).
+#
+# Why a watchdog process: nothing of ours runs in EngineCore before vLLM's code (it is spawned by
+# vLLM; only the Worker imports our extension), PR_SET_PDEATHSIG would have to be set inside it and
+# fires when the *thread* that started it exits, and a SIGTERM handler in the trainer would cover
+# neither SIGKILL nor the trainer's own signal handling. The watchdog is a small stdlib-only process
+# (`python -I -S`) started just before the engine, in a session of its own (a Ctrl-C or a signal to
+# the trainer's process group does not reach it):
+#  * while the engine starts it records the trainer's new children (EngineCore; multiprocessing's
+#    own helpers, such as the resource tracker, are left alone: they exit by themselves once their
+#    users are gone), and after the start the trainer sends it the children it gained;
+#  * it notices the trainer's death by its parent changing (`getppid`, polled every 0.5 s: right
+#    whichever thread started it and whatever inherited our pipe to it, unlike PR_SET_PDEATHSIG or
+#    end of file);
+#  * then it SIGTERMs those processes and their descendants (vLLM's engine and workers shut down
+#    on SIGTERM), and SIGKILLs whatever is left of them after a grace period. Every pid is checked
+#    against its start time before being signalled, so a reused pid is never hit.
+# `close()` says goodbye and reaps it; a failed start asks it to kill what the start left behind.
+_WATCHDOG = r"""
+import os, select, signal, sys, time
+trainer = int(sys.argv[1])
+grace = float(sys.argv[2])
+
+def stat(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            s = f.read()
+    except OSError:
+        return None
+    f = s[s.rindex(")") + 2:].split()
+    return int(f[1]), f[0], int(f[19])  # ppid, state, start time
+
+def children(pid):
+    out = set()
+    try:
+        for t in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{t}/children") as f:
+                out.update(int(c) for c in f.read().split())
+        return out
+    except OSError:
+        pass
+    for name in os.listdir("/proc"):  # no /proc/PID/task/TID/children (CONFIG_PROC_CHILDREN)
+        if name.isdigit() and (st := stat(name)) and st[0] == pid:
+            out.add(int(name))
+    return out
+
+def ours(pid):  # not multiprocessing's shared helpers (resource tracker, forkserver)
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"from multiprocessing." not in f.read()
+    except OSError:
+        return False
+
+def alive(pid, start):
+    st = stat(pid)
+    return st is not None and st[2] == start and st[1] not in "ZX"
+
+before = children(trainer)
+tracked = {}  # pid -> start time
+print("ready", flush=True)
+watching, buf, eof = True, b"", False
+while os.getppid() == trainer:
+    if watching:
+        for pid in children(trainer) - before - set(tracked) - {os.getpid()}:
+            st = stat(pid)
+            if st and ours(pid):
+                tracked[pid] = st[2]
+    if eof:
+        time.sleep(0.5)
+        continue
+    r, _, _ = select.select([0], [], [], 0.2 if watching else 0.5)
+    if not r:
+        continue
+    data = os.read(0, 4096)
+    if not data:
+        eof = True  # the trainer is exiting (or dropped us): act once it is gone
+        continue
+    buf += data
+    *lines, buf = buf.split(b"\n")
+    for line in lines:
+        cmd, *args = line.decode().split() or [""]
+        if cmd == "started":
+            watching = False
+            for a in args:
+                pid, start = map(int, a.split(":"))
+                if ours(pid):
+                    tracked[pid] = start
+        elif cmd == "bye":
+            sys.exit(0)
+        elif cmd == "kill":
+            trainer = None  # leaves the loop: kill as if the trainer were gone
+            break
+
+# The trainer is gone (or a failed start asked for it): end what the engine started.
+roots = {pid: start for pid, start in tracked.items() if alive(pid, start)}
+tree = dict(roots)
+todo = list(roots)
+while todo:
+    for c in children(todo.pop()):
+        st = stat(c)
+        if st and c not in tree:
+            tree[c] = st[2]
+            todo.append(c)
+for pid, start in tree.items():  # the engine first, then its workers: each shuts down its own way
+    if alive(pid, start):
+        os.kill(pid, signal.SIGTERM)
+deadline = time.monotonic() + grace
+while time.monotonic() < deadline and any(alive(p, s) for p, s in tree.items()):
+    time.sleep(0.05)
+for pid, start in tree.items():
+    if alive(pid, start):
+        os.kill(pid, signal.SIGKILL)
+"""
+
+
+def _children(pid: int) -> dict[int, int]:
+    """pid -> start time of the direct children of `pid`."""
+    out = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                s = f.read()
+        except OSError:
+            continue
+        fields = s[s.rindex(")") + 2:].split()
+        if int(fields[1]) == pid:
+            out[int(name)] = int(fields[19])
+    return out
+
+
+class EngineWatchdog:
+    """Ends the processes an engine start creates when this process dies (see the comment above).
+
+    Create it right before the engine, call `engine_started()` right after, `close()` after the
+    engine's own shutdown (`close(kill=True)` after a failed start)."""
+
+    def __init__(self, grace: float = 3.0):
+        self._before = _children(os.getpid())
+        self.proc: subprocess.Popen | None = None
+        r, w = os.pipe()
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-I", "-S", "-c", _WATCHDOG, str(os.getpid()), str(grace)],
+                stdin=r, stdout=subprocess.PIPE, env={}, start_new_session=True)
+        except OSError as e:
+            os.close(w)
+            log.warning("cannot start the vLLM engine's watchdog (%s): a killed trainer may leave vLLM running", e)
+            return
+        finally:
+            os.close(r)
+        self._w = w
+        if self.proc.stdout.readline() != b"ready\n":  # it has seen our children of before the engine
+            log.warning("the vLLM engine's watchdog did not start: a killed trainer may leave vLLM running")
+        self.proc.stdout.close()
+        # Dropped without close(): say goodbye, so it does not outlive us for nothing. Not at
+        # exit: then it sees us go and ends whatever vLLM's own shutdown left running.
+        self._finalizer = weakref.finalize(self, EngineWatchdog._stop, self.proc, w, "bye")
+        self._finalizer.atexit = False
+
+    def engine_started(self) -> None:
+        if self.proc is None:
+            return
+        new = {pid: t for pid, t in _children(os.getpid()).items()
+               if pid not in self._before and pid != self.proc.pid}
+        self._send("started " + " ".join(f"{pid}:{t}" for pid, t in new.items()))
+
+    def close(self, kill: bool = False) -> None:
+        if self.proc is not None and self._finalizer.detach() is not None:
+            EngineWatchdog._stop(self.proc, self._w, "kill" if kill else "bye")
+
+    def _send(self, line: str) -> None:
+        try:
+            os.write(self._w, (line + "\n").encode())
+        except OSError:
+            pass
+
+    @staticmethod
+    def _stop(proc: subprocess.Popen, w: int, cmd: str) -> None:
+        try:
+            os.write(w, (cmd + "\n").encode())
+        except OSError:
+            pass
+        os.close(w)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def _weights_dir(model) -> str | None:
