@@ -31,12 +31,18 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     return ids, mask
 
 
-def pick(logits: torch.Tensor, sp: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
+def pick(logits: torch.Tensor, sp: SamplingParams, rows: torch.Tensor | None = None,
+         total: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The next token of each row and its log-prob at temperature before truncation.
 
     logits: [k, V] float. Greedy (temperature 0): the argmax, with its T = 1 log-prob. Otherwise
     logits / T, then top-k, then top-p (the smallest set of most likely tokens whose probability
-    reaches top_p), then one draw from what is left. Returns tokens [k], logprobs [k]."""
+    reaches top_p), then one draw from what is left. Returns tokens [k], logprobs [k].
+
+    `rows` [k] places the k rows among `total` (rows that finished are gone): the draw is made
+    for all `total` rows, the finished ones from a point mass, so the random stream a batch
+    consumes does not depend on when its rows finish (the same samples as decoding every row to
+    the end, as generate() does, under the same seed)."""
     if sp.temperature <= 0:
         tok = logits.argmax(-1)
         return tok, torch.log_softmax(logits, -1).gather(-1, tok[:, None]).squeeze(1)
@@ -51,7 +57,14 @@ def pick(logits: torch.Tensor, sp: SamplingParams) -> tuple[torch.Tensor, torch.
         before = probs.cumsum(-1) - probs  # mass of the tokens ranked above each one
         drop = torch.zeros_like(keep, dtype=torch.bool).scatter_(-1, order, before >= sp.top_p)
         keep = keep.masked_fill(drop, float("-inf"))
-    tok = torch.multinomial(torch.softmax(keep, -1), 1).squeeze(1)
+    probs = torch.softmax(keep, -1)  # [k, V]
+    if rows is not None and total is not None and total > len(rows):
+        full = torch.zeros(total, probs.shape[1], dtype=probs.dtype, device=probs.device)
+        full[:, 0] = 1.0
+        full[rows] = probs
+        tok = torch.multinomial(full, 1).squeeze(1)[rows]
+    else:
+        tok = torch.multinomial(probs, 1).squeeze(1)
     return tok, logp.gather(-1, tok[:, None]).squeeze(1)
 
 
@@ -95,7 +108,7 @@ class HFEngine:
         finished = [False] * N
         eos = torch.tensor(self.eos_ids, device=device)
         for step in range(sp.max_new_tokens):
-            tok, lp = pick(logits, sp)  # [k], [k]
+            tok, lp = pick(logits, sp, live, N)  # [k], [k]
             done = torch.isin(tok, eos)
             for j, (i, t, v) in enumerate(zip(live.tolist(), tok.tolist(), lp.tolist())):
                 toks[i].append(t)
