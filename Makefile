@@ -60,5 +60,21 @@ prefs-data: setup
 embedded-rm: setup
 	$(PY) -m grpo.embedded --task rm $(ARGS)
 
+# TRL's GRPOTrainer against `grpo train` on the same work (bench/bench_vs_trl.py), in an environment of
+# its own, .venv-bench (set up once): TRL is only measured, never a dependency of the project. torch is
+# pinned first for the same reason as in `setup`; then trl 1.16.x and this project, editable.
+VENV_BENCH ?= .venv-bench
+TRL_VERSION ?= 1.16.0
+.PHONY: bench-trl
+bench-trl:
+	@test -f $(VENV_BENCH)/.installed || { set -e; echo "setting up $(VENV_BENCH) (once)"; \
+	  python3 -m venv $(VENV_BENCH); \
+	  $(VENV_BENCH)/bin/python -m pip install -q --upgrade pip; \
+	  $(VENV_BENCH)/bin/python -m pip install -q torch==2.13.0; \
+	  $(VENV_BENCH)/bin/python -m pip install -q "trl==$(TRL_VERSION)"; \
+	  $(VENV_BENCH)/bin/python -m pip install -q -e .; \
+	  touch $(VENV_BENCH)/.installed; }
+	$(VENV_BENCH)/bin/python bench/bench_vs_trl.py $(ARGS)
+
 clean:
 	rm -rf $(VENV) runs outputs .pytest_cache
