@@ -71,3 +71,16 @@ def proc_table() -> dict[int, tuple[int, str, str, int]]:
         fields = stat[close + 2:].split()
         table[int(name)] = (int(fields[1]), fields[0], stat[stat.index("(") + 1:close], int(fields[19]))
     return table
+
+
+def pids_with(token: str) -> list[str]:
+    """The pids of host processes whose command line holds `token`."""
+    hits = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if token.encode() in f.read():
+                    hits.append(pid)
+        except OSError:
+            pass
+    return hits

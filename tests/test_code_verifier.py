@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import textwrap
 import time
 import uuid
@@ -13,6 +12,7 @@ import pytest
 from grpo.verifiers.base import check_scores
 from grpo.verifiers.code import CodeVerifier, compare_stdio, compare_values, extract_program
 from grpo.verifiers.code_convert import from_apps, from_humaneval, from_livecodebench, from_mbpp
+from tests.conftest import pids_with
 
 STDIO = {"stdio": [{"input": "1 2\n", "output": "3\n"}, {"input": "5 7\n", "output": "12"}]}
 CALL = {"call": {"fn_name": "f", "cases": [{"args": [2], "expected": 4}, {"args": [5], "expected": 10}]}}
@@ -22,15 +22,7 @@ ASSERT = {"assert": ["assert f(2) == 4", "assert f(5) == 10"]}
 def assert_no_leftovers(token: str) -> None:
     """No host process carries ``token`` in its command line (after a grace period)."""
     def found() -> list[str]:
-        hits = []
-        for pid in filter(str.isdigit, os.listdir("/proc")):
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    if token.encode() in f.read():
-                        hits.append(pid)
-            except OSError:
-                pass
-        return hits
+        return pids_with(token)
     deadline = time.time() + 3
     while found() and time.time() < deadline:
         time.sleep(0.05)

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from grpo.sandbox import Limits, Sandbox, reaper
-from tests.conftest import proc_table
+from tests.conftest import pids_with, proc_table
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = Limits(wall_time=1.5, cpu_time=1, memory_mb=256, max_procs=12)
@@ -244,15 +244,7 @@ def test_killing_the_host_kills_its_sandboxes():
         helper = int(host.stdout.readline())
 
         def tagged():
-            found = []
-            for name in os.listdir("/proc"):
-                try:
-                    with open(f"/proc/{name}/cmdline", "rb") as f:
-                        if token.encode() in f.read():
-                            found.append(name)
-                except OSError:
-                    pass
-            return found
+            return pids_with(token)
 
         deadline = time.monotonic() + 20
         while not tagged() and time.monotonic() < deadline:  # wait for the run to get going
