@@ -70,5 +70,5 @@ def test_sequence_kl_is_the_mean_summed_log_ratio(tiny_model_dir):
     b = pack(ro.prompt_ids, ro.completion_ids, 0)
     lp = token_logprobs(policy, b.input_ids, b.attention_mask, b.position_ids, b.T)
     lr = token_logprobs(ref, b.input_ids, b.attention_mask, b.position_ids, b.T)
-    expected = float(((lp - lr) * b.mask).sum() / 2)
+    expected = float(((lp - lr) * b.mask).sum().detach() / 2)
     assert sequence_kl(policy, ref, ro, pad_id=0, batch_size=1) == pytest.approx(expected, rel=1e-5)
