@@ -210,7 +210,7 @@ def begin(run_dir: Path, resume: Any, seed: int | None = None) -> Path | None:
     if seed is not None:
         seed_everything(seed)
     ckpt = find(run_dir, resume)
-    if not ckpt and (Path(run_dir) / "metrics.jsonl").exists():
+    if not ckpt and holds_run(run_dir):
         raise refusal(run_dir)
     return ckpt
 

@@ -34,7 +34,7 @@ def read_rows(path: str, split: str = "train", config: str | None = None) -> lis
     to hub datasets and dataset directories only; a single file is one split.
     """
     p = Path(path).expanduser()
-    if p.suffix == ".json" and p.exists() and p.read_text(encoding="utf-8").lstrip().startswith("["):
+    if _is_json_array(p):
         try:  # a JSON array of row objects
             rows = json.loads(p.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
@@ -66,10 +66,21 @@ def read_rows(path: str, split: str = "train", config: str | None = None) -> lis
     return [dict(r) for r in ds]
 
 
+def _is_json_array(p: Path) -> bool:
+    """A .json file that holds one array of rows (its first non-blank character is "["); any other
+    .json file is read as JSON lines. Reads only up to that character."""
+    if p.suffix != ".json" or not p.is_file():
+        return False
+    with p.open(encoding="utf-8") as f:
+        while chunk := f.read(4096):
+            if chunk.strip():
+                return chunk.lstrip().startswith("[")
+    return False
+
+
 def _is_json_lines(p: Path) -> bool:
     """read_rows' rule: .jsonl, or a .json file that does not hold one array of rows."""
-    return p.suffix == ".jsonl" or (
-        p.suffix == ".json" and p.is_file() and not p.read_text(encoding="utf-8").lstrip().startswith("["))
+    return p.suffix == ".jsonl" or (p.suffix == ".json" and p.is_file() and not _is_json_array(p))
 
 
 def located_rows(path: str, split: str = "train", config: str | None = None) -> list[tuple[str, dict[str, Any]]]:
