@@ -11,6 +11,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from grpo.modeling import backbone
+
 
 class _Tensors:
     """A dataclass of tensors that moves to a device as one."""
@@ -206,7 +208,7 @@ def supports_shared_prompt(model) -> bool:
     config = model.config
     impl = getattr(config, "_attn_implementation", None) or "eager"
     head = model.get_output_embeddings()
-    base = getattr(model, "base_model", None)
+    base = getattr(model, "base_model", None) and backbone(model)
     return (impl in ("eager", "sdpa") and head is not None and base is not None and base is not model
             and not getattr(config.get_text_config(), "final_logit_softcapping", None)
             and getattr(config, "logit_scale", None) in (None, 1, 1.0))
@@ -218,7 +220,7 @@ def group_logprobs(model, batch: GroupBatch, temperature: float = 1.0, with_entr
     go through the LM head, as in the padded path."""
     head = model.get_output_embeddings()
     dtype = head.weight.dtype
-    hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_bias(dtype),
+    hidden = backbone(model)(input_ids=batch.input_ids, attention_mask=batch.attention_bias(dtype),
                               position_ids=batch.position_ids, use_cache=False).last_hidden_state  # [B, L, H]
     rows = torch.arange(batch.index.shape[0], device=hidden.device) // batch.G  # [N] group of each completion
     h = hidden[rows.unsqueeze(1), batch.index]  # [N, T, H]

@@ -7,6 +7,14 @@ Layout: <run_dir>/checkpoints/step_000040/
     state.pt        optimizer(s), scheduler(s), RNG states, data position, step
 and <run_dir>/checkpoints/latest, a one-line file naming the newest complete checkpoint.
 
+A run on several processes (torchrun) writes a sharded checkpoint instead, which any process count
+resumes (torch.distributed.checkpoint reshards on load):
+    dcp/            model and optimizer state, each rank writing its shards
+    config/         the model's config.json (and adapter_config.json with LoRA) and the tokenizer
+    rng/rank_N.pt   each rank's RNG states
+    state.pt        scheduler(s), data position, step, and the process count that wrote it
+`grpo export CKPT OUT` turns either kind into one Hugging Face model folder.
+
 A checkpoint is assembled in a temporary sibling directory and renamed into place, and `latest`
 is replaced with os.replace, so a crash mid-write leaves the previous checkpoint intact.
 """
@@ -81,13 +89,90 @@ def save(run_dir: Path, step: int, modules: Mapping[str, Any], tokenizer, statef
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _prune(root, final, keep)
+    return final
+
+
+def is_sharded(ckpt: Path) -> bool:
+    return (Path(ckpt) / "dcp").is_dir()
+
+
+def _prune(root: Path, final: Path, keep: int) -> None:
     _write_atomic(root / "latest", final.name + "\n")
     if keep > 0:
         # Keep this checkpoint and the keep-1 newest before it; never the one just written.
         older = [p for p in sorted(root.glob("step_*")) if p.name < final.name]
         for old in older[: max(0, len(older) - (keep - 1))]:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def save_sharded(run_dir: Path, step: int, par, model, optimizer, tokenizer, stateful: Mapping[str, Any],
+                 extra: Mapping[str, Any] | None = None, keep: int = 2) -> Path:
+    """Every rank writes its shards of `model` and `optimizer` (torch.distributed.checkpoint) and
+    its RNG states into a temporary directory that rank 0 then renames into place (the run dir must
+    be on a file system all ranks share). Called by every rank; returns the checkpoint's path."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from grpo import distributed
+
+    root = Path(run_dir) / "checkpoints"
+    final = root / f"step_{step:06d}"
+    tmp = None
+    if par.main:
+        root.mkdir(parents=True, exist_ok=True)
+        for leftover in root.glob(".tmp_step_*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        tmp = tempfile.mkdtemp(dir=root, prefix=f".tmp_step_{step:06d}_")
+    tmp = Path(distributed.broadcast(tmp))
+    try:
+        model_state, optim_state = get_state_dict(model, optimizer)
+        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(tmp / "dcp"))
+        (tmp / "rng").mkdir(exist_ok=True)
+        torch.save(rng_state(), tmp / "rng" / f"rank_{par.rank:05d}.pt")
+        if par.main:
+            config_dir = tmp / "config"
+            base = model.get_base_model() if hasattr(model, "get_base_model") else model
+            base.config.save_pretrained(config_dir)
+            base.generation_config.save_pretrained(config_dir)
+            if hasattr(model, "peft_config"):
+                model.peft_config["default"].save_pretrained(config_dir)
+            tokenizer.save_pretrained(config_dir)
+            state = {**{k: v.state_dict() for k, v in stateful.items()}, **dict(extra or {})}
+            torch.save({**state, "step": step, "world": par.world}, tmp / "state.pt")
+        par.barrier()  # every rank's files are written
+        if par.main:
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _prune(root, final, keep)
+        par.barrier()
+    except BaseException:
+        if par.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return final
+
+
+def restore_sharded(ckpt: Path, model, optimizer, stateful: Mapping[str, Any], rank: int = 0) -> dict[str, Any]:
+    """Load a sharded checkpoint into `model` and `optimizer` as this run shards them (any process
+    count, or one), the states of `stateful`, and this rank's RNG states when the checkpoint has
+    them (state["rng"] is None when it does not: a run resumed on more processes than it had)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    box = {"model": model_state, "optimizer": optim_state}
+    dcp.load(box, checkpoint_id=str(Path(ckpt) / "dcp"))
+    set_state_dict(model, optimizer, model_state_dict=box["model"], optim_state_dict=box["optimizer"])
+    state = load_state(ckpt)
+    for name, obj in stateful.items():
+        obj.load_state_dict(state[name])
+    rng = Path(ckpt) / "rng" / f"rank_{rank:05d}.pt"
+    state["rng"] = torch.load(rng, weights_only=False) if rng.exists() else None
+    if state["rng"] is not None:
+        set_rng_state(state["rng"])
+    return state
 
 
 def restore(ckpt: Path, stateful: Mapping[str, Any]) -> dict[str, Any]:
@@ -152,7 +237,8 @@ def _safetensors_whole(f: Path) -> bool:
 def damaged_file(folder: Path) -> Path | None:
     """The first file of a checkpoint or model folder that is cut short or unreadable, else None.
     A cheap check that reads no tensor: every safetensors file must be whole (see above), and
-    state.pt must exist in a checkpoint and be a whole zip archive (torch.save's format)."""
+    state.pt must exist in a checkpoint and be a whole zip archive (torch.save's format), and a
+    sharded checkpoint's dcp/ must hold its .metadata (written last by torch.distributed.checkpoint)."""
     import zipfile
 
     folder = Path(folder)
@@ -165,6 +251,8 @@ def damaged_file(folder: Path) -> Path | None:
                 z.namelist()
         except (OSError, zipfile.BadZipFile):
             return folder / "state.pt"
+    if (folder / "dcp").is_dir() and not (folder / "dcp" / ".metadata").is_file():
+        return folder / "dcp" / ".metadata"
     return None
 
 

@@ -8,7 +8,9 @@ one line naming the problem (exit 2), not a traceback.
 from __future__ import annotations
 
 import json
+import os
 import sys
+import time
 from pathlib import Path
 
 USAGE = """usage: grpo [-v] <command> [args]
@@ -29,6 +31,9 @@ commands:
                              score each line ({"completion", ...fields}); prints JSON lines
   verifiers                  list the verifiers that can be named
   sandbox run|serve ...      run a program in the sandbox, or serve the sandbox over HTTP
+  export CKPT OUT            write a checkpoint (sharded, LoRA, or a run dir's newest) as one model folder
+
+Any training command runs on several processes under torchrun: torchrun --nproc_per_node K -m grpo train ...
 """
 
 CONF_DIR = str(Path(__file__).resolve().parent / "conf") if (Path(__file__).resolve().parent / "conf").is_dir() \
@@ -123,6 +128,25 @@ def _check_overrides(config_name: str, argv: list[str]) -> None:
 _HYDRA_OWN = ["hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none"]
 
 
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _ranks_agree(argv: list[str]) -> tuple[list[str], bool]:
+    """Under torchrun: join the process group now, and give every rank rank 0's run dir (the default
+    one is named by the clock, which the ranks read at different moments). Returns the overrides
+    and whether this is rank 0."""
+    from grpo import distributed
+
+    if not distributed.launched():
+        return argv, True
+    distributed.init_process_group()
+    if not any(a.startswith("hydra.run.dir=") for a in argv):
+        run_dir = distributed.broadcast(time.strftime("runs/%Y-%m-%d_%H-%M-%S"))
+        argv = argv + [f"hydra.run.dir={run_dir}"]
+    return argv, distributed.is_main()
+
+
 def _hydra_job(config_name: str, fn, argv: list[str]) -> int:
     import hydra
     from omegaconf import OmegaConf
@@ -131,6 +155,7 @@ def _hydra_job(config_name: str, fn, argv: list[str]) -> int:
 
     _check_overrides(config_name, argv)
     result = {"rc": 0}
+    argv, main_rank = _ranks_agree(argv)
 
     @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name=config_name)
     def job(cfg) -> None:
@@ -149,16 +174,17 @@ def _hydra_job(config_name: str, fn, argv: list[str]) -> int:
             # The record of what ran: config.yaml for a new or resumed run; another command run in an
             # existing run dir (grpo eval there, say) keeps the run's record and writes its own.
             prefix = "" if fresh or trains else f"{config_name}_"
-            logs.write_record(run_dir, prefix, OmegaConf.to_yaml(cfg), argv)
-            with logs.command_output(run_dir, config_name):
+            if main_rank:
+                logs.write_record(run_dir, prefix, OmegaConf.to_yaml(cfg), argv)
+            with logs.command_output(run_dir, config_name if main_rank else f"{config_name}.rank{_rank()}"):
                 fn(plain, run_dir)
         except _user_errors() as e:
             print(f"grpo {config_name}: error: {e}", file=sys.stderr)
             result["rc"] = 2
-            if fresh:
+            if fresh and main_rank:
                 checkpoint.remove_if_empty_run(run_dir)
         except BaseException:
-            if fresh:
+            if fresh and main_rank:
                 checkpoint.remove_if_empty_run(run_dir)
             raise
 
@@ -274,6 +300,12 @@ def verify_main(argv: list[str]) -> int:
     return 0
 
 
+def export_main(argv: list[str]) -> int:
+    from grpo.export import export_main as main
+
+    return main(argv)
+
+
 def verifiers_main(argv: list[str]) -> int:
     from grpo.verifiers.registry import available
 
@@ -304,6 +336,7 @@ COMMANDS = {
     "verify": verify_main,
     "verifiers": verifiers_main,
     "sandbox": sandbox_main,
+    "export": export_main,
 }
 
 

@@ -38,11 +38,33 @@ def group(cls: type) -> Any:
 
 # ---- the groups -------------------------------------------------------------------------------
 @dataclass
+class Lora:
+    """Low-rank adapters through peft (r = 0: off, the whole model trains)."""
+
+    r: int = num(0, ge=0)
+    alpha: float = num(16.0, gt=0)
+    dropout: float = num(0.0, ge=0, le=1)
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])  # peft's names; all-linear = every Linear but the LM head
+    save_merged: bool = False  # checkpoints also hold merged/: base + adapters as one Hugging Face model
+
+
+@dataclass
 class Model:
     path: str = "embedded"
     dtype: str = choice("float32", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
     device: str = "auto"
     gradient_checkpointing: bool = False
+    lora: Lora = group(Lora)
+
+
+@dataclass
+class Parallel:
+    """How the ranks of a torchrun launch share the work (see grpo/distributed.py); one process
+    ignores it."""
+
+    strategy: str = choice("ddp", "ddp", "fsdp2")
+    mixed_precision: str = choice("auto", "auto", "bf16", "fp32")  # auto: bf16 compute, fp32 reduce on GPUs under fsdp2
+    ref_on_cpu: bool = False  # keep the frozen reference model whole on the CPU instead of beside the policy
 
 
 @dataclass
@@ -74,6 +96,7 @@ class Rollout:
 
 @dataclass
 class Optim:
+    name: str = choice("adamw", "adamw", "sgd")  # sgd: plain SGD (no momentum), for checks and ablations
     lr: float = num(2e-4, ge=0)
     weight_decay: float = num(0.0, ge=0)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
@@ -188,6 +211,7 @@ class TrainConfig:
     logger: Logger = group(Logger)
     verifier: Verifier = group(Verifier)
     reward_model: RewardModel = group(RewardModel)
+    parallel: Parallel = group(Parallel)
 
 
 @dataclass

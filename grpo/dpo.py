@@ -186,7 +186,7 @@ def run_dpo(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     _, verifiers, _ = build_rewards(cfg.task["verifiers"], cfg.verifier.fail_fast, cfg.verifier.timeout, None, tok,
                                     device)
     engine = build_engine(cfg.rollout, policy, tok, m.path, m.dtype, m.device, lambda: eval_set, t.system_prompt)
-    opt = build_optimizer(policy.parameters(), o.lr, o.betas, o.weight_decay)
+    opt = build_optimizer(policy.parameters(), o.lr, o.betas, o.weight_decay, o.name)
     sched = build_scheduler(opt, o.schedule, o.warmup_steps, t.max_steps, o.min_lr_rate)
     step = checkpoint.restore(ckpt, {"optimizer": opt, "scheduler": sched})["step"] if ckpt else 0
     tracker = Tracker(cfg.logger, run_dir, raw, step if ckpt else None, t.max_steps, "dpo")

@@ -97,6 +97,92 @@ def load_model(path: str, dtype: str = "float32", gradient_checkpointing: bool =
     return model.to(device)
 
 
+def apply_lora(model, r: int, alpha: float, dropout: float, target_modules: list[str], adapter: str | None = None):
+    """The model with peft LoRA adapters on `target_modules` (only they train), or with the trained
+    adapters of a checkpoint's `adapter` folder when resuming. r = 0: the model unchanged."""
+    if not r:
+        return model
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if adapter is not None:
+        return PeftModel.from_pretrained(model, adapter, is_trainable=True)
+    targets: str | list[str] = "all-linear" if list(target_modules) == ["all-linear"] else list(target_modules)
+    try:
+        return get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
+                                                task_type="CAUSAL_LM"))
+    except ValueError as e:  # peft: "Target modules {...} not found in the base model"
+        raise ModelError(f"model.lora.target_modules={list(target_modules)}: {str(e).splitlines()[0]}") from e
+
+
+def is_lora(model) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "get_base_model")
+
+
+def backbone(model):
+    """The decoder stack under the LM head (the base model of a peft model)."""
+    return (model.get_base_model() if is_lora(model) else model).base_model
+
+
+def merged_parameters(model):
+    """(name, tensor) of the model as plain transformers names, adapters merged in: what vLLM and
+    from_pretrained load. Call inside `merged(model)` for a peft model."""
+    if not is_lora(model):
+        yield from model.named_parameters()
+        return
+    for name, p in model.get_base_model().named_parameters():
+        if "lora_" in name:
+            continue
+        yield name.replace(".base_layer.", "."), p
+
+
+def merged(model):
+    """Context: a peft model's adapters merged into its base weights (unmerged on exit)."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def ctx():
+        if not is_lora(model):
+            yield
+            return
+        model.merge_adapter()
+        try:
+            yield
+        finally:
+            model.unmerge_adapter()
+
+    return ctx()
+
+
+class AdaptersOff(torch.nn.Module):
+    """`wrapped` (the policy, or its DDP / FSDP2 wrapper) called with the adapters of the peft model
+    `policy` switched off: the base model, which is LoRA's reference, with no second copy."""
+
+    def __init__(self, wrapped: torch.nn.Module, policy):
+        super().__init__()
+        self.wrapped, self._policy = wrapped, [policy]  # a list: not registered twice as a submodule
+
+    def forward(self, *args, **kwargs):
+        with self._policy[0].disable_adapter():
+            return self.wrapped(*args, **kwargs)
+
+
+def plain_copy(model):
+    """A plain transformers model equal to a peft model with its adapters merged in (on the CPU):
+    what `save_pretrained`, `from_pretrained` and vLLM take."""
+    from transformers import AutoModelForCausalLM
+
+    base = model.get_base_model()
+    plain = AutoModelForCausalLM.from_config(base.config, dtype=base.dtype)
+    with merged(model):
+        state = {name: p.detach().to("cpu") for name, p in merged_parameters(model)}
+    missing, unexpected = plain.load_state_dict(state, strict=False)
+    tied = {k for k in missing if k.endswith("lm_head.weight") and getattr(base.config, "tie_word_embeddings", False)}
+    if set(missing) - tied or unexpected:
+        raise ModelError(f"merging the adapters: missing {sorted(set(missing) - tied)[:4]}, unexpected {unexpected[:4]}")
+    plain.generation_config = base.generation_config
+    return plain
+
+
 def disable_dropout(model) -> None:
     """Zero every dropout of a policy: the engine samples without it, so log-probs must be computed
     without it too, or the ratio is noisy before any update."""

@@ -11,8 +11,12 @@ from grpo.config import ConfigError
 
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], lr: float, betas: tuple[float, float] | list[float],
-                    weight_decay: float = 0.0) -> torch.optim.Optimizer:
+                    weight_decay: float = 0.0, name: str = "adamw") -> torch.optim.Optimizer:
+    """AdamW over the parameters that train; or plain SGD (no momentum), whose step is lr times the
+    gradient, which makes a wrong gradient scale visible (AdamW's normalisation hides it)."""
     params = [p for p in params if p.requires_grad]
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
     if len(betas) != 2:
         raise ConfigError(f"optim.betas={list(betas)!r}: must be two numbers")
     return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay)

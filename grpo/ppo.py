@@ -194,9 +194,9 @@ def run_ppo(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     engine = build_engine(cfg.rollout, policy, tok, m.path, m.dtype, m.device, lambda: task_prompts(task),
                           t.system_prompt)
     updates = t.max_steps * p.epochs * p.minibatches  # optimizer steps
-    opt = build_optimizer(policy.parameters(), o.lr, o.betas, o.weight_decay)
+    opt = build_optimizer(policy.parameters(), o.lr, o.betas, o.weight_decay, o.name)
     sched = build_scheduler(opt, o.schedule, o.warmup_steps, updates, o.min_lr_rate)
-    vopt = build_optimizer(critic.parameters(), p.value_lr if p.value_lr is not None else o.lr, o.betas, o.weight_decay)
+    vopt = build_optimizer(critic.parameters(), p.value_lr if p.value_lr is not None else o.lr, o.betas, o.weight_decay, o.name)
     vsched = build_scheduler(vopt, o.schedule, o.warmup_steps, updates, o.min_lr_rate)
     kl_ctl = AdaptiveKL(p.beta, p.kl_target, p.kl_horizon)
     stateful = {"optimizer": opt, "scheduler": sched, "value_optimizer": vopt, "value_scheduler": vsched,

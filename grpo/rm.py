@@ -225,7 +225,7 @@ def run_rm(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     if m.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.train()
-    opt = build_optimizer(model.parameters(), o.lr, o.betas, o.weight_decay)
+    opt = build_optimizer(model.parameters(), o.lr, o.betas, o.weight_decay, o.name)
     sched = build_scheduler(opt, o.schedule, o.warmup_steps, t.max_steps, o.min_lr_rate)
     step = checkpoint.restore(ckpt, {"optimizer": opt, "scheduler": sched})["step"] if ckpt else 0
     tracker = Tracker(cfg.logger, run_dir, raw, step if ckpt else None, t.max_steps, "rm")

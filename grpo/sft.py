@@ -69,7 +69,7 @@ def run_sft(raw: dict[str, Any], run_dir: Path) -> Path:
         raise TaskError(f"{data.path}: no rows")
     device = pick_device(m.device)
     model = load_model(str(ckpt / "model") if ckpt else m.path, m.dtype, m.gradient_checkpointing, device)
-    opt = build_optimizer(model.parameters(), o.lr, o.betas, o.weight_decay)
+    opt = build_optimizer(model.parameters(), o.lr, o.betas, o.weight_decay, o.name)
     sched = build_scheduler(opt, o.schedule, o.warmup_steps, t.max_steps, o.min_lr_rate)
     step = checkpoint.restore(ckpt, {"optimizer": opt, "scheduler": sched})["step"] if ckpt else 0
     tracker = Tracker(cfg.logger, run_dir, raw, step if ckpt else None, t.max_steps, "sft")

@@ -134,6 +134,25 @@ class Tracker:
         self.logger.close()
 
 
+class Silent:
+    """The Tracker of ranks other than 0 under torchrun: rank 0 alone writes metrics, wandb and the bar."""
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        pass
+
+    def log_samples(self, rows: list[dict[str, Any]], step: int) -> None:
+        pass
+
+    def past_evals(self, key: str) -> tuple[None, None]:
+        return None, None
+
+    def advance(self, postfix: dict[str, str]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def due(step: int, every: int, max_steps: int) -> bool:
     """Whether a periodic event (evaluation, checkpoint) falls on `step`: every `every` steps
     (0 = never) and always after the last step."""

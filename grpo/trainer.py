@@ -35,14 +35,17 @@ from grpo import config as C
 from grpo.advantages import group_advantages
 from grpo.batch import batch_logprobs, engine_logprobs, group_logprobs, pack, pack_groups, supports_shared_prompt
 from grpo.config import ConfigError
+from grpo.distributed import Lockstep, OnDevice, Parallel, full_tensor, shard
 from grpo.evaluate import policy_eval
 from grpo.losses import policy_loss
-from grpo.modeling import disable_dropout, load_model, load_tokenizer, pick_device
+from grpo.modeling import (AdaptersOff, apply_lora, disable_dropout, is_lora, load_model, load_tokenizer, merged,
+                           merged_parameters, pick_device, plain_copy)
 from grpo.optim import build_optimizer, build_scheduler
 from grpo.rewards import RewardInputs, build_rewards
 from grpo.rollout import build_engine, encode_prompts, sampling_params, task_prompts
+from grpo.rollout.hf import HFEngine
 from grpo.tasks.base import TaskError, build_task
-from grpo.tracking import Tracker, due
+from grpo.tracking import Silent, Tracker, due
 
 log = logging.getLogger(__name__)
 
@@ -77,46 +80,86 @@ class Trainer:
             raise ConfigError("task.verifiers is not set: name at least one verifier, e.g. task.verifiers=[math], "
                               "or give a reward model (reward_model.path)")
         self.G, self.B = a.group_size, t.prompts_per_step
-        checkpoint.seed_everything(t.seed)
+        pc = cfg.parallel
+        self.par = par = Parallel(pc.strategy, pick_device(m.device), pc.mixed_precision)
+        W = par.world
+        if W > 1 and self.B < W:
+            raise ConfigError(f"trainer.prompts_per_step={self.B} is fewer than the {W} processes: each needs a prompt")
+        if W > 1 and r.engine == "vllm":
+            raise ConfigError("rollout=vllm under torchrun is not supported yet: use rollout=hf (README: Scaling out)")
+        if m.lora.r and par.sharded:
+            raise ConfigError("model.lora with parallel=fsdp2 is not supported yet: use parallel=ddp")
+        # Every rank reads the same prompt order (the task's seed) and samples its own stream.
+        checkpoint.seed_everything(t.seed + 1_000_003 * par.rank)
 
         # Everything that can fail on user input is built before the first step.
         self.task = build_task(cfg.task, seed=t.seed)
         self.eval_set = self.task.eval_samples()[: t.eval_size]
-        if not self.eval_set:
-            raise TaskError("the task holds out no samples for evaluation")
-        self.device = pick_device(m.device)
+        if len(self.eval_set) < W:
+            raise TaskError(f"the task holds out {len(self.eval_set)} samples for evaluation: fewer than the "
+                            f"{W} processes" if self.eval_set else "the task holds out no samples for evaluation")
+        self.device = par.device
         self.ckpt = checkpoint.begin(self.run_dir, t.resume)
+        par.barrier()  # every rank has looked at the run dir before rank 0 writes to it
+        sharded_ckpt = self.ckpt is not None and checkpoint.is_sharded(self.ckpt)
+        if self.ckpt and not sharded_ckpt and par.sharded:
+            raise ConfigError(f"{self.ckpt} was saved by one process: resume it with parallel=ddp or one process")
         self.tok = load_tokenizer(m.path)
         rm = cfg.reward_model
         self.rewards, self.verifiers, self.rm = build_rewards(
             cfg.task.get("verifiers"), cfg.verifier.fail_fast, cfg.verifier.timeout, rm.path, self.tok, self.device,
             m.dtype, rm.weight, rm.verifier_weight, rm.squash, rm.scale, rm.batch_size)
-        self.policy = load_model(str(self.ckpt / "model") if self.ckpt else m.path, m.dtype, m.gradient_checkpointing,
-                                 self.device)
+        # A one-process checkpoint holds the policy as a model folder (its adapters with LoRA); a
+        # sharded one is loaded into the wrapped model below.
+        whole = self.ckpt is not None and not sharded_ckpt
+        lo = m.lora
+        policy = load_model(str(self.ckpt / "model") if whole and not lo.r else m.path, m.dtype,
+                            m.gradient_checkpointing, self.device)
+        self.policy = apply_lora(policy, lo.r, lo.alpha, lo.dropout, lo.target_modules,
+                                 adapter=str(self.ckpt / "model") if whole and lo.r else None)
         disable_dropout(self.policy)
         self.policy.train()
-        self.ref = load_model(m.path, m.dtype, device=self.device).eval().requires_grad_(False) if a.beta > 0 else None
+        # With LoRA the reference is the base model: the policy with its adapters off (no second copy).
+        ref = None
+        if a.beta > 0 and not lo.r:
+            ref = load_model(m.path, m.dtype, device="cpu" if pc.ref_on_cpu else self.device)
+            ref.eval().requires_grad_(False)
         # The shared-prompt layout gives the padded layout's log-probs (tests/test_shared_prompt.py)
         # at a fraction of the prompt's cost; models whose attention takes no custom mask fall back.
-        models = [x for x in (self.policy, self.ref) if x is not None]
+        models = [x for x in (self.policy, ref) if x is not None]
         self.shared_prompt = t.shared_prompt and self.G > 1 and all(supports_shared_prompt(x) for x in models)
         if t.shared_prompt and self.G > 1 and not self.shared_prompt:
             log.info("trainer.shared_prompt: %s attention takes no custom mask; using one padded row per completion",
                      self.policy.config._attn_implementation)
-        self.engine = build_engine(r, self.policy, self.tok, m.path, m.dtype, m.device,
-                                   lambda: task_prompts(self.task), t.system_prompt)
+        # Every pass goes through the wrapper, where DDP and FSDP2 hook in (grpo/distributed.py).
+        self.fwd = par.wrap(self.policy)
+        if lo.r and a.beta > 0:
+            self.ref = AdaptersOff(self.fwd, self.policy)
+        elif ref is not None:
+            self.ref = OnDevice(ref, "cpu", self.device) if pc.ref_on_cpu else par.wrap(ref, trainable=False)
+        else:
+            self.ref = None
+        # Under fsdp2 the engine runs the sharded model in lockstep; otherwise the rank's whole model.
+        self.engine = build_engine(r, self.fwd if par.sharded else self.policy, self.tok, m.path, m.dtype, m.device,
+                                   lambda: task_prompts(self.task), t.system_prompt,
+                                   lockstep=Lockstep(par, self.tok.pad_token_id) if par.sharded else None)
 
         o = cfg.optim
-        self.opt = build_optimizer(self.policy.parameters(), o.lr, o.betas, o.weight_decay)
+        self.opt = build_optimizer(self.fwd.parameters(), o.lr, o.betas, o.weight_decay, o.name)
         # One optimizer step per epoch over a batch: the schedule (and its warm-up) counts optimizer steps.
         self.sched = build_scheduler(self.opt, o.schedule, o.warmup_steps, t.max_steps * a.epochs, o.min_lr_rate)
         self.step, self.data_pos = 0, 0
         if self.ckpt:
-            st = checkpoint.restore(self.ckpt, {"optimizer": self.opt, "scheduler": self.sched})
+            if sharded_ckpt:
+                st = checkpoint.restore_sharded(self.ckpt, self.policy, self.opt, {"scheduler": self.sched}, par.rank)
+            else:
+                st = checkpoint.restore(self.ckpt, {"optimizer": self.opt, "scheduler": self.sched})
             self.step, self.data_pos = st["step"], st["data_pos"]
+            if st.get("rng") is None or W != st.get("world", 1):  # no stream saved for this rank: a fresh one
+                checkpoint.seed_everything(t.seed + 1_000_003 * par.rank + self.step)
             log.info("resumed from %s at step %d", self.ckpt, self.step)
-        self.tracker = Tracker(cfg.logger, self.run_dir, raw_cfg or C.to_dict(cfg), self.step if self.ckpt else None,
-                               t.max_steps, "grpo")
+        self.tracker = (Tracker(cfg.logger, self.run_dir, raw_cfg or C.to_dict(cfg), self.step if self.ckpt else None,
+                                t.max_steps, "grpo") if par.main else Silent())
         self.sampling = sampling_params(r)
 
     # ---- one step -------------------------------------------------------------------------
@@ -124,118 +167,168 @@ class Trainer:
         return encode_prompts(self.tok, samples, self.t.system_prompt)
 
     def train_step(self) -> dict[str, float]:
-        a = self.a
         t0 = time.time()
-        samples = [self.task.train_sample(self.data_pos + i) for i in range(self.B)]
+        par = self.par
+        lo, hi = shard(self.B, par.rank, par.world)  # this rank's prompts of the step's B
+        samples = [self.task.train_sample(self.data_pos + i) for i in range(lo, hi)]
         self.data_pos += self.B
         ro = self.engine.generate(self.encode_prompts(samples), self.G, self.sampling)
         t1 = time.time()
-        fields = [s.fields() for s in samples for _ in range(self.G)]  # [N] prompt-major, like ro
+        fields = [s.fields() for s in samples for _ in range(self.G)]  # [n] prompt-major, like ro
         scored = self.rewards(RewardInputs.from_rollout(ro, fields))
-        rewards = torch.tensor(scored.rewards)  # [N]
-        adv = group_advantages(rewards, self.G, a.adv_scale, a.adv_eps).to(self.device)  # [N]
+        # Every rank gets the step's N rewards (rank-major = prompt-major): the advantages and the
+        # reward metrics are those of the whole batch, whatever the process count.
+        rewards = torch.tensor([x for part in par.gather(scored.rewards) for x in part])  # [N]
         t2 = time.time()
+        metrics = self.update(ro, rewards, lo * self.G)
+        t3 = time.time()
+        N, groups = len(rewards), rewards.view(-1, self.G)
+        return {
+            "reward/mean": float(rewards.mean()),
+            "reward/std": float(rewards.std()) if N > 1 else 0.0,
+            **par.reduce_metrics(scored.metrics, len(ro.completion_ids)),
+            "groups/zero_std_frac": float((groups.std(1) == 0).float().mean()) if self.G > 1 else 1.0,
+            **metrics,
+            "time/rollout": t1 - t0, "time/reward": t2 - t1, "time/update": t3 - t2, "time/step": t3 - t0,
+        }
 
+    def update(self, ro, rewards: torch.Tensor, offset: int) -> dict[str, float]:
+        """The optimizer step(s) on this rank's completions `ro`, rows offset .. offset + n of the
+        step's batch, whose N rewards [N] every rank holds; the weights then go to the engine."""
+        a, par, W = self.a, self.par, self.par.world
+        t2 = time.time()
+        n = len(ro.completion_ids)
+        adv = group_advantages(rewards, self.G, a.adv_scale, a.adv_eps)[offset:offset + n].to(self.device)  # [n]
         pad = self.tok.pad_token_id
         if self.shared_prompt:  # one row per group: its prompt once, then its G completions
             batch = pack_groups(ro.prompt_ids, ro.completion_ids, self.G, pad).to(self.device)
             logprobs, unit, lengths = group_logprobs, self.G, batch.lengths.tolist()
         else:  # one padded row per completion
             batch = pack(ro.prompt_ids, ro.completion_ids, pad).to(self.device)
-            logprobs, unit, lengths = batch_logprobs, 1, [batch.input_ids.shape[1]] * len(ro.completion_ids)
-        mask = batch.mask  # [N, T]
-        N, T = mask.shape
-        n_tok = mask.sum().clamp(min=1)  # the step's global token count: every micro-batch divides by it
-        mbs = micro_batches(lengths, unit, self.t.micro_batch_size, self.t.max_tokens_per_batch)
+            logprobs, unit, lengths = batch_logprobs, 1, [batch.input_ids.shape[1]] * n
+        mask = batch.mask  # [n, T]
+        T = mask.shape[1]
+        # The normaliser is global: the step's real tokens (and rows) on all ranks. DDP and FSDP2
+        # average gradients over the W ranks, so each rank divides its sum by N_global / W.
+        tokens, rows = par.sum([float(mask.sum()), float(n)])
+        tokens = max(tokens, 1.0)
+        # (slice, weight) per micro-batch, as many on every rank; padding ones have weight 0.
+        mbs = par.pad_micro_batches(micro_batches(lengths, unit, self.t.micro_batch_size, self.t.max_tokens_per_batch))
         temp = self.sampling.temperature or 1.0
         clock = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}
+
+        def frozen(model):  # log-probs of every real micro-batch without gradients, [n, T]
+            outs = [(w, model(batch[s], temp, fn=logprobs)) for s, w in mbs]
+            return torch.cat([o.to(self.device) for w, o in outs if w])
+
         with torch.no_grad():
-            old_logp = torch.cat([logprobs(self.policy, batch[s], temp) for s in mbs]) if a.epochs > 1 else None
-            ref_logp = torch.cat([logprobs(self.ref, batch[s], temp) for s in mbs]) if self.ref is not None else None
+            old_logp = frozen(self.fwd) if a.epochs > 1 else None
+            ref_logp = frozen(self.ref) if self.ref is not None else None
         t_ref = time.time()
 
-        # The engine's sampling log-probs of the sampled tokens, [N, T] like the trainer's.
-        eng = engine_logprobs(ro.logprobs, T, self.device)  # [N, T]
+        # The engine's sampling log-probs of the sampled tokens, [n, T] like the trainer's.
+        eng = engine_logprobs(ro.logprobs, T, self.device)  # [n, T]
 
-        first_logp = torch.zeros(N, T, device=self.device)
+        first_logp = torch.zeros(n, T, device=self.device)
         acc: dict[str, float] = {}
-        last_epoch = a.epochs - 1
         for epoch in range(a.epochs):
             self.opt.zero_grad(set_to_none=True)
-            for s in mbs:
+            for i, (s, weight) in enumerate(mbs):
                 tf = time.time()
-                logp, ent = logprobs(self.policy, batch[s], temp, with_entropy=True)  # [n, T]
-                old = old_logp[s] if old_logp is not None else logp.detach()
-                # Truncated importance sampling: reweight tokens the engine sampled with a slightly
-                # different distribution than the trainer's (off when tis_cap = 0).
-                tis = (old - eng[s]).exp().clamp(max=a.tis_cap) if a.tis_cap > 0 else None
-                loss, m = policy_loss(
-                    logp, old, adv[s], mask[s], a.clip_low, a.clip_high, ref_logp[s] if ref_logp is not None else None,
-                    a.beta, a.loss_agg, max_len=self.sampling.max_new_tokens, kl_estimator=a.kl_estimator,
-                    is_weights=tis, num_tokens=n_tok, num_rows=N)
-                tb = time.time()
-                loss.backward()  # micro-batch losses over the global normaliser add up to the step's loss
+                with par.grad_sync(self.fwd, sync=i == len(mbs) - 1):  # reduce once, after the last
+                    logp, ent = self.fwd(batch[s], temp, fn=logprobs, with_entropy=True)  # [k, T]
+                    old = old_logp[s] if old_logp is not None else logp.detach()
+                    # Truncated importance sampling: reweight tokens the engine sampled with a slightly
+                    # different distribution than the trainer's (off when tis_cap = 0).
+                    tis = (old - eng[s]).exp().clamp(max=a.tis_cap) if a.tis_cap > 0 else None
+                    loss, m = policy_loss(
+                        logp, old, adv[s], mask[s], a.clip_low, a.clip_high,
+                        ref_logp[s] if ref_logp is not None else None, a.beta, a.loss_agg,
+                        max_len=self.sampling.max_new_tokens, kl_estimator=a.kl_estimator, is_weights=tis,
+                        num_tokens=tokens / W, num_rows=rows / W)
+                    tb = time.time()
+                    (loss * weight).backward()  # micro-batch losses over the global normaliser add up
                 clock["forward"] += tb - tf
                 clock["backward"] += time.time() - tb
-                w = float(mask[s].sum() / n_tok)
-                if epoch == last_epoch:  # clipping only happens after the first update
+                if not weight:
+                    continue
+                w = float(mask[s].sum()) / tokens  # this micro-batch's share of the step's tokens
+                if epoch == a.epochs - 1:  # clipping only happens after the first update
                     for k, v in m.items():
                         if k.startswith(("clip/", "ratio/")):
                             acc[k] = acc.get(k, 0.0) + w * v
                 if epoch == 0:
                     first_logp[s] = logp.detach()
                     acc["kl"] = acc.get("kl", 0.0) + w * m["kl"]
-                    acc["entropy"] = acc.get("entropy", 0.0) + float((ent * mask[s]).sum() / n_tok)
-                    acc["loss"] = acc.get("loss", 0.0) + float(loss.detach())
+                    acc["entropy"] = acc.get("entropy", 0.0) + float((ent * mask[s]).sum()) / tokens
+                    acc["loss"] = acc.get("loss", 0.0) + float(loss.detach()) / W  # the ranks' shares add up
             to = time.time()
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.optim.max_grad_norm)
+            grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(self.fwd.parameters(), self.cfg.optim.max_grad_norm))
             lr = self.sched.get_last_lr()[0]  # the rate this step uses
             self.opt.step()
             self.sched.step()
             clock["optimizer"] += time.time() - to
-        self.engine.update_weights(self.policy.named_parameters())
-        t3 = time.time()
+        self.push_weights()
 
         # The engine's log-probs against the trainer's for the same tokens, before the update.
-        gap = (eng - first_logp).abs() * mask  # [N, T]
-        groups = rewards.view(-1, self.G)
+        gap = (eng - first_logp).abs() * mask  # [n, T]
         lengths = mask.sum(1).float()
+        keys = sorted(acc)
+        sums = par.sum([acc[k] for k in keys] + [float(gap.sum()), float(lengths.sum()), float(sum(ro.finished))])
+        maxima = par.gather((float(lengths.max()), float(gap.max())))
         return {
-            "reward/mean": float(rewards.mean()),
-            "reward/std": float(rewards.std()) if N > 1 else 0.0,
-            **scored.metrics,
-            "groups/zero_std_frac": float((groups.std(1) == 0).float().mean()) if self.G > 1 else 1.0,
-            **acc,
+            **dict(zip(keys, sums)),
             "grad_norm": float(grad_norm),
             "lr": lr,
-            "completion/len_mean": float(lengths.mean()),
-            "completion/len_max": float(lengths.max()),
-            "completion/truncated_frac": 1.0 - sum(ro.finished) / N,
-            "rollout/logprob_abs_diff/mean": float(gap.sum() / n_tok),
-            "rollout/logprob_abs_diff/max": float(gap.max()),
-            "time/rollout": t1 - t0, "time/reward": t2 - t1, "time/update": t3 - t2, "time/step": t3 - t0,
+            "completion/len_mean": sums[-2] / rows,
+            "completion/len_max": max(x[0] for x in maxima),
+            "completion/truncated_frac": 1.0 - sums[-1] / rows,
+            "rollout/logprob_abs_diff/mean": sums[-3] / tokens,
+            "rollout/logprob_abs_diff/max": max(x[1] for x in maxima),
             # the update's split: old-policy and reference forwards, then the policy's own
             "time/ref_forward": t_ref - t2, **{f"time/{k}": v for k, v in clock.items()},
         }
 
+    def push_weights(self) -> None:
+        """The updated weights to the engine: whole tensors (gathered from the shards under fsdp2),
+        with LoRA adapters merged in. The hf engine runs the trainer's own module: nothing to send."""
+        if isinstance(self.engine, HFEngine):
+            return
+        with merged(self.policy):
+            self.engine.update_weights((name, full_tensor(p.detach())) for name, p in merged_parameters(self.policy))
+
     # ---- evaluation, checkpoints ------------------------------------------------------------
     def run_eval(self) -> dict[str, float]:
+        """The periodic evaluation; each rank scores its share of the held-out prompts and the
+        metrics are weighted by those shares."""
         t0 = time.time()
+        par = self.par
+        lo, hi = shard(len(self.eval_set), par.rank, par.world)
+        part = self.eval_set[lo:hi]
+        # Under fsdp2 the KL forwards are collectives: one batch per rank keeps their counts equal.
+        kl_batch = len(self.eval_set) if par.sharded else (self.t.micro_batch_size or 256)
         metrics, table = policy_eval(
-            self.engine, self.encode_prompts(self.eval_set), self.eval_set, self.sampling,
+            self.engine, self.encode_prompts(part), part, self.sampling,
             sampling_params(self.cfg.rollout, greedy=True), self.verifiers or self.rewards, self.rm,
             seed=self.t.seed + 1_000_003 * (self.step + 1), log_samples=self.t.log_samples,
-            kl_models=(self.policy, self.ref) if self.ref is not None else None, pad_id=self.tok.pad_token_id,
-            kl_batch_size=self.t.micro_batch_size or 256)
+            kl_models=(self.fwd, self.ref) if self.ref is not None else None, pad_id=self.tok.pad_token_id,
+            kl_batch_size=kl_batch)
+        metrics = par.reduce_metrics(metrics, len(part))
         metrics["time/eval"] = time.time() - t0
         self.tracker.log(metrics, self.step)
         self.tracker.log_samples(table, self.step)
         return metrics
 
     def save(self) -> Path:
-        return checkpoint.save(self.run_dir, self.step, {"model": self.policy}, self.tok,
-                               {"optimizer": self.opt, "scheduler": self.sched}, {"data_pos": self.data_pos},
-                               self.t.keep_checkpoints)
+        extra, keep = {"data_pos": self.data_pos}, self.t.keep_checkpoints
+        if self.par.world > 1:  # torch.distributed.checkpoint: resumable at any process count
+            return checkpoint.save_sharded(self.run_dir, self.step, self.par, self.policy, self.opt, self.tok,
+                                           {"scheduler": self.sched}, extra, keep)
+        modules = {"model": self.policy}
+        if is_lora(self.policy) and self.cfg.model.lora.save_merged:
+            modules["merged"] = plain_copy(self.policy)
+        return checkpoint.save(self.run_dir, self.step, modules, self.tok, {"optimizer": self.opt, "scheduler": self.sched},
+                               extra, keep)
 
     # ---- the loop ------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
@@ -270,6 +363,8 @@ class Trainer:
 def train(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     trainer = Trainer(C.parse(C.TrainConfig, raw), run_dir, raw)
     summary = trainer.fit()
+    if not trainer.par.main:
+        return summary
     fe, le = summary["first_eval"], summary["last_eval"]
     lines = [f"run dir:     {summary['run_dir']}", f"metrics:     {Path(summary['run_dir']) / 'metrics.jsonl'}",
              f"checkpoint:  {summary['checkpoint']}"]

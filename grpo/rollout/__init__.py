@@ -10,17 +10,18 @@ from grpo.tasks.base import Sample, render_prompt
 
 
 def build_engine(rollout, model, tokenizer, path: str, dtype: str = "float32", device: str = "auto",
-                 prompts: Callable[[], Iterable[Sample]] | None = None, system_prompt: str | None = None):
+                 prompts: Callable[[], Iterable[Sample]] | None = None, system_prompt: str | None = None,
+                 lockstep=None):
     """The engine named by `rollout.engine` (a config.Rollout) around the trainer's own model.
 
     ``prompts`` gives the samples the engine will be asked to continue (called only for vLLM, when
     `rollout.max_model_len` is null): vLLM reserves KV cache for its whole context, so the context
     is sized from the longest of them rather than from the model's maximum (131072 positions for a
-    Llama-3 would need more cache than a CPU run has)."""
+    Llama-3 would need more cache than a CPU run has). ``lockstep``: see HFEngine."""
     if rollout.engine == "hf":
         from grpo.rollout.hf import HFEngine
 
-        return HFEngine(model, tokenizer, batch_size=rollout.batch_size)
+        return HFEngine(model, tokenizer, batch_size=rollout.batch_size, lockstep=lockstep)
     if rollout.engine == "vllm":
         try:
             from grpo.rollout.vllm import VLLMEngine  # the only place vllm is imported

@@ -69,9 +69,13 @@ def pick(logits: torch.Tensor, sp: SamplingParams, rows: torch.Tensor | None = N
 
 
 class HFEngine:
-    def __init__(self, model, tokenizer, batch_size: int = 256):
+    """`lockstep` (grpo.distributed.Lockstep): for a model sharded over ranks, whose every forward
+    is a collective; the ranks then run as many forwards each, whatever their prompts."""
+
+    def __init__(self, model, tokenizer, batch_size: int = 256, lockstep=None):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
-        self.eos_ids = _eos_ids(model, tokenizer)
+        self.lockstep = lockstep
+        self.eos_ids = _eos_ids(getattr(model, "model", model), tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
 
     @torch.no_grad()
@@ -86,16 +90,23 @@ class HFEngine:
         try:
             for start in range(0, len(prompt_ids), per):
                 self._generate_chunk(prompt_ids[start:start + per], n, sampling, out)
+            if self.lockstep is not None:
+                self.lockstep.drain(self.model, next(self.model.parameters()).device)
         finally:
             self.model.train(was_training)
         return out
+
+    def _forward(self, **kwargs):
+        if self.lockstep is not None:
+            self.lockstep.before_forward()
+        return self.model(**kwargs)
 
     def _generate_chunk(self, prompts: list[list[int]], n: int, sp: SamplingParams, out: Rollout) -> None:
         ids, mask = left_pad(prompts, self.pad_id)  # [b, P]
         device = next(self.model.parameters()).device
         ids, mask = ids.to(device), mask.to(device)
         pos = (mask.cumsum(1) - 1).clamp(min=0)  # positions count real tokens only
-        res = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+        res = self._forward(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
         cache, logits = res.past_key_values, res.logits[:, -1].float()  # logits [b, V]
         if n > 1:  # the n samples of a prompt continue one prefill
             cache.batch_repeat_interleave(n)
@@ -125,7 +136,7 @@ class HFEngine:
                 cache.batch_select_indices(keep)
                 live, tok, mask, nxt = live[keep], tok[keep], mask[keep], nxt[keep]
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
-            res = self.model(input_ids=tok[:, None], attention_mask=mask, position_ids=nxt, past_key_values=cache,
+            res = self._forward(input_ids=tok[:, None], attention_mask=mask, position_ids=nxt, past_key_values=cache,
                              use_cache=True)
             cache, logits = res.past_key_values, res.logits[:, -1].float()
             nxt = nxt + 1

@@ -1,0 +1,261 @@
+"""Data parallelism on PyTorch's own stack: torchrun starts the processes, torch.distributed joins them.
+
+`grpo train` run as `torchrun --nproc_per_node K -m grpo train ...` gets K ranks; on one process
+everything here is a no-op and the trainers run exactly as before.
+
+- Process group: NCCL when the ranks have GPUs, gloo on CPU; rank r uses cuda:LOCAL_RANK.
+- `parallel.strategy=ddp`: every rank holds the whole model, DistributedDataParallel averages the
+  gradients once per optimizer step (the micro-batches before the last run under no_sync).
+- `parallel.strategy=fsdp2`: `fully_shard` on every transformer block and on the root, over an
+  explicit 1-D device mesh; parameters, gradients and optimizer state are sharded. On GPUs the
+  parameters compute in bf16 and gradients reduce in fp32 (`parallel.mixed_precision`).
+
+Both average gradients over ranks, so a rank's loss is `sum_local(l * m) / N_global * W`: the trainers
+pass `N_global / W` as the normaliser of `losses.aggregate` (see `Parallel.normaliser`), N_global
+all-reduced once per step. Every forward of a sharded model is a collective, so every rank must run
+the same number of them: `Parallel.pad_micro_batches` evens out the micro-batch counts (the extra
+ones are weighted 0), and `Lockstep` keeps generation in step when ranks finish at different lengths.
+
+The model goes through a `Forward` wrapper: `wrapper(fn=f, ...)` runs `f(model, ...)` inside the
+wrapper's forward, so DDP's and FSDP2's hooks see every pass, including the shared-prompt layout,
+which calls the backbone and the LM head separately.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+def launched() -> bool:
+    """Whether this process was started by torchrun (or another launcher setting its variables)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init_process_group() -> None:
+    """Join the launcher's process group once per process (NCCL on GPUs, gloo otherwise)."""
+    if not launched() or dist.is_initialized():
+        return
+    backend = os.environ.get("GRPO_DIST_BACKEND") or ("nccl" if torch.cuda.is_available() else "gloo")
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def broadcast(obj: Any) -> Any:
+    """Rank 0's value of obj on every rank."""
+    if world() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def shard(n: int, r: int, w: int) -> tuple[int, int]:
+    """Rank r's contiguous share [lo, hi) of n items over w ranks: the first n % w ranks get one more."""
+    base, extra = divmod(n, w)
+    lo = r * base + min(r, extra)
+    return lo, lo + base + (1 if r < extra else 0)
+
+
+class Forward(torch.nn.Module):
+    """The module DDP or FSDP2 wraps: `self(fn=f, *a, **kw)` is `f(model, *a, **kw)`, and a plain
+    call `self(input_ids=...)` is the model's own forward, so the wrapper stands in for the model."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, fn=None, **kwargs):
+        return self.model(*args, **kwargs) if fn is None else fn(self.model, *args, **kwargs)
+
+
+class OnDevice(torch.nn.Module):
+    """A frozen model kept whole on `home` (the CPU) and called like a Forward wrapper from `device`:
+    the inputs go over, the outputs come back."""
+
+    def __init__(self, model: torch.nn.Module, home: str, device: str):
+        super().__init__()
+        self.model, self.home, self.device = model, home, device
+
+    def forward(self, *args, fn=None, **kwargs):
+        args = [_to(a, self.home) for a in args]
+        kwargs = {k: _to(v, self.home) for k, v in kwargs.items()}
+        out = self.model(*args, **kwargs) if fn is None else fn(self.model, *args, **kwargs)
+        return _to(out, self.device)
+
+
+def _to(x: Any, device: str) -> Any:
+    if isinstance(x, tuple):
+        return tuple(_to(v, device) for v in x)
+    return x.to(device) if hasattr(x, "to") and not isinstance(x, torch.nn.Module) else x
+
+
+class Parallel:
+    """This process's place among the ranks and the strategy its models are wrapped with."""
+
+    def __init__(self, strategy: str = "ddp", device: str = "cpu", mixed_precision: str = "auto"):
+        init_process_group()
+        self.rank, self.world = rank(), world()
+        self.strategy = strategy if self.world > 1 else "none"
+        self.device = device
+        if self.world > 1 and device.startswith("cuda"):
+            self.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        self.mixed_precision = mixed_precision
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def sharded(self) -> bool:
+        return self.strategy == "fsdp2"
+
+    # ---- collectives (no-ops on one process) -------------------------------------------------
+    def sum(self, values: list[float]) -> list[float]:
+        """Element-wise sum over ranks of a list of floats (one all-reduce, in float64)."""
+        if self.world == 1:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self._comm_device())
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def max(self, value: int) -> int:
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.long, device=self._comm_device())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's obj, in rank order, on every rank."""
+        if self.world == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def _comm_device(self) -> str:
+        return self.device if dist.get_backend() == "nccl" else "cpu"
+
+    def reduce_metrics(self, weighted: dict[str, float], weight: float) -> dict[str, float]:
+        """Means over ranks weighted by each rank's `weight` (its tokens, rows or samples), not means
+        of means: every rank passes its own means and weight, every rank gets the global means."""
+        if self.world == 1:
+            return dict(weighted)
+        keys = sorted(weighted)
+        sums = self.sum([weighted[k] * weight for k in keys] + [weight])
+        total = sums[-1] or 1.0
+        return {k: s / total for k, s in zip(keys, sums)}
+
+    # ---- the micro-batches of a step ----------------------------------------------------------
+    def pad_micro_batches(self, slices: list[slice]) -> list[tuple[slice, float]]:
+        """(slice, weight) per micro-batch, as many on every rank: a rank with fewer repeats its last
+        one with weight 0 (a forward and backward that add nothing, but keep the collectives paired)."""
+        count = self.max(len(slices))
+        return [(s, 1.0) for s in slices] + [(slices[-1], 0.0)] * (count - len(slices))
+
+    # ---- wrapping ------------------------------------------------------------------------------
+    def wrap(self, model: torch.nn.Module, trainable: bool = True) -> Forward:
+        """The model inside a Forward wrapper, data-parallel by the strategy (unchanged on one
+        process). A frozen model is sharded under fsdp2 and left whole under ddp."""
+        fwd = Forward(model)
+        if self.strategy == "ddp" and trainable:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [torch.device(self.device).index] if self.device.startswith("cuda") else None
+            return DDP(fwd, device_ids=ids, broadcast_buffers=False)
+        if self.strategy == "fsdp2":
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+            kind = "cuda" if self.device.startswith("cuda") else "cpu"
+            mesh = init_device_mesh(kind, (self.world,))
+            opts: dict[str, Any] = {"mesh": mesh}
+            if kind == "cuda" and self.mixed_precision in ("auto", "bf16"):
+                opts["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            for block in blocks(model):
+                fully_shard(block, **opts)
+            fully_shard(fwd, **opts)
+        return fwd
+
+    @staticmethod
+    def inner(wrapped: torch.nn.Module) -> torch.nn.Module:
+        """The model inside DDP and the Forward wrapper."""
+        m = getattr(wrapped, "module", wrapped)
+        return m.model if isinstance(m, Forward) else m
+
+    @contextlib.contextmanager
+    def grad_sync(self, wrapped: torch.nn.Module, sync: bool) -> Iterator[None]:
+        """Backward passes that only accumulate (sync=False) or also reduce over ranks (sync=True)."""
+        if self.strategy == "ddp" and not sync:
+            with wrapped.no_sync():
+                yield
+            return
+        if self.strategy == "fsdp2":
+            wrapped.set_requires_gradient_sync(sync)
+        yield
+
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The transformer blocks of a causal LM (the modules transformers would not split across
+    devices): the units FSDP2 shards one by one."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    found = [m for m in model.modules() if type(m).__name__ in names]
+    if not found:
+        raise ValueError(f"{type(model).__name__}: no transformer blocks found to shard (no _no_split_modules)")
+    return found
+
+
+class Lockstep:
+    """Keeps the ranks' forward passes paired while they generate different amounts.
+
+    Before each real forward a rank says "working" in an all-reduce; a rank with nothing left
+    answers the same all-reduce with "done" and runs a one-token dummy forward, until every rank
+    says done. Under FSDP2 each forward all-gathers the shards, so unpaired forwards would hang."""
+
+    def __init__(self, par: Parallel, pad_id: int):
+        self.par, self.pad_id = par, pad_id
+
+    def _anyone(self, working: bool) -> bool:
+        return self.par.sum([1.0 if working else 0.0])[0] > 0
+
+    def before_forward(self) -> None:
+        self._anyone(True)
+
+    def drain(self, model, device) -> None:
+        ids = torch.full((1, 1), self.pad_id, dtype=torch.long, device=device)
+        while self._anyone(False):
+            model(input_ids=ids, use_cache=False)

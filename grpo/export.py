@@ -1,0 +1,99 @@
+"""`grpo export CKPT OUT`: one Hugging Face model folder (what from_pretrained and vLLM load) from a
+checkpoint of any kind: sharded (written by torchrun ranks), one-process, or LoRA adapters (merged
+into the base model). CKPT may also be a run dir: its newest checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from grpo import checkpoint
+from grpo.modeling import ModelError, is_lora, plain_copy
+
+
+def checkpoint_dir(path: str) -> Path:
+    p = Path(path).expanduser()
+    latest = p / "checkpoints" / "latest"
+    if latest.exists():
+        p = latest.parent / latest.read_text().strip()
+    if not p.is_dir() or not ((p / "dcp").is_dir() or (p / "model").is_dir()):
+        raise ModelError(f"{path}: not a checkpoint (no dcp/ or model/) nor a run dir with checkpoints/latest")
+    bad = checkpoint.damaged_file(p)
+    if bad is not None:
+        raise ModelError(f"{path}: {bad} is cut short or unreadable")
+    return p
+
+
+def load_checkpoint_model(ckpt: Path):
+    """(model, tokenizer) of a checkpoint, on the CPU: a peft model when it holds LoRA adapters."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if checkpoint.is_sharded(ckpt):
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+        src = ckpt / "config"
+        config = AutoConfig.from_pretrained(src)
+        model = AutoModelForCausalLM.from_config(config, dtype=config.dtype)
+        if (src / "adapter_config.json").exists():
+            from peft import LoraConfig, get_peft_model
+
+            model = get_peft_model(model, LoraConfig.from_pretrained(str(src)))
+        state = {"model": get_model_state_dict(model)}
+        dcp.load(state, checkpoint_id=str(ckpt / "dcp"))
+        set_model_state_dict(model, state["model"])
+        return model, AutoTokenizer.from_pretrained(src)
+    src = ckpt / "model"
+    if (src / "adapter_config.json").exists():
+        from peft import PeftModel
+
+        from grpo.modeling import load_model
+
+        base = json.loads((src / "adapter_config.json").read_text())["base_model_name_or_path"]
+        return PeftModel.from_pretrained(load_model(base), str(src)), AutoTokenizer.from_pretrained(src)
+    return AutoModelForCausalLM.from_pretrained(src), AutoTokenizer.from_pretrained(src)
+
+
+def export(ckpt: str, out: str) -> Path:
+    """Write the checkpoint's model as one Hugging Face folder at `out` (which must not hold files);
+    assembled beside it and renamed into place."""
+    import warnings
+
+    from grpo import logs
+
+    logs.quiet_libraries(logs.VERBOSE)
+    # dcp.load on one process says it assumes one process: that is the intent here
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+    src = checkpoint_dir(ckpt)
+    dest = Path(out).expanduser()
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise ModelError(f"{out}: already exists and is not empty")
+    model, tok = load_checkpoint_model(src)
+    if is_lora(model):
+        model = plain_copy(model)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if dest.exists():
+            dest.rmdir()
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+def export_main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="grpo export", description=__doc__.splitlines()[0])
+    ap.add_argument("checkpoint", help="a checkpoint dir (…/checkpoints/step_N) or a run dir")
+    ap.add_argument("out", help="the new model folder")
+    a = ap.parse_args(argv)
+    dest = export(a.checkpoint, a.out)
+    print(f"exported {checkpoint_dir(a.checkpoint)} to {dest}")
+    return 0
