@@ -1,0 +1,88 @@
+"""What tests/test_distributed.py runs under torchrun (gloo, CPU): one mode per check, rank 0 writing
+what the test compares to a file.
+
+    torchrun --nproc_per_node W tests/dist_worker.py MODE MODEL_DIR OUT RUN_DIR [overrides ...]
+
+step:   one optimizer step of grpo train's update on a fixed global batch (the same completions
+        whatever W), each rank taking its share of the prompts; writes the whole parameters after it.
+save:   `grpo train` for the configured steps, then the whole model and optimizer state, the
+        scheduler step, the data position and the log-probs of a fixed batch under the sharded model.
+resume: a Trainer resumed from RUN_DIR's checkpoint, no step taken; writes the same state as save.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+
+import torch
+
+from grpo import config as C
+from grpo.batch import batch_logprobs, pack
+from grpo.cli import compose_config
+from grpo.distributed import shard
+from grpo.rollout.base import Rollout
+from grpo.trainer import Trainer
+
+
+def fixed_batch(G: int, B: int, vocab: int, seed: int = 0) -> tuple[Rollout, torch.Tensor]:
+    """B prompts of 2..7 tokens with G completions of 1..9 tokens each (ragged: the ranks hold
+    different token counts), and their rewards [B * G] with both values in each group."""
+    rng = random.Random(seed)
+    prompts, completions, rewards = [], [], []
+    for _ in range(B):
+        p = [rng.randrange(3, vocab) for _ in range(rng.randint(2, 7))]
+        for g in range(G):
+            prompts.append(p)
+            completions.append([rng.randrange(3, vocab) for _ in range(rng.randint(1, 9))])
+            rewards.append(float(g % 2) if g < 2 else float(rng.random() < 0.5))
+    n = len(completions)
+    ro = Rollout(prompt_ids=prompts, completion_ids=completions, texts=[""] * n,
+                 logprobs=[[-1.0] * len(c) for c in completions], finished=[True] * n)
+    return ro, torch.tensor(rewards)
+
+
+def part(ro: Rollout, lo: int, hi: int) -> Rollout:
+    return Rollout(*(getattr(ro, f)[lo:hi] for f in ("prompt_ids", "completion_ids", "texts", "logprobs", "finished")))
+
+
+def whole_state(tr: Trainer) -> dict:
+    """The whole (unsharded) model and optimizer state on rank 0, by parameter name (every rank calls it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model, optim = get_state_dict(tr.policy, tr.opt, options=opts)
+    return {"model": model, "optim": optim["state"] if optim else {}, "sched": tr.sched.last_epoch,
+            "data_pos": tr.data_pos, "step": tr.step}
+
+
+def main() -> None:
+    mode, model_dir, out, run_dir, *overrides = sys.argv[1:]
+    raw = compose_config("train", [f"model.path={model_dir}", "logger=jsonl", "trainer.eval_size=4",
+                                   "task.eval_size=4", "rollout.max_new_tokens=6", *overrides])
+    tr = Trainer(C.parse(C.TrainConfig, raw), run_dir, raw)
+    par = tr.par
+    result: dict = {}
+    if mode == "step":
+        ro, rewards = fixed_batch(tr.G, tr.B, len(tr.tok) - 1)
+        lo, hi = shard(tr.B, par.rank, par.world)
+        result["metrics"] = tr.update(part(ro, lo * tr.G, hi * tr.G), rewards, lo * tr.G)
+        result["model"] = whole_state(tr)["model"]
+    elif mode == "save":
+        tr.fit()
+        result = whole_state(tr)
+        ro, _ = fixed_batch(2, 3, len(tr.tok) - 1, seed=1)
+        batch = pack(ro.prompt_ids, ro.completion_ids, tr.tok.pad_token_id)
+        with torch.no_grad():
+            result["logp"] = tr.fwd(batch, 1.0, fn=batch_logprobs)
+        result["mask"] = batch.mask
+    elif mode == "resume":
+        result = whole_state(tr)
+    tr.tracker.close()
+    if par.main:
+        result["world"] = par.world
+        torch.save(result, out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""grpo train on several processes (torchrun, gloo on the CPU): DDP and FSDP2 give the update of one
+process on the same global batch, checkpoints resume at another process count, and `grpo export`
+turns a sharded checkpoint into a model folder with the same log-probs."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from grpo.distributed import Parallel, shard
+from tests.conftest import ROOT, run_grpo
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def model2(tmp_path_factory):
+    """A randomly initialised 2-layer Llama (two blocks for FSDP2 to shard one by one)."""
+    from grpo.embedded import build_tokenizer, init_model
+
+    out = tmp_path_factory.mktemp("model2")
+    init_model(out, build_tokenizer(out), hidden=64, layers=2, seed=0)
+    return out
+
+
+def torchrun(world: int, *args, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", *args]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p
+
+
+def worker(world, mode, model, out, run_dir, *overrides):
+    torchrun(world, str(ROOT / "tests" / "dist_worker.py"), mode, str(model), str(out), str(run_dir), *overrides)
+    return torch.load(out, weights_only=False)
+
+
+# ---- pure parts -------------------------------------------------------------------------------
+def test_shard_splits_contiguously_and_unevenly():
+    # 5 prompts over 3 ranks: 5 = 3 * 1 + 2, so ranks 0 and 1 take 2 and rank 2 takes 1.
+    assert [shard(5, r, 3) for r in range(3)] == [(0, 2), (2, 4), (4, 5)]
+    assert [shard(4, r, 2) for r in range(2)] == [(0, 2), (2, 4)]
+    assert shard(7, 0, 1) == (0, 7)
+
+
+def test_one_process_is_a_no_op():
+    par = Parallel("fsdp2", "cpu")
+    assert (par.world, par.rank, par.strategy, par.main) == (1, 0, "none", True)
+    assert par.sum([1.5, 2.0]) == [1.5, 2.0]
+    model = torch.nn.Linear(2, 2)
+    assert par.wrap(model).model is model
+    assert par.pad_micro_batches([slice(0, 2), slice(2, 3)]) == [(slice(0, 2), 1.0), (slice(2, 3), 1.0)]
+    assert par.reduce_metrics({"a": 0.25}, 8) == {"a": 0.25}
+
+
+# ---- one step on 1, 2 and 3 processes ---------------------------------------------------------
+# SGD (no momentum, lr 0.5, no clipping): the weights move by lr * gradient, so a gradient off by the
+# world size (a local normaliser, a missing * W) moves them by a different amount. AdamW would hide
+# it: its step is nearly invariant to the gradient's scale. G = 3, B = 5 prompts: 3 + 2 on two
+# ranks, 2 + 2 + 1 on three; micro-batches of 6 rows (two groups) give the ranks different numbers
+# of micro-batches and tokens. beta > 0: the reference forwards run too.
+STEP = ["optim.name=sgd", "optim.lr=0.5", "optim.warmup_steps=0", "optim.max_grad_norm=1e9", "algorithm.group_size=3",
+        "trainer.prompts_per_step=5", "trainer.micro_batch_size=6", "algorithm.beta=0.1"]
+
+
+@pytest.fixture(scope="module")
+def one_process(model2, tmp_path_factory):
+    cache = {}
+
+    def get(agg):
+        if agg not in cache:
+            d = tmp_path_factory.mktemp(f"one_{agg}")
+            cache[agg] = worker(1, "step", model2, d / "out.pt", d / "run", *STEP, f"algorithm.loss_agg={agg}")
+        return cache[agg]
+    return get
+
+
+@pytest.mark.parametrize("strategy,world,agg", [
+    ("ddp", 2, "token_mean"), ("ddp", 3, "token_mean"), ("fsdp2", 2, "token_mean"), ("fsdp2", 3, "token_mean"),
+    ("ddp", 2, "seq_mean_token_mean"), ("fsdp2", 3, "seq_mean_token_sum_norm")])
+def test_a_step_on_several_processes_equals_one(model2, one_process, tmp_path, strategy, world, agg):
+    from transformers import AutoModelForCausalLM
+
+    base = one_process(agg)
+    many = worker(world, "step", model2, tmp_path / "out.pt", tmp_path / "run", *STEP, f"algorithm.loss_agg={agg}",
+                  f"parallel={strategy}")
+    assert many["world"] == world
+    init = AutoModelForCausalLM.from_pretrained(model2).state_dict()
+    moved = max(float((base["model"][k] - init[k]).abs().max()) for k in base["model"])
+    gap = max(float((many["model"][k] - base["model"][k]).abs().max()) for k in base["model"])
+    # The step moves some weight by > 1e-3; a gradient scaled by 1/W or W would miss by half of that
+    # or more, far above the float32 reordering noise between 1 and W processes (< 1e-6).
+    assert moved > 1e-3
+    assert gap < 1e-6, (gap, moved)
+    # The step's loss and token metrics are global too.
+    for k in ("loss", "kl", "entropy", "completion/len_mean"):
+        assert many["metrics"][k] == pytest.approx(base["metrics"][k], rel=1e-5, abs=1e-7), k
+
+
+# ---- a whole run, checkpoints, export ---------------------------------------------------------
+def test_two_process_run_learns_and_logs_once(tmp_path):
+    run = tmp_path / "run"
+    p = torchrun(2, "-m", "grpo", "train", "logger=jsonl", "trainer.max_steps=40", "trainer.eval_every=0",
+                 "trainer.save_every=0", f"hydra.run.dir={run}", timeout=900)
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if "reward/mean" in r] == list(range(1, 41))  # each step once
+    evals = [r["eval/reward/mean"] for r in recs if "eval/reward/mean" in r]
+    assert len(evals) == 2 and evals[1] > evals[0] + 0.1, evals
+    assert p.stdout.count("done after 40 steps") == 1  # the summary from rank 0 only
+    assert (run / "train.log").exists() and (run / "train.rank1.log").exists()
+
+
+@pytest.fixture(scope="module")
+def saved(model2, tmp_path_factory):
+    """2 steps of AdamW on 2 processes under fsdp2, checkpointed at the end."""
+    d = tmp_path_factory.mktemp("saved")
+    state = worker(2, "save", model2, d / "saved.pt", d / "run", "trainer.max_steps=2", "trainer.eval_every=0",
+                   "trainer.prompts_per_step=4", "algorithm.group_size=2", "optim.lr=1e-3", "parallel=fsdp2")
+    return d, state
+
+
+@pytest.mark.parametrize("world,strategy", [(1, "ddp"), (3, "fsdp2")])
+def test_a_sharded_checkpoint_resumes_at_another_process_count(model2, saved, tmp_path, world, strategy):
+    d, state = saved
+    ckpt = d / "run" / "checkpoints" / "step_000002"
+    assert (ckpt / "dcp" / ".metadata").exists() and not (ckpt / "model").exists()
+    got = worker(world, "resume", model2, tmp_path / "resumed.pt", d / "run", "trainer.max_steps=2",
+                 "trainer.eval_every=0", "trainer.prompts_per_step=4", "algorithm.group_size=2", "optim.lr=1e-3",
+                 f"parallel={strategy}", "trainer.resume=true")
+    assert (got["step"], got["data_pos"], got["sched"]) == (state["step"], state["data_pos"], state["sched"]) == (2, 8, 3)
+    assert state["model"].keys() == got["model"].keys()
+    for k, v in state["model"].items():
+        assert torch.equal(got["model"][k], v), k
+    assert state["optim"].keys() == got["optim"].keys() and state["optim"]
+    for name, per in state["optim"].items():
+        for k, v in per.items():
+            assert torch.equal(torch.as_tensor(got["optim"][name][k]), torch.as_tensor(v)), (name, k)
+
+
+def test_export_gives_the_sharded_models_logprobs(saved, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from grpo.batch import batch_logprobs, pack
+    from tests.dist_worker import fixed_batch
+
+    d, state = saved
+    out = tmp_path / "exported"
+    p = run_grpo("export", str(d / "run"), str(out))
+    assert p.returncode == 0, p.stderr
+    model = AutoModelForCausalLM.from_pretrained(out)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state["model"][k]), k
+    ro, _ = fixed_batch(2, 3, model.config.vocab_size - 1, seed=1)
+    from grpo.modeling import load_tokenizer
+
+    batch = pack(ro.prompt_ids, ro.completion_ids, load_tokenizer(str(out)).pad_token_id)
+    with torch.no_grad():
+        logp = batch_logprobs(model, batch, 1.0)
+    m = state["mask"]
+    assert torch.allclose(logp * m, state["logp"] * m, atol=1e-5)
+    # and a second export onto it is refused in one line
+    p = run_grpo("export", str(d / "run"), str(out))
+    assert p.returncode == 2 and p.stderr.strip().count("\n") == 0 and "not empty" in p.stderr
