@@ -68,6 +68,7 @@ def export(ckpt: str, out: str) -> Path:
     logs.quiet_libraries(logs.VERBOSE)
     # dcp.load on one process says it assumes one process: that is the intent here
     warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+    warnings.filterwarnings("ignore", message="The PEFT config.s .base_model_name_or_path. was renamed")
     src = checkpoint_dir(ckpt)
     dest = Path(out).expanduser()
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):

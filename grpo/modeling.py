@@ -124,33 +124,25 @@ def backbone(model):
 
 
 def merged_parameters(model):
-    """(name, tensor) of the model as plain transformers names, adapters merged in: what vLLM and
-    from_pretrained load. Call inside `merged(model)` for a peft model."""
+    """(name, tensor) of the model under plain transformers names, with LoRA adapters merged in
+    (W + scale * B @ A, computed aside: merging into the weights and back would leave rounding
+    drift in the frozen base): what vLLM and from_pretrained load."""
     if not is_lora(model):
         yield from model.named_parameters()
         return
-    for name, p in model.get_base_model().named_parameters():
-        if "lora_" in name:
-            continue
-        yield name.replace(".base_layer.", "."), p
+    from peft.tuners.lora import LoraLayer
 
-
-def merged(model):
-    """Context: a peft model's adapters merged into its base weights (unmerged on exit)."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def ctx():
-        if not is_lora(model):
-            yield
-            return
-        model.merge_adapter()
-        try:
-            yield
-        finally:
-            model.unmerge_adapter()
-
-    return ctx()
+    base = model.get_base_model()
+    deltas = {}
+    for name, mod in base.named_modules():
+        if isinstance(mod, LoraLayer) and not mod.merged:
+            for adapter in mod.active_adapters:
+                if adapter in mod.lora_A:
+                    key = f"{name}.base_layer.weight"
+                    deltas[key] = deltas.get(key, 0) + mod.get_delta_weight(adapter)
+    for name, p in base.named_parameters():
+        if "lora_" not in name:
+            yield name.replace(".base_layer.", "."), (p + deltas[name] if name in deltas else p)
 
 
 class AdaptersOff(torch.nn.Module):
@@ -173,7 +165,7 @@ def plain_copy(model):
 
     base = model.get_base_model()
     plain = AutoModelForCausalLM.from_config(base.config, dtype=base.dtype)
-    with merged(model):
+    with torch.no_grad():
         state = {name: p.detach().to("cpu") for name, p in merged_parameters(model)}
     missing, unexpected = plain.load_state_dict(state, strict=False)
     tied = {k for k in missing if k.endswith("lm_head.weight") and getattr(base.config, "tie_word_embeddings", False)}

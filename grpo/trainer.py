@@ -38,7 +38,7 @@ from grpo.config import ConfigError
 from grpo.distributed import Lockstep, OnDevice, Parallel, full_tensor, shard
 from grpo.evaluate import policy_eval
 from grpo.losses import policy_loss
-from grpo.modeling import (AdaptersOff, apply_lora, disable_dropout, is_lora, load_model, load_tokenizer, merged,
+from grpo.modeling import (AdaptersOff, apply_lora, disable_dropout, is_lora, load_model, load_tokenizer,
                            merged_parameters, pick_device, plain_copy)
 from grpo.optim import build_optimizer, build_scheduler
 from grpo.rewards import RewardInputs, build_rewards
@@ -294,7 +294,7 @@ class Trainer:
         with LoRA adapters merged in. The hf engine runs the trainer's own module: nothing to send."""
         if isinstance(self.engine, HFEngine):
             return
-        with merged(self.policy):
+        with torch.no_grad():
             self.engine.update_weights((name, full_tensor(p.detach())) for name, p in merged_parameters(self.policy))
 
     # ---- evaluation, checkpoints ------------------------------------------------------------

@@ -1,0 +1,82 @@
+"""LoRA through peft (model.lora.*): only the adapters train, the reference is the base model with
+the adapters off, checkpoints hold the adapters (and merged weights on request), export merges."""
+
+import pytest
+import torch
+
+from grpo import config as C
+from grpo.batch import batch_logprobs, pack
+from grpo.cli import compose_config
+from grpo.modeling import AdaptersOff, load_model, load_tokenizer
+from grpo.trainer import Trainer, train
+from tests.conftest import run_interrupted
+from tests.dist_worker import fixed_batch
+
+pytestmark = pytest.mark.slow
+TOY = "task.verifiers=[{_target_: tests.toy_verifiers.DigitFraction}]"
+
+
+def cfg_for(model_dir, *overrides):
+    return compose_config("train", [
+        f"model.path={model_dir}", "logger=jsonl", "trainer.prompts_per_step=4", "algorithm.group_size=4",
+        "rollout.max_new_tokens=6", "trainer.eval_size=4", "task.eval_size=4", "trainer.eval_every=0", TOY,
+        "model.lora.r=4", "model.lora.alpha=8", "algorithm.beta=0.1", "optim.lr=1e-2", "optim.warmup_steps=0",
+        *overrides])
+
+
+def test_lora_trains_only_adapters_against_the_base_model(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from grpo.export import export
+
+    raw = cfg_for(tiny_model_dir, "trainer.max_steps=2", "model.lora.save_merged=true")
+    tr = Trainer(C.parse(C.TrainConfig, raw), tmp_path / "run", raw)
+    trainable = [n for n, p in tr.policy.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert isinstance(tr.ref, AdaptersOff)  # the reference is the policy itself: no second copy is loaded
+    before = {n: p.detach().clone() for n, p in tr.policy.named_parameters()}
+    tr.fit()
+    changed = [n for n, p in tr.policy.named_parameters() if not torch.equal(before[n], p)]
+    assert changed and all("lora_B" in n or "lora_A" in n for n in changed)
+
+    base = load_model(str(tiny_model_dir))
+    pad = load_tokenizer(str(tiny_model_dir)).pad_token_id
+    ro, _ = fixed_batch(2, 3, base.config.vocab_size - 1)
+    batch = pack(ro.prompt_ids, ro.completion_ids, pad)
+    m = batch.mask
+    with torch.no_grad():
+        want = batch_logprobs(base, batch) * m
+        ref = tr.ref(batch, 1.0, fn=batch_logprobs) * m
+        pol = tr.fwd(batch, 1.0, fn=batch_logprobs) * m
+    assert torch.allclose(ref, want, atol=1e-6)  # the reference is the base model
+    assert float((pol - want).abs().max()) > 1e-4  # the adapters have moved the policy
+
+    ckpt = tmp_path / "run" / "checkpoints" / "step_000002"
+    assert (ckpt / "model" / "adapter_config.json").exists()
+    assert not (ckpt / "model" / "model.safetensors").exists()  # the adapters only, not the base again
+    out = export(str(tmp_path / "run"), str(tmp_path / "exported"))
+    for folder in (ckpt / "merged", out):  # base + adapters as one plain model, two ways
+        merged = AutoModelForCausalLM.from_pretrained(folder)
+        assert not any("lora" in n for n, _ in merged.named_parameters())
+        with torch.no_grad():
+            assert torch.allclose(batch_logprobs(merged, batch) * m, pol, atol=1e-5), folder
+
+
+def test_lora_run_resumes_exactly(tiny_model_dir, tmp_path):
+    full, part, _ = run_interrupted(train, lambda *o: cfg_for(tiny_model_dir, *o), tmp_path, steps=3, stop=2)
+    from safetensors.torch import load_file
+
+    a = load_file(full / "checkpoints" / "step_000003" / "model" / "adapter_model.safetensors")
+    b = load_file(part / "checkpoints" / "step_000003" / "model" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and a
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_lora_target_modules_that_match_nothing_is_one_line(tiny_model_dir, tmp_path):
+    from tests.conftest import run_grpo
+
+    p = run_grpo("train", f"model.path={tiny_model_dir}", "model.lora.target_modules=[nosuch]", "model.lora.r=2",
+                 "trainer.max_steps=1", "logger=jsonl", f"hydra.run.dir={tmp_path / 'r'}")
+    assert p.returncode == 2 and "model.lora.target_modules" in p.stderr and p.stderr.strip().count("\n") == 0
+    assert not (tmp_path / "r").exists()
