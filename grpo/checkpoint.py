@@ -290,17 +290,69 @@ def find(run_dir: Path, resume: Any) -> Path | None:
     return p
 
 
-def begin(run_dir: Path, resume: Any, seed: int | None = None) -> Path | None:
-    """Start a run in run_dir (created if missing; every RNG seeded when a seed is given) and return
-    the checkpoint it resumes from (None: a fresh run). A fresh run refuses a run dir that already
-    holds one."""
+def begin(run_dir: Path, resume: Any, seed: int | None = None, par=None) -> Path | None:
+    """Start a run in run_dir (created if missing; every RNG seeded when a seed is given, rank r of
+    a torchrun launch `par` with its own stream) and return the checkpoint it resumes from (None: a
+    fresh run). A fresh run refuses a run dir that already holds one."""
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     if seed is not None:
-        seed_everything(seed)
+        seed_everything(rank_seed(seed, par.rank if par else 0))
     ckpt = find(run_dir, resume)
     if not ckpt and holds_run(run_dir):
         raise refusal(run_dir)
+    if par is not None:
+        par.barrier()  # every rank has looked at the run dir before rank 0 writes to it
     return ckpt
+
+
+def rank_seed(seed: int, rank: int, step: int = 0) -> int:
+    """Rank r's seed: `seed` itself on rank 0 (one process runs as before), a stream of its own on
+    the others; `step` starts a fresh stream for a resumed rank that has no saved one."""
+    return seed + 1_000_003 * rank + step
+
+
+def model_source(ckpt: Path | None, path: str) -> str:
+    """Where a trainer loads its model from: a one-process checkpoint's model folder, else `path`
+    (the start, or the base that a sharded checkpoint's weights are then loaded over)."""
+    return str(Path(ckpt) / "model") if ckpt is not None and not is_sharded(ckpt) else path
+
+
+def save_run(run_dir: Path, step: int, par, model, optimizer, tokenizer, stateful: Mapping[str, Any],
+             extra: Mapping[str, Any] | None = None, keep: int = 2, more: Mapping[str, Any] | None = None) -> Path:
+    """A checkpoint of a one-model trainer: sharded on several processes, else the model folder
+    (with `more` model folders beside it) and state.pt. Called by every rank."""
+    if par.world > 1:
+        return save_sharded(run_dir, step, par, model, optimizer, tokenizer, stateful, extra, keep)
+    return save(run_dir, step, {"model": model, **dict(more or {})}, tokenizer,
+                {"optimizer": optimizer, **stateful}, extra, keep)
+
+
+def restore_run(ckpt: Path, par, model, optimizer, stateful: Mapping[str, Any], seed: int) -> dict[str, Any]:
+    """The other half of save_run, at any process count: the state back in model (unless it was
+    loaded from the checkpoint's folder), optimizer and stateful; the RNG streams where saved for
+    this rank and process count, fresh ones (rank_seed at the step) otherwise."""
+    if is_sharded(ckpt):
+        state = restore_sharded(ckpt, model, optimizer, stateful, par.rank)
+    else:
+        state = restore(ckpt, {"optimizer": optimizer, **stateful})
+    if state.get("rng") is None or par.world != state.get("world", 1):
+        seed_everything(rank_seed(seed, par.rank, state["step"]))
+    return state
+
+
+def save_final(par, model, tokenizer, out: Path) -> Path:
+    """The trained model as one Hugging Face folder at `out`, written by rank 0 (the shards gathered
+    first under fsdp2). Called by every rank."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = None
+    if par.sharded:
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if par.main:
+        model.save_pretrained(out, state_dict=state)
+        tokenizer.save_pretrained(out)
+    par.barrier()
+    return Path(out)
 
 
 def load_state(ckpt: Path) -> dict[str, Any]:

@@ -229,6 +229,7 @@ class SFTConfig:
     trainer: SupervisedTrainer = group(SupervisedTrainer)
     optim: Optim = group(Optim)
     logger: Logger = group(Logger)
+    parallel: Parallel = group(Parallel)
 
 
 @dataclass

@@ -47,7 +47,9 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sch
                    ) -> tuple[float, float]:
     """Clip the gradients, step the optimizer and the schedule, clear the gradients.
     Returns (gradient norm before clipping, the learning rate this step used)."""
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    from grpo.distributed import full_tensor
+
+    grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm))  # whole under fsdp2
     lr = scheduler.get_last_lr()[0]
     optimizer.step()
     scheduler.step()

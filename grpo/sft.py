@@ -4,6 +4,9 @@ Rows: {"prompt": str | [messages], "completion": str}. The prompt is rendered wi
 template (as the GRPO trainer renders it), the completion is followed by EOS. Step s trains on
 `trainer.batch_size` rows drawn with replacement by a generator seeded with (seed, s), so a resumed
 run (`trainer.resume=true`) draws exactly what the uninterrupted one would have.
+
+Under torchrun every rank draws the same batch and trains on its share of the rows; the loss is the
+mean over the batch's completion tokens on all ranks (transformers' `num_items_in_batch`).
 """
 
 from __future__ import annotations
@@ -18,9 +21,10 @@ import torch
 
 from grpo import checkpoint
 from grpo import config as C
+from grpo.distributed import Parallel, shard
 from grpo.modeling import load_model, load_tokenizer, pick_device
 from grpo.optim import build_optimizer, build_scheduler, optimizer_step
-from grpo.tracking import Tracker, due
+from grpo.tracking import Silent, Tracker, due
 from grpo.tasks.base import Sample, TaskError, render_prompt
 from grpo.tasks.file import located_rows, to_sample
 
@@ -62,37 +66,42 @@ def run_sft(raw: dict[str, Any], run_dir: Path) -> Path:
     cfg = C.parse(C.SFTConfig, raw)
     t, m, o, data = cfg.trainer, cfg.model, cfg.optim, cfg.data
     run_dir = Path(run_dir)
-    ckpt = checkpoint.begin(run_dir, t.resume, t.seed)
+    par = Parallel(cfg.parallel.strategy, pick_device(m.device), cfg.parallel.mixed_precision)
+    if t.batch_size < par.world:
+        raise C.ConfigError(f"trainer.batch_size={t.batch_size} is fewer than the {par.world} processes")
+    ckpt = checkpoint.begin(run_dir, t.resume, t.seed, par)
     tok = load_tokenizer(m.path)
     pairs = encode_rows(tok, located_rows(data.path), data.prompt_field, data.completion_field, data.system_prompt)
     if not pairs:
         raise TaskError(f"{data.path}: no rows")
-    device = pick_device(m.device)
-    model = load_model(str(ckpt / "model") if ckpt else m.path, m.dtype, m.gradient_checkpointing, device)
-    opt = build_optimizer(model.parameters(), o.lr, o.betas, o.weight_decay, o.name)
+    device = par.device
+    model = load_model(checkpoint.model_source(ckpt, m.path), m.dtype, m.gradient_checkpointing, device)
+    fwd = par.wrap(model)
+    opt = build_optimizer(fwd.parameters(), o.lr, o.betas, o.weight_decay, o.name)
     sched = build_scheduler(opt, o.schedule, o.warmup_steps, t.max_steps, o.min_lr_rate)
-    step = checkpoint.restore(ckpt, {"optimizer": opt, "scheduler": sched})["step"] if ckpt else 0
-    tracker = Tracker(cfg.logger, run_dir, raw, step if ckpt else None, t.max_steps, "sft")
+    step = checkpoint.restore_run(ckpt, par, model, opt, {"scheduler": sched}, t.seed)["step"] if ckpt else 0
+    tracker = Tracker(cfg.logger, run_dir, raw, step if ckpt else None, t.max_steps, "sft") if par.main else Silent()
     model.train()
     t0 = time.time()
     try:
         while step < t.max_steps:
             rng = random.Random(f"{t.seed}:{step}")
             batch = [pairs[rng.randrange(len(pairs))] for _ in range(t.batch_size)]
-            ids, attn, labels = (x.to(device) for x in batch_tensors(batch, tok.pad_token_id))
-            loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
+            mine = batch[slice(*shard(len(batch), par.rank, par.world))]  # this rank's rows
+            ids, attn, labels = (x.to(device) for x in batch_tensors(mine, tok.pad_token_id))
+            # the batch's completion tokens on all ranks, over W: the ranks' average is the batch mean
+            n_tok = par.sum([float((labels != -100).sum())])[0]
+            loss = fwd(input_ids=ids, attention_mask=attn, labels=labels,
+                       num_items_in_batch=torch.tensor(max(n_tok, 1.0) / par.world)).loss
             loss.backward()
-            gn, lr = optimizer_step(model, opt, sched, o.max_grad_norm)
+            gn, lr = optimizer_step(fwd, opt, sched, o.max_grad_norm)
+            loss_v = par.sum([loss.item()])[0] / par.world
             step += 1
             if due(step, t.log_every, t.max_steps):
-                tracker.log({"loss": loss.item(), "grad_norm": gn, "lr": lr, "time/elapsed": time.time() - t0}, step)
-            tracker.advance({"loss": f"{loss.item():.3f}"})
+                tracker.log({"loss": loss_v, "grad_norm": gn, "lr": lr, "time/elapsed": time.time() - t0}, step)
+            tracker.advance({"loss": f"{loss_v:.3f}"})
             if due(step, t.save_every, t.max_steps):
-                checkpoint.save(run_dir, step, {"model": model}, tok, {"optimizer": opt, "scheduler": sched},
-                                keep=t.keep_checkpoints)
+                checkpoint.save_run(run_dir, step, par, model, opt, tok, {"scheduler": sched}, keep=t.keep_checkpoints)
     finally:
         tracker.close()
-    out = run_dir / "model"
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return checkpoint.save_final(par, model, tok, run_dir / "model")

@@ -90,7 +90,7 @@ class Trainer:
         if m.lora.r and par.sharded:
             raise ConfigError("model.lora with parallel=fsdp2 is not supported yet: use parallel=ddp")
         # Every rank reads the same prompt order (the task's seed) and samples its own stream.
-        checkpoint.seed_everything(t.seed + 1_000_003 * par.rank)
+        checkpoint.seed_everything(checkpoint.rank_seed(t.seed, par.rank))
 
         # Everything that can fail on user input is built before the first step.
         self.task = build_task(cfg.task, seed=t.seed)
@@ -99,8 +99,7 @@ class Trainer:
             raise TaskError(f"the task holds out {len(self.eval_set)} samples for evaluation: fewer than the "
                             f"{W} processes" if self.eval_set else "the task holds out no samples for evaluation")
         self.device = par.device
-        self.ckpt = checkpoint.begin(self.run_dir, t.resume)
-        par.barrier()  # every rank has looked at the run dir before rank 0 writes to it
+        self.ckpt = checkpoint.begin(self.run_dir, t.resume, par=par)
         sharded_ckpt = self.ckpt is not None and checkpoint.is_sharded(self.ckpt)
         if self.ckpt and not sharded_ckpt and par.sharded:
             raise ConfigError(f"{self.ckpt} was saved by one process: resume it with parallel=ddp or one process")
@@ -113,7 +112,7 @@ class Trainer:
         # sharded one is loaded into the wrapped model below.
         whole = self.ckpt is not None and not sharded_ckpt
         lo = m.lora
-        policy = load_model(str(self.ckpt / "model") if whole and not lo.r else m.path, m.dtype,
+        policy = load_model(checkpoint.model_source(self.ckpt if not lo.r else None, m.path), m.dtype,
                             m.gradient_checkpointing, self.device)
         self.policy = apply_lora(policy, lo.r, lo.alpha, lo.dropout, lo.target_modules,
                                  adapter=str(self.ckpt / "model") if whole and lo.r else None)
@@ -150,13 +149,8 @@ class Trainer:
         self.sched = build_scheduler(self.opt, o.schedule, o.warmup_steps, t.max_steps * a.epochs, o.min_lr_rate)
         self.step, self.data_pos = 0, 0
         if self.ckpt:
-            if sharded_ckpt:
-                st = checkpoint.restore_sharded(self.ckpt, self.policy, self.opt, {"scheduler": self.sched}, par.rank)
-            else:
-                st = checkpoint.restore(self.ckpt, {"optimizer": self.opt, "scheduler": self.sched})
+            st = checkpoint.restore_run(self.ckpt, par, self.policy, self.opt, {"scheduler": self.sched}, t.seed)
             self.step, self.data_pos = st["step"], st["data_pos"]
-            if st.get("rng") is None or W != st.get("world", 1):  # no stream saved for this rank: a fresh one
-                checkpoint.seed_everything(t.seed + 1_000_003 * par.rank + self.step)
             log.info("resumed from %s at step %d", self.ckpt, self.step)
         self.tracker = (Tracker(cfg.logger, self.run_dir, raw_cfg or C.to_dict(cfg), self.step if self.ckpt else None,
                                 t.max_steps, "grpo") if par.main else Silent())
@@ -320,15 +314,10 @@ class Trainer:
         return metrics
 
     def save(self) -> Path:
-        extra, keep = {"data_pos": self.data_pos}, self.t.keep_checkpoints
-        if self.par.world > 1:  # torch.distributed.checkpoint: resumable at any process count
-            return checkpoint.save_sharded(self.run_dir, self.step, self.par, self.policy, self.opt, self.tok,
-                                           {"scheduler": self.sched}, extra, keep)
-        modules = {"model": self.policy}
-        if is_lora(self.policy) and self.cfg.model.lora.save_merged:
-            modules["merged"] = plain_copy(self.policy)
-        return checkpoint.save(self.run_dir, self.step, modules, self.tok, {"optimizer": self.opt, "scheduler": self.sched},
-                               extra, keep)
+        more = {"merged": plain_copy(self.policy)} if is_lora(self.policy) and self.cfg.model.lora.save_merged else {}
+        return checkpoint.save_run(self.run_dir, self.step, self.par, self.policy, self.opt, self.tok,
+                                   {"scheduler": self.sched}, {"data_pos": self.data_pos}, self.t.keep_checkpoints,
+                                   more if self.par.world == 1 else None)
 
     # ---- the loop ------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:

@@ -165,3 +165,31 @@ def test_export_gives_the_sharded_models_logprobs(saved, tmp_path):
     # and a second export onto it is refused in one line
     p = run_grpo("export", str(d / "run"), str(out))
     assert p.returncode == 2 and p.stderr.strip().count("\n") == 0 and "not empty" in p.stderr
+
+
+# ---- the other trainers -----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def sft_rows(tmp_path_factory):
+    """Rows of different lengths: the ranks' shares hold different numbers of completion tokens."""
+    d = tmp_path_factory.mktemp("sft_data") / "rows.jsonl"
+    words = ["cat", "a long answer here", "dog", "owl bee", "x", "seventeen words? no, four"]
+    d.write_text("".join(json.dumps({"prompt": f"say {i}", "completion": w}) + "\n" for i, w in enumerate(words)))
+    return d
+
+
+def test_sft_step_on_two_and_three_processes_equals_one(model2, sft_rows, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    # SGD, one step of 5 rows: 3 + 2 rows on two ranks (ddp), 2 + 2 + 1 on three (fsdp2).
+    args = [f"model.path={model2}", f"data.path={sft_rows}", "trainer.max_steps=1", "trainer.batch_size=5",
+            "optim.name=sgd", "optim.lr=0.5", "optim.warmup_steps=0", "optim.max_grad_norm=1e9"]
+    weights = {}
+    for world, strategy in ((1, "ddp"), (2, "ddp"), (3, "fsdp2")):
+        run = tmp_path / f"w{world}"
+        torchrun(world, "-m", "grpo", "sft", *args, f"parallel={strategy}", f"hydra.run.dir={run}")
+        weights[world] = AutoModelForCausalLM.from_pretrained(run / "model").state_dict()
+    init = AutoModelForCausalLM.from_pretrained(model2).state_dict()
+    assert max(float((weights[1][k] - init[k]).abs().max()) for k in init) > 1e-3  # the step moved the model
+    for world in (2, 3):
+        gap = max(float((weights[world][k] - weights[1][k]).abs().max()) for k in init)
+        assert gap < 1e-6, (world, gap)
