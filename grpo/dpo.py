@@ -20,6 +20,7 @@ and the encoded data, so a changed model or dataset never reuses stale values).
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -31,16 +32,17 @@ import torch
 from grpo import checkpoint
 from grpo import config as C
 from grpo.batch import batch_logprobs, pack
+from grpo.distributed import Lockstep, OnDevice, Parallel, shard
 from grpo.evaluate import policy_eval
 from grpo.modeling import disable_dropout, load_model, load_tokenizer, pick_device
 from grpo.optim import build_optimizer, build_scheduler, optimizer_step
 from grpo.preference import DPO_LOSSES, dpo_loss
 from grpo.rewards import build_rewards
 from grpo.rm import resolve_data
-from grpo.rollout import build_engine, encode_prompts, sampling_params
+from grpo.rollout import build_engine, encode_prompts, push_weights, sampling_params
 from grpo.tasks.base import TaskError, build_task, render_prompt
 from grpo.tasks.preference import read_preferences
-from grpo.tracking import Tracker, due
+from grpo.tracking import Silent, Tracker, due
 
 
 @dataclass
@@ -81,6 +83,7 @@ class DPOConfig:
     optim: C.Optim = C.group(C.Optim)
     logger: C.Logger = C.group(C.Logger)
     verifier: C.Verifier = C.group(C.Verifier)
+    parallel: C.Parallel = C.group(C.Parallel)
 
 
 @dataclass
@@ -141,7 +144,7 @@ def reference_cache(ref, pairs: list[Pair], pad_id: int, device, run_dir: Path, 
             s, _ = sequence_logps(ref, chunk, pad_id, device)
             out.append(torch.stack([s[:len(chunk)], s[len(chunk):]], dim=1).cpu())  # [n, 2]
     cache = torch.cat(out)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # under torchrun every rank writes the same values
     torch.save(cache, tmp)
     tmp.replace(path)
     return cache
@@ -151,29 +154,34 @@ def run_dpo(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     cfg = C.parse(DPOConfig, raw)
     t, m, o, d, opts = cfg.trainer, cfg.model, cfg.optim, cfg.data, cfg.dpo
     run_dir = Path(run_dir)
-    ckpt = checkpoint.begin(run_dir, t.resume, t.seed)
+    pc = cfg.parallel
+    par = Parallel(pc.strategy, pick_device(m.device), pc.mixed_precision)
+    if t.batch_size < par.world:
+        raise C.ConfigError(f"trainer.batch_size={t.batch_size} is fewer than the {par.world} processes")
+    ckpt = checkpoint.begin(run_dir, t.resume, t.seed, par)
     if not cfg.task.get("verifiers"):
         raise C.ConfigError("task.verifiers is not set: evaluation needs them (the true score of the policy)")
     if opts.loss == "ipo" and opts.label_smoothing > 0:
         raise C.ConfigError("dpo.label_smoothing applies to the sigmoid and robust losses, not to ipo: set it to 0")
     task = build_task(cfg.task, seed=t.seed)
     eval_set = task.eval_samples()[: t.eval_size]
-    if not eval_set:
-        raise TaskError("the task holds out no samples for evaluation")
+    if len(eval_set) < par.world:
+        raise TaskError("the task holds out no samples for evaluation" if not eval_set else
+                        f"the task holds out {len(eval_set)} samples for evaluation: fewer than the {par.world} processes")
     tok = load_tokenizer(m.path)
     kind, records = read_preferences(resolve_data(d.path), d.split, d.config)
     if kind == "scores":
         raise TaskError(f"{d.path}: holds scores rows; DPO needs pairs or rankings")
     pairs = encode_pairs(tok, records, d.system_prompt)
-    device = pick_device(m.device)
-    policy = load_model(str(ckpt / "model") if ckpt else m.path, m.dtype, m.gradient_checkpointing, device)
+    device = par.device
+    policy = load_model(checkpoint.model_source(ckpt, m.path), m.dtype, m.gradient_checkpointing, device)
     disable_dropout(policy)
     policy.train()
-    ref = load_model(m.path, m.dtype, device=device).eval().requires_grad_(False)
+    ref = load_model(m.path, m.dtype, device="cpu" if pc.ref_on_cpu else device).eval().requires_grad_(False)
     limit = d.max_length or getattr(policy.config, "max_position_embeddings", None)
     if limit:
         kept = [p for p in pairs if len(p.prompt) + max(len(p.chosen), len(p.rejected)) <= limit]
-        if len(kept) < len(pairs):
+        if len(kept) < len(pairs) and par.main:
             print(f"grpo dpo: {len(pairs) - len(kept)} of {len(pairs)} pairs are longer than {limit} tokens "
                   "and were dropped (data.max_length)")
         pairs = kept
@@ -181,15 +189,20 @@ def run_dpo(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
         raise TaskError(f"{d.path}: no training pairs")
     pad = tok.pad_token_id
     rows = t.micro_batch_size or t.batch_size  # pairs per forward, as in training
-    ref_cache = reference_cache(ref, pairs, pad, device, run_dir, rows) if opts.precompute_ref else None
+    ref_cache = (reference_cache(ref, pairs, pad, ref.device, run_dir, rows).to(device)
+                 if opts.precompute_ref else None)
+    # Every pass goes through the wrappers, where DDP and FSDP2 hook in (grpo/distributed.py).
+    fwd = par.wrap(policy)
+    ref = OnDevice(ref, "cpu", device) if pc.ref_on_cpu else par.wrap(ref, trainable=False)
 
     _, verifiers, _ = build_rewards(cfg.task["verifiers"], cfg.verifier.fail_fast, cfg.verifier.timeout, None, tok,
                                     device)
-    engine = build_engine(cfg.rollout, policy, tok, m.path, m.dtype, m.device, lambda: eval_set, t.system_prompt)
-    opt = build_optimizer(policy.parameters(), o.lr, o.betas, o.weight_decay, o.name)
+    engine = build_engine(cfg.rollout, fwd if par.sharded else policy, tok, m.path, m.dtype, m.device,
+                          lambda: eval_set, t.system_prompt, lockstep=Lockstep(par, pad) if par.sharded else None)
+    opt = build_optimizer(fwd.parameters(), o.lr, o.betas, o.weight_decay, o.name)
     sched = build_scheduler(opt, o.schedule, o.warmup_steps, t.max_steps, o.min_lr_rate)
-    step = checkpoint.restore(ckpt, {"optimizer": opt, "scheduler": sched})["step"] if ckpt else 0
-    tracker = Tracker(cfg.logger, run_dir, raw, step if ckpt else None, t.max_steps, "dpo")
+    step = checkpoint.restore_run(ckpt, par, policy, opt, {"scheduler": sched}, t.seed)["step"] if ckpt else 0
+    tracker = Tracker(cfg.logger, run_dir, raw, step if ckpt else None, t.max_steps, "dpo") if par.main else Silent()
     sampling, greedy = sampling_params(cfg.rollout), sampling_params(cfg.rollout, greedy=True)
     eval_prompts = encode_prompts(tok, eval_set, t.system_prompt)
 
@@ -197,7 +210,7 @@ def run_dpo(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
         policy.eval()
         metrics, table = policy_eval(engine, eval_prompts, eval_set, sampling, greedy, verifiers,
                                      seed=t.seed + 1_000_003 * (step + 1), log_samples=t.log_samples,
-                                     kl_models=(policy, ref), pad_id=pad, kl_batch_size=2 * rows)
+                                     kl_models=(fwd, ref), pad_id=pad, kl_batch_size=2 * rows, par=par)
         policy.train()
         tracker.log(metrics, step)
         tracker.log_samples(table, step)
@@ -205,38 +218,48 @@ def run_dpo(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
 
     first, last = tracker.past_evals("eval/reward/mean") if ckpt else (run_eval(),) * 2
     t0 = time.time()
+    W = par.world
     try:
         while step < t.max_steps:
             rng = random.Random(f"{t.seed}:{step}")  # step s draws the same pairs after a resume
             idx = [rng.randrange(len(pairs)) for _ in range(t.batch_size)]
+            mine = idx[slice(*shard(len(idx), par.rank, W))]  # this rank's share of the batch
             mb = t.micro_batch_size or len(idx)
             loss_v, metrics = 0.0, {}
             n_chosen_tok = sum(len(pairs[j].chosen) for j in idx)  # the NLL's global token count
-            for i in range(0, len(idx), mb):
-                part = [pairs[j] for j in idx[i:i + mb]]
+            # (slice, weight) per micro-batch, as many on every rank; padding ones have weight 0.
+            mbs = par.pad_micro_batches([slice(i, i + mb) for i in range(0, len(mine), mb)])
+            for k, (sl, keep) in enumerate(mbs):
+                part = [pairs[j] for j in mine[sl]]
                 n = len(part)
-                sums, (tok_logp, mask) = sequence_logps(policy, part, pad, device)  # [2n]
-                if ref_cache is not None:
-                    rc = ref_cache[idx[i:i + mb]].to(device)  # [n, 2]
-                    ref_c, ref_r = rc[:, 0], rc[:, 1]
-                else:
-                    with torch.no_grad():
-                        ref_sums, _ = sequence_logps(ref, part, pad, device)
-                    ref_c, ref_r = ref_sums[:n], ref_sums[n:]
-                lens = mask.sum(1).float()  # [2n]
-                loss, m_part = dpo_loss(sums[:n], sums[n:], ref_c, ref_r, opts.beta, opts.loss, opts.label_smoothing,
-                                        lens[:n], lens[n:])
-                w = n / len(idx)  # dpo_loss is a mean over pairs: weighted, micro-batches add up to the batch's
-                total = loss * w
-                if opts.nll_coef:  # a token mean over the whole batch's chosen tokens, like aggregate's
-                    nll = -(tok_logp[:n] * mask[:n]).sum() / n_chosen_tok
-                    total = total + opts.nll_coef * nll
-                    metrics["loss/nll"] = metrics.get("loss/nll", 0.0) + float(nll.detach())
-                total.backward()
+                with par.grad_sync(fwd, sync=k == len(mbs) - 1):
+                    sums, (tok_logp, mask) = sequence_logps(fwd, part, pad, device)  # [2n]
+                    if ref_cache is not None:
+                        rc = ref_cache[mine[sl]]  # [n, 2]
+                        ref_c, ref_r = rc[:, 0], rc[:, 1]
+                    else:
+                        with torch.no_grad():
+                            ref_sums, _ = sequence_logps(ref, part, pad, device)
+                        ref_c, ref_r = ref_sums[:n], ref_sums[n:]
+                    lens = mask.sum(1).float()  # [2n]
+                    loss, m_part = dpo_loss(sums[:n], sums[n:], ref_c, ref_r, opts.beta, opts.loss,
+                                            opts.label_smoothing, lens[:n], lens[n:])
+                    # dpo_loss is a mean over pairs: weighted by the batch's share, the micro-batches
+                    # of all ranks add up to the batch's loss
+                    w = keep * n / len(idx)
+                    total = loss * w
+                    if opts.nll_coef:  # a token mean over the whole batch's chosen tokens, like aggregate's
+                        nll = -(tok_logp[:n] * mask[:n]).sum() / n_chosen_tok * keep
+                        total = total + opts.nll_coef * nll
+                        metrics["loss/nll"] = metrics.get("loss/nll", 0.0) + float(nll.detach())
+                    (total * W).backward()  # DDP and FSDP2 average over the W ranks
                 loss_v += total.item()
-                metrics.update({k: metrics.get(k, 0.0) + v * w for k, v in m_part.items()})
-            gn, lr = optimizer_step(policy, opt, sched, o.max_grad_norm)
-            engine.update_weights(policy.named_parameters())
+                metrics.update({key: metrics.get(key, 0.0) + v * w for key, v in m_part.items()})
+            gn, lr = optimizer_step(fwd, opt, sched, o.max_grad_norm)
+            push_weights(engine, policy)
+            keys = sorted(metrics)
+            loss_v, *sums = par.sum([loss_v] + [metrics[key] for key in keys])
+            metrics = dict(zip(keys, sums))
             step += 1
             if step == 1 or due(step, t.log_every, t.max_steps):
                 tracker.log({"loss": loss_v, **metrics, "grad_norm": gn, "lr": lr,
@@ -249,17 +272,15 @@ def run_dpo(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
                 post["eval"] = f"{last['eval/reward/mean']:.3f}"
             tracker.advance(post)
             if due(step, t.save_every, t.max_steps):
-                checkpoint.save(run_dir, step, {"model": policy}, tok, {"optimizer": opt, "scheduler": sched},
-                                keep=t.keep_checkpoints)
+                checkpoint.save_run(run_dir, step, par, policy, opt, tok, {"scheduler": sched}, keep=t.keep_checkpoints)
     finally:
         tracker.close()
         verifiers.close()
         engine.close()
-    out = run_dir / "model"
-    policy.save_pretrained(out)
-    tok.save_pretrained(out)
+    out = checkpoint.save_final(par, policy, tok, run_dir / "model")
     lines = ["", f"done after {step} steps", f"model:   {out}", f"metrics: {run_dir / 'metrics.jsonl'}"]
     if first and last:
         lines.append(f"eval reward: {first['eval/reward/mean']:.3f} -> {last['eval/reward/mean']:.3f}")
-    print("\n".join(lines))
+    if par.main:
+        print("\n".join(lines))
     return {"run_dir": str(run_dir), "model": str(out), "steps": step, "first_eval": first, "last_eval": last}

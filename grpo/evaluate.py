@@ -142,7 +142,7 @@ def sequence_kl(policy, ref, ro: Rollout, pad_id: int, temperature: float = 1.0,
 
 def policy_eval(engine, prompt_ids: list[list[int]], samples: list[Any], sampling: SamplingParams,
                 greedy: SamplingParams, verifiers, rm=None, seed: int = 0, log_samples: int = 0,
-                kl_models: tuple | None = None, pad_id: int | None = None, kl_batch_size: int = 256
+                kl_models: tuple | None = None, pad_id: int | None = None, kl_batch_size: int = 256, par=None
                 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """A trainer's periodic evaluation: one sampled completion per held-out prompt scored by the
     task's verifiers (the true score; a trainer whose task has none passes its training reward),
@@ -150,7 +150,19 @@ def policy_eval(engine, prompt_ids: list[list[int]], samples: list[Any], samplin
     down is over-optimisation), and with kl_models = (policy, reference) eval/kl, the sampled
     completions' KL from the reference per sequence (sequence_kl), the x axis of `grpo compare`;
     only for plain sampling (temperature > 0, no top-p / top-k truncation), where the samples come
-    from the distribution that is scored."""
+    from the distribution that is scored.
+
+    Under torchrun (`par`, a grpo.distributed.Parallel) each rank scores its share of the prompts
+    and the metrics are weighted by the shares; the table holds rank 0's samples."""
+    if par is not None and par.world > 1:
+        from grpo.distributed import shard
+
+        lo, hi = shard(len(samples), par.rank, par.world)
+        if par.sharded:  # the KL forwards are collectives: one batch per rank keeps their counts equal
+            kl_batch_size = len(samples)
+        metrics, table = policy_eval(engine, prompt_ids[lo:hi], samples[lo:hi], sampling, greedy, verifiers, rm, seed,
+                                     log_samples, kl_models, pad_id, kl_batch_size)
+        return par.reduce_metrics(metrics, hi - lo), table
     sampled, rs = sample_and_score(engine, prompt_ids, samples, 1, sampling, verifiers, seed)
     _, rg = sample_and_score(engine, prompt_ids, samples, 1, greedy, verifiers, seed)
     P = len(samples)

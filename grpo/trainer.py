@@ -39,11 +39,10 @@ from grpo.distributed import Lockstep, OnDevice, Parallel, full_tensor, shard
 from grpo.evaluate import policy_eval
 from grpo.losses import policy_loss
 from grpo.modeling import (AdaptersOff, apply_lora, disable_dropout, is_lora, load_model, load_tokenizer,
-                           merged_parameters, pick_device, plain_copy)
+                           pick_device, plain_copy)
 from grpo.optim import build_optimizer, build_scheduler
 from grpo.rewards import RewardInputs, build_rewards
-from grpo.rollout import build_engine, encode_prompts, sampling_params, task_prompts
-from grpo.rollout.hf import HFEngine
+from grpo.rollout import build_engine, encode_prompts, push_weights, sampling_params, task_prompts
 from grpo.tasks.base import TaskError, build_task
 from grpo.tracking import Silent, Tracker, due
 
@@ -85,8 +84,6 @@ class Trainer:
         W = par.world
         if W > 1 and self.B < W:
             raise ConfigError(f"trainer.prompts_per_step={self.B} is fewer than the {W} processes: each needs a prompt")
-        if W > 1 and r.engine == "vllm":
-            raise ConfigError("rollout=vllm under torchrun is not supported yet: use rollout=hf (README: Scaling out)")
         if m.lora.r and par.sharded:
             raise ConfigError("model.lora with parallel=fsdp2 is not supported yet: use parallel=ddp")
         # Every rank reads the same prompt order (the task's seed) and samples its own stream.
@@ -262,7 +259,7 @@ class Trainer:
             self.opt.step()
             self.sched.step()
             clock["optimizer"] += time.time() - to
-        self.push_weights()
+        push_weights(self.engine, self.policy)
 
         # The engine's log-probs against the trainer's for the same tokens, before the update.
         gap = (eng - first_logp).abs() * mask  # [n, T]
@@ -283,31 +280,15 @@ class Trainer:
             "time/ref_forward": t_ref - t2, **{f"time/{k}": v for k, v in clock.items()},
         }
 
-    def push_weights(self) -> None:
-        """The updated weights to the engine: whole tensors (gathered from the shards under fsdp2),
-        with LoRA adapters merged in. The hf engine runs the trainer's own module: nothing to send."""
-        if isinstance(self.engine, HFEngine):
-            return
-        with torch.no_grad():
-            self.engine.update_weights((name, full_tensor(p.detach())) for name, p in merged_parameters(self.policy))
-
     # ---- evaluation, checkpoints ------------------------------------------------------------
     def run_eval(self) -> dict[str, float]:
-        """The periodic evaluation; each rank scores its share of the held-out prompts and the
-        metrics are weighted by those shares."""
         t0 = time.time()
-        par = self.par
-        lo, hi = shard(len(self.eval_set), par.rank, par.world)
-        part = self.eval_set[lo:hi]
-        # Under fsdp2 the KL forwards are collectives: one batch per rank keeps their counts equal.
-        kl_batch = len(self.eval_set) if par.sharded else (self.t.micro_batch_size or 256)
         metrics, table = policy_eval(
-            self.engine, self.encode_prompts(part), part, self.sampling,
+            self.engine, self.encode_prompts(self.eval_set), self.eval_set, self.sampling,
             sampling_params(self.cfg.rollout, greedy=True), self.verifiers or self.rewards, self.rm,
             seed=self.t.seed + 1_000_003 * (self.step + 1), log_samples=self.t.log_samples,
             kl_models=(self.fwd, self.ref) if self.ref is not None else None, pad_id=self.tok.pad_token_id,
-            kl_batch_size=kl_batch)
-        metrics = par.reduce_metrics(metrics, len(part))
+            kl_batch_size=self.t.micro_batch_size or 256, par=self.par)
         metrics["time/eval"] = time.time() - t0
         self.tracker.log(metrics, self.step)
         self.tracker.log_samples(table, self.step)

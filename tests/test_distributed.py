@@ -193,3 +193,28 @@ def test_sft_step_on_two_and_three_processes_equals_one(model2, sft_rows, tmp_pa
     for world in (2, 3):
         gap = max(float((weights[world][k] - weights[1][k]).abs().max()) for k in init)
         assert gap < 1e-6, (world, gap)
+
+
+def test_dpo_step_on_two_and_three_processes_equals_one(model2, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    # Pairs of different lengths; one SGD step on 5 pairs in micro-batches of 2: on two ranks 3 + 2
+    # pairs (2 and 1 micro-batches), on three 2 + 2 + 1. The NLL term's token mean is global too.
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"q{i}?" + " why" * (i % 3), "chosen": "yes" + " indeed" * (i % 4),
+                                        "rejected": "no" + " never" * (i % 2)}) + "\n" for i in range(12)))
+    args = [f"model.path={model2}", f"data.path={data}", "task=arithmetic",
+            "task.verifiers=[{_target_: tests.toy_verifiers.DigitFraction}]", "task.eval_size=6",
+            "trainer.eval_size=6", "rollout.max_new_tokens=4", "trainer.max_steps=1", "trainer.batch_size=5",
+            "trainer.micro_batch_size=2", "trainer.eval_every=0", "dpo.nll_coef=0.5", "optim.name=sgd",
+            "optim.lr=0.5", "optim.warmup_steps=0", "optim.max_grad_norm=1e9"]
+    weights = {}
+    for world, extra in ((1, []), (2, ["parallel=ddp", "dpo.precompute_ref=true"]), (3, ["parallel=fsdp2"])):
+        run = tmp_path / f"w{world}"
+        torchrun(world, "-m", "grpo", "dpo", *args, *extra, f"hydra.run.dir={run}")
+        weights[world] = AutoModelForCausalLM.from_pretrained(run / "model").state_dict()
+    init = AutoModelForCausalLM.from_pretrained(model2).state_dict()
+    assert max(float((weights[1][k] - init[k]).abs().max()) for k in init) > 1e-3
+    for world in (2, 3):
+        gap = max(float((weights[world][k] - weights[1][k]).abs().max()) for k in init)
+        assert gap < 1e-6, (world, gap)

@@ -23,6 +23,10 @@ def build_engine(rollout, model, tokenizer, path: str, dtype: str = "float32", d
 
         return HFEngine(model, tokenizer, batch_size=rollout.batch_size, lockstep=lockstep)
     if rollout.engine == "vllm":
+        from grpo import distributed
+
+        if distributed.world() > 1:
+            raise ConfigError("rollout=vllm under torchrun is not supported yet: use rollout=hf (README: Scaling out)")
         try:
             from grpo.rollout.vllm import VLLMEngine  # the only place vllm is imported
         except ImportError as e:  # its message says how to install vLLM
@@ -45,6 +49,21 @@ def build_engine(rollout, model, tokenizer, path: str, dtype: str = "float32", d
             raise ConfigError(f"rollout=vllm: the engine did not start with rollout.max_model_len={length} (the "
                               f"reason is in vLLM's log above): lower rollout.max_model_len or raise {budget}") from e
     raise ConfigError(f"rollout.engine={rollout.engine!r}: use hf or vllm")
+
+
+def push_weights(engine, model) -> None:
+    """The trainer's updated weights to the engine: whole tensors (gathered from the shards under
+    fsdp2), with LoRA adapters merged in. The hf engine runs the trainer's own module: nothing to send."""
+    import torch
+
+    from grpo.distributed import full_tensor
+    from grpo.modeling import merged_parameters
+    from grpo.rollout.hf import HFEngine
+
+    if isinstance(engine, HFEngine):
+        return
+    with torch.no_grad():
+        engine.update_weights((name, full_tensor(p.detach())) for name, p in merged_parameters(model))
 
 
 def _cuda() -> bool:
