@@ -134,7 +134,8 @@ def save_sharded(run_dir: Path, step: int, par, model, optimizer, tokenizer, sta
             config_dir = tmp / "config"
             base = model.get_base_model() if hasattr(model, "get_base_model") else model
             base.config.save_pretrained(config_dir)
-            base.generation_config.save_pretrained(config_dir)
+            if getattr(base, "generation_config", None) is not None:  # a reward model has none
+                base.generation_config.save_pretrained(config_dir)
             if hasattr(model, "peft_config"):
                 model.peft_config["default"].save_pretrained(config_dir)
             tokenizer.save_pretrained(config_dir)

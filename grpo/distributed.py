@@ -91,6 +91,13 @@ class Forward(torch.nn.Module):
         return self.model(*args, **kwargs) if fn is None else fn(self.model, *args, **kwargs)
 
 
+def call(model: torch.nn.Module, fn, *args, **kwargs):
+    """fn(model, *args, **kwargs), through the Forward wrapper (bare, DDP or FSDP2) where `model` is one."""
+    if isinstance(model, Forward) or isinstance(getattr(model, "module", None), Forward):
+        return model(*args, fn=fn, **kwargs)
+    return fn(model, *args, **kwargs)
+
+
 class OnDevice(torch.nn.Module):
     """A frozen model kept whole on `home` (the CPU) and called like a Forward wrapper from `device`:
     the inputs go over, the outputs come back."""

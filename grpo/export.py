@@ -28,9 +28,17 @@ def checkpoint_dir(path: str) -> Path:
     return p
 
 
+def auto_class(config):
+    """A reward model (grpo rm) has a sequence-classification head; a policy is a causal LM."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    scorer = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
+    return AutoModelForSequenceClassification if scorer else AutoModelForCausalLM
+
+
 def load_checkpoint_model(ckpt: Path):
     """(model, tokenizer) of a checkpoint, on the CPU: a peft model when it holds LoRA adapters."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     if checkpoint.is_sharded(ckpt):
         import torch.distributed.checkpoint as dcp
@@ -38,7 +46,7 @@ def load_checkpoint_model(ckpt: Path):
 
         src = ckpt / "config"
         config = AutoConfig.from_pretrained(src)
-        model = AutoModelForCausalLM.from_config(config, dtype=config.dtype)
+        model = auto_class(config).from_config(config, dtype=config.dtype)
         if (src / "adapter_config.json").exists():
             from peft import LoraConfig, get_peft_model
 
@@ -55,7 +63,7 @@ def load_checkpoint_model(ckpt: Path):
 
         base = json.loads((src / "adapter_config.json").read_text())["base_model_name_or_path"]
         return PeftModel.from_pretrained(load_model(base), str(src)), AutoTokenizer.from_pretrained(src)
-    return AutoModelForCausalLM.from_pretrained(src), AutoTokenizer.from_pretrained(src)
+    return auto_class(AutoConfig.from_pretrained(src)).from_pretrained(src), AutoTokenizer.from_pretrained(src)
 
 
 def export(ckpt: str, out: str) -> Path:

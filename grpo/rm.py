@@ -34,13 +34,14 @@ log = logging.getLogger(__name__)
 
 from grpo import checkpoint  # noqa: E402
 from grpo import config as C
+from grpo.distributed import Parallel, call, shard
 from grpo.modeling import load_tokenizer, pick_device
 from grpo.optim import build_optimizer, build_scheduler, optimizer_step
 from grpo.preference import pairwise_loss, pointwise_loss, ranking_loss
-from grpo.reward_model import batch_sequences, fit_normalizer, init_reward_model, raw_scores, save_reward_model
+from grpo.reward_model import batch_sequences, fit_normalizer, init_reward_model, raw_scores
 from grpo.tasks.base import TaskError, render_prompt
 from grpo.tasks.preference import ranking_pairs, read_preferences
-from grpo.tracking import Tracker, due
+from grpo.tracking import Silent, Tracker, due
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 BUILTIN_DATA = {"embedded-prefs": DATA_DIR / "prefs_train.jsonl", "embedded-prefs-eval": DATA_DIR / "prefs_eval.jsonl"}
@@ -76,6 +77,7 @@ class RMConfig:
     trainer: C.RMTrainer = C.group(C.RMTrainer)
     optim: C.Optim = C.group(C.Optim)
     logger: C.Logger = C.group(C.Logger)
+    parallel: C.Parallel = C.group(C.Parallel)
 
 
 def resolve_data(path: str) -> str:
@@ -119,7 +121,7 @@ def eval_pairs(tok, kind: str, records: list, system_prompt: str | None) -> list
 
 def scores_of(model, seqs: list[list[int]], pad_id: int, device) -> torch.Tensor:
     ids, attn = batch_sequences(seqs, pad_id)
-    return raw_scores(model, ids.to(device), attn.to(device))  # [len(seqs)]
+    return call(model, raw_scores, ids.to(device), attn.to(device))  # [len(seqs)]
 
 
 def batch_loss(model, batch: list[Encoded], kind: str, pad_id: int, device, center_coef: float):
@@ -145,22 +147,31 @@ def batch_loss(model, batch: list[Encoded], kind: str, pad_id: int, device, cent
 
 
 def backward(model, batch: list[Encoded], micro_batch_size: int, kind: str, pad_id: int, device,
-             center_coef: float) -> tuple[float, dict[str, float]]:
+             center_coef: float, par: Parallel | None = None) -> tuple[float, dict[str, float]]:
     """Gradients of the batch's loss, accumulated over micro-batches of whole prompts.
 
     Every loss here is a mean over prompts (rankings, pairs) or rows (scores), one element per
     prompt, so weighting each micro-batch by its share of the prompts makes the sum the whole
-    batch's loss. Returns the loss and the metrics, weighted the same way."""
-    mb = micro_batch_size or len(batch)
+    batch's loss. Under torchrun (`par`) each rank takes its share of the batch's prompts, and its
+    sum is multiplied by W: DDP and FSDP2 average the ranks' gradients. Returns the loss and the
+    metrics, weighted the same way, over the whole batch."""
+    par = par or Parallel("ddp")
+    W = par.world
+    mine = batch[slice(*shard(len(batch), par.rank, W))]
+    mb = micro_batch_size or len(mine)
+    mbs = par.pad_micro_batches([slice(i, i + mb) for i in range(0, len(mine), mb)])
     loss_v, metrics = 0.0, {}
-    for i in range(0, len(batch), mb):
-        part = batch[i:i + mb]
-        loss, m_part = batch_loss(model, part, kind, pad_id, device, center_coef)
-        w = len(part) / len(batch)
-        (loss * w).backward()
+    for k, (sl, keep) in enumerate(mbs):
+        part = mine[sl]
+        with par.grad_sync(model, sync=k == len(mbs) - 1):
+            loss, m_part = batch_loss(model, part, kind, pad_id, device, center_coef)
+            w = keep * len(part) / len(batch)
+            (loss * w * W).backward()
         loss_v += loss.item() * w
-        metrics = {k: metrics.get(k, 0.0) + v * w for k, v in m_part.items()}
-    return loss_v, metrics
+        metrics = {key: metrics.get(key, 0.0) + v * w for key, v in m_part.items()}
+    keys = sorted(metrics)
+    loss_v, *sums = par.sum([loss_v] + [metrics[key] for key in keys])
+    return loss_v, dict(zip(keys, sums))
 
 
 @torch.no_grad()
@@ -204,7 +215,10 @@ def run_rm(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     cfg = C.parse(RMConfig, raw)
     t, m, o, d = cfg.trainer, cfg.model, cfg.optim, cfg.data
     run_dir = Path(run_dir)
-    ckpt = checkpoint.begin(run_dir, t.resume, t.seed)
+    par = Parallel(cfg.parallel.strategy, pick_device(m.device), cfg.parallel.mixed_precision)
+    if t.batch_size < par.world:
+        raise C.ConfigError(f"trainer.batch_size={t.batch_size} is fewer than the {par.world} processes")
+    ckpt = checkpoint.begin(run_dir, t.resume, t.seed, par)
     tok = load_tokenizer(m.path)
     kind, records = read_preferences(resolve_data(d.path), d.split, d.config)
     eval_path = d.eval_path or ("embedded-prefs-eval" if d.path == "embedded-prefs" else None)
@@ -215,8 +229,8 @@ def run_rm(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     else:
         records, held = split_held_out(records, d.eval_fraction, t.seed)
 
-    device = pick_device(m.device)
-    model = init_reward_model(str(ckpt / "model") if ckpt else m.path, m.dtype, device, tok.pad_token_id)
+    device = par.device
+    model = init_reward_model(checkpoint.model_source(ckpt, m.path), m.dtype, device, tok.pad_token_id)
     limit = d.max_length or getattr(model.config, "max_position_embeddings", None)
     train = drop_long(encode(tok, kind, records, d.system_prompt), limit, "training")
     held_out = drop_long(eval_pairs(tok, kind, held, d.system_prompt), limit, "held-out") if held else []
@@ -225,14 +239,17 @@ def run_rm(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     if m.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.train()
-    opt = build_optimizer(model.parameters(), o.lr, o.betas, o.weight_decay, o.name)
+    # Every pass goes through the wrapper, where DDP and FSDP2 hook in (grpo/distributed.py); every
+    # rank evaluates the whole held-out set (the same forwards on each: no collective is left unpaired).
+    fwd = par.wrap(model)
+    opt = build_optimizer(fwd.parameters(), o.lr, o.betas, o.weight_decay, o.name)
     sched = build_scheduler(opt, o.schedule, o.warmup_steps, t.max_steps, o.min_lr_rate)
-    step = checkpoint.restore(ckpt, {"optimizer": opt, "scheduler": sched})["step"] if ckpt else 0
-    tracker = Tracker(cfg.logger, run_dir, raw, step if ckpt else None, t.max_steps, "rm")
+    step = checkpoint.restore_run(ckpt, par, model, opt, {"scheduler": sched}, t.seed)["step"] if ckpt else 0
+    tracker = Tracker(cfg.logger, run_dir, raw, step if ckpt else None, t.max_steps, "rm") if par.main else Silent()
     pad = tok.pad_token_id
 
     def run_eval() -> dict[str, float]:
-        metrics = evaluate(model, held_out, kind, pad, device, cfg.rm.eval_batch_size) if held_out else {}
+        metrics = evaluate(fwd, held_out, kind, pad, device, cfg.rm.eval_batch_size) if held_out else {}
         if metrics:
             tracker.log(metrics, step)
         return metrics
@@ -243,8 +260,8 @@ def run_rm(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
         while step < t.max_steps:
             rng = random.Random(f"{t.seed}:{step}")  # step s draws the same prompts after a resume
             batch = [train[rng.randrange(len(train))] for _ in range(t.batch_size)]
-            loss_v, metrics = backward(model, batch, t.micro_batch_size, kind, pad, device, cfg.rm.center_coef)
-            gn, lr = optimizer_step(model, opt, sched, o.max_grad_norm)
+            loss_v, metrics = backward(fwd, batch, t.micro_batch_size, kind, pad, device, cfg.rm.center_coef, par)
+            gn, lr = optimizer_step(fwd, opt, sched, o.max_grad_norm)
             step += 1
             if due(step, t.log_every, t.max_steps):
                 tracker.log({"loss": loss_v, **{f"train/{k}": v for k, v in metrics.items()},
@@ -257,8 +274,7 @@ def run_rm(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
                 post["acc"] = f"{last['eval/accuracy']:.3f}"
             tracker.advance(post)
             if due(step, t.save_every, t.max_steps):
-                checkpoint.save(run_dir, step, {"model": model}, tok, {"optimizer": opt, "scheduler": sched},
-                                keep=t.keep_checkpoints)
+                checkpoint.save_run(run_dir, step, par, model, opt, tok, {"scheduler": sched}, keep=t.keep_checkpoints)
         norm = {}
         if cfg.rm.normalize and kind != "scores":  # pointwise targets already fix the scale and offset
             # Reference completions: the training responses, i.e. samples of the policy the data came from.
@@ -267,7 +283,7 @@ def run_rm(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
             bs = cfg.rm.eval_batch_size
             with torch.no_grad():
                 model.eval()
-                raw_s = torch.cat([scores_of(model, refs[i:i + bs], pad, device) for i in range(0, len(refs), bs)])
+                raw_s = torch.cat([scores_of(fwd, refs[i:i + bs], pad, device) for i in range(0, len(refs), bs)])
             try:
                 norm = fit_normalizer(model, raw_s.cpu(), with_scale=cfg.rm.normalize_scale)
             except ValueError as e:
@@ -275,11 +291,12 @@ def run_rm(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
             tracker.log({f"rm/{k}": v for k, v in norm.items()}, step)
     finally:
         tracker.close()
-    out = save_reward_model(model, tok, run_dir / "model")
+    out = checkpoint.save_final(par, model, tok, run_dir / "model")  # its config carries the normaliser
     summary = {"run_dir": str(run_dir), "model": str(out), "steps": step, "first_eval": first, "last_eval": last,
                "normalizer": norm}
     lines = ["", f"done after {step} steps", f"reward model: {out}", f"metrics:      {run_dir / 'metrics.jsonl'}"]
     if first and last and "eval/accuracy" in last:
         lines.append(f"held-out pairwise accuracy: {first['eval/accuracy']:.3f} -> {last['eval/accuracy']:.3f}")
-    print("\n".join(lines))
+    if par.main:
+        print("\n".join(lines))
     return summary

@@ -193,6 +193,11 @@ def test_sft_step_on_two_and_three_processes_equals_one(model2, sft_rows, tmp_pa
     for world in (2, 3):
         gap = max(float((weights[world][k] - weights[1][k]).abs().max()) for k in init)
         assert gap < 1e-6, (world, gap)
+    # The sharded checkpoint of the 3-process run exports as a reward model equal to its final model.
+    p = run_grpo("export", str(tmp_path / "w3"), str(tmp_path / "exported"))
+    assert p.returncode == 0, p.stderr
+    exported = AutoModelForSequenceClassification.from_pretrained(tmp_path / "exported").state_dict()
+    assert all(torch.equal(exported[k], weights[3][k]) for k in weights[3])
 
 
 def test_dpo_step_on_two_and_three_processes_equals_one(model2, tmp_path):
@@ -215,6 +220,37 @@ def test_dpo_step_on_two_and_three_processes_equals_one(model2, tmp_path):
         weights[world] = AutoModelForCausalLM.from_pretrained(run / "model").state_dict()
     init = AutoModelForCausalLM.from_pretrained(model2).state_dict()
     assert max(float((weights[1][k] - init[k]).abs().max()) for k in init) > 1e-3
+    for world in (2, 3):
+        gap = max(float((weights[world][k] - weights[1][k]).abs().max()) for k in init)
+        assert gap < 1e-6, (world, gap)
+
+
+def test_rm_step_on_two_and_three_processes_equals_one(model2, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    # Rankings of K = 2, 3 and 4 responses of different lengths; one SGD step on 5 prompts in
+    # micro-batches of 2 (3 + 2 prompts on two ranks, 2 + 2 + 1 on three).
+    def write(path, rows):
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return path
+
+    answers = ["yes", "yes indeed", "maybe so", "no", "never ever"]
+    train = write(tmp_path / "train.jsonl", [{"prompt": f"q{i}?", "responses": answers[:2 + i % 3]} for i in range(12)])
+    held = write(tmp_path / "eval.jsonl", [{"prompt": f"other {i}", "chosen": "yes", "rejected": "no"} for i in range(3)])
+    args = [f"model.path={model2}", f"data.path={train}", f"data.eval_path={held}", "trainer.max_steps=1",
+            "trainer.batch_size=5", "trainer.micro_batch_size=2", "optim.name=sgd", "optim.lr=0.5",
+            "optim.warmup_steps=0", "optim.max_grad_norm=1e9", "rm.normalize=false"]
+    weights = {}
+    for world, strategy in ((1, "ddp"), (2, "ddp"), (3, "fsdp2")):
+        run = tmp_path / f"w{world}"
+        torchrun(world, "-m", "grpo", "rm", *args, f"parallel={strategy}", f"hydra.run.dir={run}")
+        weights[world] = AutoModelForSequenceClassification.from_pretrained(run / "model").state_dict()
+    init = weights[1]  # a fresh head: compare moved weights against the trunk the runs started from
+    from transformers import AutoModelForCausalLM
+
+    trunk = AutoModelForCausalLM.from_pretrained(model2).state_dict()
+    moved = max(float((init[k] - trunk[k]).abs().max()) for k in init if k in trunk)
+    assert moved > 1e-3
     for world in (2, 3):
         gap = max(float((weights[world][k] - weights[1][k]).abs().max()) for k in init)
         assert gap < 1e-6, (world, gap)
