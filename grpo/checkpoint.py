@@ -21,6 +21,7 @@ is replaced with os.replace, so a crash mid-write leaves the previous checkpoint
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import random
@@ -133,7 +134,9 @@ def save_sharded(run_dir: Path, step: int, par, model, optimizer, tokenizer, sta
         if par.main:
             config_dir = tmp / "config"
             base = model.get_base_model() if hasattr(model, "get_base_model") else model
-            base.config.save_pretrained(config_dir)
+            config = copy.deepcopy(base.config)
+            config.architectures = [type(base).__name__]  # as save_pretrained records it (export builds this class)
+            config.save_pretrained(config_dir)
             if getattr(base, "generation_config", None) is not None:  # a reward model has none
                 base.generation_config.save_pretrained(config_dir)
             if hasattr(model, "peft_config"):

@@ -33,7 +33,7 @@ commands:
   sandbox run|serve ...      run a program in the sandbox, or serve the sandbox over HTTP
   export CKPT OUT            write a checkpoint (sharded, LoRA, or a run dir's newest) as one model folder
 
-Any training command runs on several processes under torchrun: torchrun --nproc_per_node K -m grpo train ...
+train, sft, rm and dpo run on several processes under torchrun: torchrun --nproc_per_node K -m grpo train ...
 """
 
 CONF_DIR = str(Path(__file__).resolve().parent / "conf") if (Path(__file__).resolve().parent / "conf").is_dir() \
@@ -132,7 +132,11 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def _ranks_agree(argv: list[str]) -> tuple[list[str], bool]:
+# The commands that split their work over the ranks of a torchrun launch; the others run on one process.
+TORCHRUN_COMMANDS = ("train", "sft", "rm", "dpo")
+
+
+def _ranks_agree(config_name: str, argv: list[str]) -> tuple[list[str], bool]:
     """Under torchrun: join the process group now, and give every rank rank 0's run dir (the default
     one is named by the clock, which the ranks read at different moments). Returns the overrides
     and whether this is rank 0."""
@@ -140,6 +144,8 @@ def _ranks_agree(argv: list[str]) -> tuple[list[str], bool]:
 
     if not distributed.launched():
         return argv, True
+    if config_name not in TORCHRUN_COMMANDS:
+        raise UserError(f"runs on one process; under torchrun: {', '.join(TORCHRUN_COMMANDS)}")
     distributed.init_process_group()
     if not any(a.startswith("hydra.run.dir=") for a in argv):
         run_dir = distributed.broadcast(time.strftime("runs/%Y-%m-%d_%H-%M-%S"))
@@ -151,11 +157,11 @@ def _hydra_job(config_name: str, fn, argv: list[str]) -> int:
     import hydra
     from omegaconf import OmegaConf
 
-    from grpo import checkpoint, logs
+    from grpo import checkpoint, distributed, logs
 
     _check_overrides(config_name, argv)
     result = {"rc": 0}
-    argv, main_rank = _ranks_agree(argv)
+    argv, main_rank = _ranks_agree(config_name, argv)
 
     @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name=config_name)
     def job(cfg) -> None:
@@ -163,6 +169,7 @@ def _hydra_job(config_name: str, fn, argv: list[str]) -> int:
 
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         fresh = not any(run_dir.iterdir())  # Hydra has just made it, or it was empty
+        distributed.barrier()  # under torchrun: every rank has looked before any writes to it
         try:
             try:
                 plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
@@ -179,12 +186,13 @@ def _hydra_job(config_name: str, fn, argv: list[str]) -> int:
             with logs.command_output(run_dir, config_name if main_rank else f"{config_name}.rank{_rank()}"):
                 fn(plain, run_dir)
         except _user_errors() as e:
-            print(f"grpo {config_name}: error: {e}", file=sys.stderr)
+            tag = "" if main_rank else f" (rank {distributed.rank()})"
+            print(f"grpo {config_name}: error{tag}: {e}", file=sys.stderr)
             result["rc"] = 2
-            if fresh and main_rank:
+            if fresh:  # each rank after its own writes: the last one leaves nothing behind
                 checkpoint.remove_if_empty_run(run_dir)
         except BaseException:
-            if fresh and main_rank:
+            if fresh:
                 checkpoint.remove_if_empty_run(run_dir)
             raise
 

@@ -63,6 +63,11 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def barrier() -> None:
+    if world() > 1:
+        dist.barrier()
+
+
 def broadcast(obj: Any) -> Any:
     """Rank 0's value of obj on every rank."""
     if world() == 1:
@@ -170,15 +175,22 @@ class Parallel:
     def _comm_device(self) -> str:
         return self.device if dist.get_backend() == "nccl" else "cpu"
 
-    def reduce_metrics(self, weighted: dict[str, float], weight: float) -> dict[str, float]:
-        """Means over ranks weighted by each rank's `weight` (its tokens, rows or samples), not means
-        of means: every rank passes its own means and weight, every rank gets the global means."""
+    def reduce_metrics(self, metrics: dict[str, float], weight: float) -> dict[str, float]:
+        """The whole batch's metrics from each rank's own over its `weight` rows (or tokens, samples):
+        means weighted by the weights (not means of means); counts (`.../errors`) summed; a `.../std`
+        beside its `.../mean` pooled from both (the std of all rows, not a mean of stds)."""
         if self.world == 1:
-            return dict(weighted)
-        keys = sorted(weighted)
-        sums = self.sum([weighted[k] * weight for k in keys] + [weight])
+            return dict(metrics)
+        keys = sorted(metrics)
+        second = {k: k[:-len("std")] + "mean" for k in keys if k.endswith("/std") and k[:-len("std")] + "mean" in metrics}
+        values = [metrics[k] if k.endswith("/errors") else metrics[k] * weight for k in keys]
+        values += [(metrics[k] ** 2 + metrics[m] ** 2) * weight for k, m in second.items()]  # E[x^2] of each rank
+        sums = self.sum(values + [weight])
         total = sums[-1] or 1.0
-        return {k: s / total for k, s in zip(keys, sums)}
+        out = {k: v if k.endswith("/errors") else v / total for k, v in zip(keys, sums)}
+        for (k, m), sq in zip(second.items(), sums[len(keys):-1]):
+            out[k] = max(sq / total - out[m] ** 2, 0.0) ** 0.5
+        return out
 
     # ---- the micro-batches of a step ----------------------------------------------------------
     def pad_micro_batches(self, slices: list[slice]) -> list[tuple[slice, float]]:

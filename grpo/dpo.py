@@ -32,7 +32,7 @@ import torch
 from grpo import checkpoint
 from grpo import config as C
 from grpo.batch import batch_logprobs, pack
-from grpo.distributed import Lockstep, OnDevice, Parallel, shard
+from grpo.distributed import OnDevice, Parallel, shard
 from grpo.evaluate import policy_eval
 from grpo.modeling import disable_dropout, load_model, load_tokenizer, pick_device
 from grpo.optim import build_optimizer, build_scheduler, optimizer_step
@@ -197,8 +197,8 @@ def run_dpo(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
 
     _, verifiers, _ = build_rewards(cfg.task["verifiers"], cfg.verifier.fail_fast, cfg.verifier.timeout, None, tok,
                                     device)
-    engine = build_engine(cfg.rollout, fwd if par.sharded else policy, tok, m.path, m.dtype, m.device,
-                          lambda: eval_set, t.system_prompt, lockstep=Lockstep(par, pad) if par.sharded else None)
+    engine = build_engine(cfg.rollout, policy, tok, m.path, m.dtype, m.device, lambda: eval_set, t.system_prompt,
+                          par, fwd)
     opt = build_optimizer(fwd.parameters(), o.lr, o.betas, o.weight_decay, o.name)
     sched = build_scheduler(opt, o.schedule, o.warmup_steps, t.max_steps, o.min_lr_rate)
     step = checkpoint.restore_run(ckpt, par, policy, opt, {"scheduler": sched}, t.seed)["step"] if ckpt else 0

@@ -54,6 +54,10 @@ def load_checkpoint_model(ckpt: Path):
         state = {"model": get_model_state_dict(model)}
         dcp.load(state, checkpoint_id=str(ckpt / "dcp"))
         set_model_state_dict(model, state["model"])
+        if (src / "generation_config.json").exists():  # the model's own (its EOS ids, ...), not a default
+            from transformers import GenerationConfig
+
+            (model.get_base_model() if is_lora(model) else model).generation_config = GenerationConfig.from_pretrained(src)
         return model, AutoTokenizer.from_pretrained(src)
     src = ckpt / "model"
     if (src / "adapter_config.json").exists():

@@ -35,7 +35,7 @@ from grpo import config as C
 from grpo.advantages import group_advantages
 from grpo.batch import batch_logprobs, engine_logprobs, group_logprobs, pack, pack_groups, supports_shared_prompt
 from grpo.config import ConfigError
-from grpo.distributed import Lockstep, OnDevice, Parallel, full_tensor, shard
+from grpo.distributed import OnDevice, Parallel, full_tensor, shard
 from grpo.evaluate import policy_eval
 from grpo.losses import policy_loss
 from grpo.modeling import (AdaptersOff, apply_lora, disable_dropout, is_lora, load_model, load_tokenizer,
@@ -111,10 +111,13 @@ class Trainer:
         lo = m.lora
         policy = load_model(checkpoint.model_source(self.ckpt if not lo.r else None, m.path), m.dtype,
                             m.gradient_checkpointing, self.device)
+        disable_dropout(policy)  # the base model's; LoRA's own dropout is model.lora.dropout
         self.policy = apply_lora(policy, lo.r, lo.alpha, lo.dropout, lo.target_modules,
                                  adapter=str(self.ckpt / "model") if whole and lo.r else None)
-        disable_dropout(self.policy)
         self.policy.train()
+        if lo.r and lo.save_merged and W > 1:
+            log.warning("model.lora.save_merged: a run on several processes writes sharded checkpoints, with no "
+                        "merged/ folder: `grpo export CKPT OUT` writes the merged model")
         # With LoRA the reference is the base model: the policy with its adapters off (no second copy).
         ref = None
         if a.beta > 0 and not lo.r:
@@ -135,10 +138,8 @@ class Trainer:
             self.ref = OnDevice(ref, "cpu", self.device) if pc.ref_on_cpu else par.wrap(ref, trainable=False)
         else:
             self.ref = None
-        # Under fsdp2 the engine runs the sharded model in lockstep; otherwise the rank's whole model.
-        self.engine = build_engine(r, self.fwd if par.sharded else self.policy, self.tok, m.path, m.dtype, m.device,
-                                   lambda: task_prompts(self.task), t.system_prompt,
-                                   lockstep=Lockstep(par, self.tok.pad_token_id) if par.sharded else None)
+        self.engine = build_engine(r, self.policy, self.tok, m.path, m.dtype, m.device, lambda: task_prompts(self.task),
+                                   t.system_prompt, par, self.fwd)
 
         o = cfg.optim
         self.opt = build_optimizer(self.fwd.parameters(), o.lr, o.betas, o.weight_decay, o.name)

@@ -55,6 +55,17 @@ def run_grpo(*args: str, timeout: int = 600):
                           cwd=ROOT, env=env)
 
 
+def torchrun(world: int, *args: str, timeout: int = 600):
+    """Run `torchrun --standalone --nproc_per_node world ARGS` (gloo on the CPU); asserts it exits 0."""
+    import subprocess
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", *args]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p
+
+
 def proc_table() -> dict[int, tuple[int, str, str, int]]:
     """pid -> (ppid, state, comm, start time) for every process on the host, from /proc (the process
     tests look for what a command left behind)."""

@@ -8,6 +8,7 @@ step:   one optimizer step of grpo train's update on a fixed global batch (the s
 save:   `grpo train` for the configured steps, then the whole model and optimizer state, the
         scheduler step, the data position and the log-probs of a fixed batch under the sharded model.
 resume: a Trainer resumed from RUN_DIR's checkpoint, no step taken; writes the same state as save.
+metrics: Parallel.reduce_metrics of two ranks' known metrics (MODEL_DIR and RUN_DIR unused).
 """
 
 from __future__ import annotations
@@ -58,6 +59,16 @@ def whole_state(tr: Trainer) -> dict:
 
 def main() -> None:
     mode, model_dir, out, run_dir, *overrides = sys.argv[1:]
+    if mode == "metrics":
+        from grpo.distributed import Parallel
+
+        par = Parallel("ddp")
+        mine = [{"a/mean": 0.0, "a/std": 1.0, "v/errors": 3.0, "x": 1.0},
+                {"a/mean": 10.0, "a/std": 1.0, "v/errors": 0.0, "x": 4.0}][par.rank]
+        got = par.reduce_metrics(mine, [8, 24][par.rank])
+        if par.main:
+            torch.save(got, out)
+        return
     raw = compose_config("train", [f"model.path={model_dir}", "logger=jsonl", "trainer.eval_size=4",
                                    "task.eval_size=4", "rollout.max_new_tokens=6", *overrides])
     tr = Trainer(C.parse(C.TrainConfig, raw), run_dir, raw)

@@ -3,15 +3,12 @@ process on the same global batch, checkpoints resume at another process count, a
 turns a sharded checkpoint into a model folder with the same log-probs."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from grpo.distributed import Parallel, shard
-from tests.conftest import ROOT, run_grpo
+from tests.conftest import ROOT, run_grpo, torchrun
 
 pytestmark = pytest.mark.slow
 
@@ -23,15 +20,10 @@ def model2(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("model2")
     init_model(out, build_tokenizer(out), hidden=64, layers=2, seed=0)
+    # a generation config of its own (a second EOS id) that an export must keep
+    gen = json.loads((out / "generation_config.json").read_text())
+    (out / "generation_config.json").write_text(json.dumps({**gen, "eos_token_id": [1, 2]}))
     return out
-
-
-def torchrun(world: int, *args, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", *args]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
-    assert p.returncode == 0, p.stderr[-3000:]
-    return p
 
 
 def worker(world, mode, model, out, run_dir, *overrides):
@@ -55,6 +47,16 @@ def test_one_process_is_a_no_op():
     assert par.wrap(model).model is model
     assert par.pad_micro_batches([slice(0, 2), slice(2, 3)]) == [(slice(0, 2), 1.0), (slice(2, 3), 1.0)]
     assert par.reduce_metrics({"a": 0.25}, 8) == {"a": 0.25}
+
+
+def test_metrics_are_reduced_over_ranks_by_their_weights(tmp_path):
+    got = worker(2, "metrics", "-", tmp_path / "m.pt", "-")
+    # rank 0: 8 rows with mean 0, std 1, 3 errors, x = 1; rank 1: 24 rows with mean 10, std 1, no errors, x = 4.
+    assert got["x"] == pytest.approx((8 * 1 + 24 * 4) / 32)  # 3.25: weighted, not (1 + 4) / 2
+    assert got["a/mean"] == pytest.approx((8 * 0 + 24 * 10) / 32)  # 7.5
+    # pooled: E[x^2] = (8 * (1 + 0) + 24 * (1 + 100)) / 32 = 76, minus 7.5^2 = 56.25 -> sqrt(19.75)
+    assert got["a/std"] == pytest.approx(19.75 ** 0.5)
+    assert got["v/errors"] == 3.0  # a count: summed
 
 
 # ---- one step on 1, 2 and 3 processes ---------------------------------------------------------
@@ -154,6 +156,8 @@ def test_export_gives_the_sharded_models_logprobs(saved, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(out)
     for k, v in model.state_dict().items():
         assert torch.equal(v, state["model"][k]), k
+    # the model's own generation config, not one made up from config.json
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == [1, 2]
     ro, _ = fixed_batch(2, 3, model.config.vocab_size - 1, seed=1)
     from grpo.modeling import load_tokenizer
 
@@ -193,11 +197,6 @@ def test_sft_step_on_two_and_three_processes_equals_one(model2, sft_rows, tmp_pa
     for world in (2, 3):
         gap = max(float((weights[world][k] - weights[1][k]).abs().max()) for k in init)
         assert gap < 1e-6, (world, gap)
-    # The sharded checkpoint of the 3-process run exports as a reward model equal to its final model.
-    p = run_grpo("export", str(tmp_path / "w3"), str(tmp_path / "exported"))
-    assert p.returncode == 0, p.stderr
-    exported = AutoModelForSequenceClassification.from_pretrained(tmp_path / "exported").state_dict()
-    assert all(torch.equal(exported[k], weights[3][k]) for k in weights[3])
 
 
 def test_dpo_step_on_two_and_three_processes_equals_one(model2, tmp_path):
@@ -254,3 +253,8 @@ def test_rm_step_on_two_and_three_processes_equals_one(model2, tmp_path):
     for world in (2, 3):
         gap = max(float((weights[world][k] - weights[1][k]).abs().max()) for k in init)
         assert gap < 1e-6, (world, gap)
+    # The sharded checkpoint of the 3-process run exports as a reward model equal to its final model.
+    p = run_grpo("export", str(tmp_path / "w3"), str(tmp_path / "exported"))
+    assert p.returncode == 0, p.stderr
+    exported = AutoModelForSequenceClassification.from_pretrained(tmp_path / "exported").state_dict()
+    assert all(torch.equal(exported[k], weights[3][k]) for k in weights[3])

@@ -63,6 +63,22 @@ def test_stops_at_eos(tiny_model_dir):
     assert ro.texts == [""] * 4 and all(ro.finished)
 
 
+def test_generation_config_eos_ids_count_however_the_model_is_wrapped(tiny_model_dir):
+    # A chat model may end its turn with a token that only its generation_config names (Llama-3's
+    # <|eot_id|>): the engine stops at it on a bare model, inside the torchrun wrapper and under LoRA.
+    from grpo.distributed import Forward
+    from grpo.modeling import apply_lora
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    model = load_model(str(tiny_model_dir))
+    extra = tok.convert_tokens_to_ids("a")
+    model.generation_config.eos_token_id = [tok.eos_token_id, extra]
+    want = [tok.eos_token_id, extra]
+    assert HFEngine(model, tok).eos_ids == want
+    assert HFEngine(Forward(model), tok).eos_ids == want
+    assert HFEngine(apply_lora(model, 2, 4.0, 0.0, ["all-linear"]), tok).eos_ids == want
+
+
 def test_model_generation_config_penalties_do_not_change_sampling(tiny_model_dir):
     # A repetition penalty in the model's generation_config would make generate() sample from a
     # distribution the trainer never computes; the engine neutralises it, so greedy decoding is

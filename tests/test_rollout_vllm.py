@@ -17,7 +17,7 @@ from grpo.modeling import load_model, load_tokenizer  # noqa: E402
 from grpo.rollout.base import SamplingParams  # noqa: E402
 from grpo.rollout.hf import HFEngine, _stop_end  # noqa: E402
 from grpo.rollout.vllm import VLLMEngine, choose_logprobs_mode  # noqa: E402
-from tests.conftest import run_grpo  # noqa: E402
+from tests.conftest import run_grpo, torchrun  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -182,3 +182,21 @@ def test_grpo_train_with_vllm_keeps_the_logprob_gap_small(tiny_model_dir, tmp_pa
     gaps = [r["rollout/logprob_abs_diff/max"] for r in steps]
     assert all(g < 1e-3 for g in gaps), gaps
     assert steps[-1]["grad_norm"] > 0
+
+
+def test_two_processes_each_push_whole_weights_to_their_own_engine(tiny_model_dir, tmp_path, monkeypatch):
+    """torchrun, parallel=fsdp2, rollout=vllm: each rank's engine gets the whole weights gathered from
+    the shards after every step (a missing or partial push would show as a gap at steps 2 and 3)."""
+    for k, v in VLLM_ENV.items():
+        monkeypatch.setenv(k, os.environ.get(k, v))
+    torchrun(2, "-m", "grpo", "train", "rollout=vllm", "parallel=fsdp2", f"model.path={tiny_model_dir}",
+             "model.device=cpu", "logger=jsonl", f"hydra.run.dir={tmp_path}", "trainer.prompts_per_step=4",
+             "algorithm.group_size=4", "trainer.max_steps=3", "trainer.eval_every=0", "trainer.save_every=0",
+             "trainer.eval_size=8", "task.eval_size=8", "rollout.max_new_tokens=8", "rollout.kv_cache_gib=0.0625",
+             "rollout.max_num_seqs=64", "optim.lr=2e-2", "optim.warmup_steps=1",
+             "task.verifiers=[{_target_: tests.toy_verifiers.DigitFraction}]", timeout=900)
+    recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in recs if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    gaps = [r["rollout/logprob_abs_diff/max"] for r in steps]
+    assert all(g < 1e-3 for g in gaps), gaps

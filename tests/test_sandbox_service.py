@@ -44,6 +44,27 @@ def test_verifier_through_the_service(server):
     assert [x.reward for x in s] == [1.0, 0.0]
 
 
+def test_verifier_config_names_the_services_by_url(server):
+    # What a multi-node config writes: task.verifiers=[{name: code, sandbox: [URL, ...]}].
+    from grpo.verifiers.compose import RewardFunction
+
+    tests = {"call": {"fn_name": "f", "cases": [{"args": [2], "expected": 4}]}}
+    with RewardFunction([{"name": "code", "sandbox": [server.url, server.url]}]) as fn:
+        rewards, _, metrics = fn(["def f(x):\n    return x * 2", "def f(x):\n    return 0"], [{"tests": tests}] * 2)
+    assert rewards == [1.0, 0.0] and metrics["verifier/code/errors"] == 0
+    # a service that does not answer is refused when the verifier is built, naming its URL
+    with pytest.raises(ValueError, match="sandbox service http://127.0.0.1:9 does not answer"):
+        CodeVerifier(sandbox="http://127.0.0.1:9")
+
+
+def test_a_service_that_stops_answering_is_a_verifier_error_not_failed_tests(server):
+    v = CodeVerifier(sandbox=server.url, parallelism=2)
+    v.sandbox = SandboxClient("http://127.0.0.1:9", retries=1)  # the fleet went away after the start
+    tests = {"call": {"fn_name": "f", "cases": [{"args": [2], "expected": 4}]}}
+    with pytest.raises(SandboxServiceError):
+        v.score(["def f(x):\n    return x * 2"], [{"tests": tests}])
+
+
 def test_oversized_and_bad_requests_rejected(server):
     c = SandboxClient(server.url, retries=0)
     with pytest.raises(SandboxServiceError, match="413"):

@@ -45,6 +45,7 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from grpo.sandbox.client import SandboxServiceError
 from grpo.sandbox.core import Limits, Result, Sandbox, default_sandbox
 from grpo.verifiers.base import Score
 
@@ -192,12 +193,30 @@ except BaseException as _e:  # SystemExit too: a program that exits early did no
 '''
 
 
+def _service(urls):
+    """A client of the sandbox service(s) at `urls`, each checked now (one line naming the URL that
+    does not answer)."""
+    from grpo.sandbox.client import SandboxClient
+
+    urls = [urls] if isinstance(urls, str) else [str(u) for u in urls]
+    for url in urls:
+        try:
+            SandboxClient(url, retries=1).health()
+        except Exception as e:  # noqa: BLE001 - any failure to answer
+            raise ValueError(f"code verifier: sandbox service {url} does not answer ({type(e).__name__}: {e})") from None
+    return SandboxClient(urls)
+
+
 class CodeVerifier:
     """Reward = fraction of a sample's tests its program passes.
 
     test_time: wall seconds per test run (CPU limit too); sample_time: wall seconds for all the
     tests of one sample (tests beyond it fail); parallelism: concurrent sandbox runs;
-    sandbox: a ``grpo.sandbox.Sandbox`` or ``grpo.sandbox.client.SandboxClient`` (default: local);
+    sandbox: a ``grpo.sandbox.Sandbox`` or ``grpo.sandbox.client.SandboxClient`` (default: local),
+    or the URL(s) of ``grpo sandbox serve`` services, one string or a list (config:
+    ``task.verifiers=[{name: code, sandbox: [http://h1:8000, http://h2:8000]}]``): checked when the
+    verifier is built, and a service that stops answering makes the batch a verifier error (counted
+    in verifier/code/errors), not failed tests;
     dedup: run each distinct (program, tests) pair of a batch once and give its copies the same
     score (GRPO groups often repeat a program; programs whose result depends on chance or
     time should turn this off).
@@ -217,6 +236,8 @@ class CodeVerifier:
         self.float_tol = float_tol
         self.max_tests = max_tests
         self.dedup = dedup
+        if isinstance(sandbox, (str, list, tuple)):
+            sandbox = _service(sandbox)
         self.sandbox = sandbox if sandbox is not None else default_sandbox()
         if isinstance(self.sandbox, Sandbox):
             self.sandbox.check()  # fail at construction, not in the middle of training
@@ -324,6 +345,8 @@ class CodeVerifier:
                 r = self.sandbox.run(kwargs["program"], kwargs.get("stdin", b""), lim,
                                      **{k2: v for k2, v in kwargs.items() if k2 not in ("program", "stdin")})
                 ok, why = self._judge(kind, expected, r)
+            except SandboxServiceError:  # no service answered: the verifier failed, not the program
+                raise
             except Exception as e:  # a broken run must not kill training: it scores 0
                 ok, why = False, f"sandbox_error: {type(e).__name__}: {e}"[:200]
             with lock:

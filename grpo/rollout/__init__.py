@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from grpo.config import ConfigError
 from grpo.rollout.base import SamplingParams
@@ -11,22 +12,27 @@ from grpo.tasks.base import Sample, render_prompt
 
 def build_engine(rollout, model, tokenizer, path: str, dtype: str = "float32", device: str = "auto",
                  prompts: Callable[[], Iterable[Sample]] | None = None, system_prompt: str | None = None,
-                 lockstep=None):
+                 par=None, wrapped=None):
     """The engine named by `rollout.engine` (a config.Rollout) around the trainer's own model.
 
     ``prompts`` gives the samples the engine will be asked to continue (called only for vLLM, when
     `rollout.max_model_len` is null): vLLM reserves KV cache for its whole context, so the context
     is sized from the longest of them rather than from the model's maximum (131072 positions for a
-    Llama-3 would need more cache than a CPU run has). ``lockstep``: see HFEngine."""
+    Llama-3 would need more cache than a CPU run has).
+
+    Under torchrun (`par`) every rank has an engine of its own. With parallel=fsdp2 the hf engine
+    runs `wrapped` (the sharded model's wrapper) in lockstep with the other ranks; vLLM gets the
+    whole weights pushed (rollout.push_weights)."""
     if rollout.engine == "hf":
         from grpo.rollout.hf import HFEngine
 
-        return HFEngine(model, tokenizer, batch_size=rollout.batch_size, lockstep=lockstep)
-    if rollout.engine == "vllm":
-        from grpo import distributed
+        if par is not None and par.sharded:
+            from grpo.distributed import Lockstep
 
-        if distributed.world() > 1:
-            raise ConfigError("rollout=vllm under torchrun is not supported yet: use rollout=hf (README: Scaling out)")
+            return HFEngine(wrapped, tokenizer, batch_size=rollout.batch_size,
+                            lockstep=Lockstep(par, tokenizer.pad_token_id))
+        return HFEngine(model, tokenizer, batch_size=rollout.batch_size)
+    if rollout.engine == "vllm":
         try:
             from grpo.rollout.vllm import VLLMEngine  # the only place vllm is imported
         except ImportError as e:  # its message says how to install vLLM
@@ -51,19 +57,26 @@ def build_engine(rollout, model, tokenizer, path: str, dtype: str = "float32", d
     raise ConfigError(f"rollout.engine={rollout.engine!r}: use hf or vllm")
 
 
-def push_weights(engine, model) -> None:
-    """The trainer's updated weights to the engine: whole tensors (gathered from the shards under
-    fsdp2), with LoRA adapters merged in. The hf engine runs the trainer's own module: nothing to send."""
+def whole_parameters(model) -> Iterable[tuple[str, Any]]:
+    """(name, tensor) of the trainer's model as an engine loads it: whole tensors (gathered from the
+    shards under fsdp2: every rank must run through all of them), LoRA adapters merged in."""
     import torch
 
     from grpo.distributed import full_tensor
     from grpo.modeling import merged_parameters
+
+    with torch.no_grad():
+        for name, p in merged_parameters(model):
+            yield name, full_tensor(p.detach())
+
+
+def push_weights(engine, model) -> None:
+    """The trainer's updated weights to the engine. The hf engine runs the trainer's own module:
+    nothing to send."""
     from grpo.rollout.hf import HFEngine
 
-    if isinstance(engine, HFEngine):
-        return
-    with torch.no_grad():
-        engine.update_weights((name, full_tensor(p.detach())) for name, p in merged_parameters(model))
+    if not isinstance(engine, HFEngine):
+        engine.update_weights(whole_parameters(model))
 
 
 def _cuda() -> bool:

@@ -75,7 +75,9 @@ class HFEngine:
     def __init__(self, model, tokenizer, batch_size: int = 256, lockstep=None):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
         self.lockstep = lockstep
-        self.eos_ids = _eos_ids(getattr(model, "model", model), tokenizer)
+        from grpo.distributed import Forward
+
+        self.eos_ids = _eos_ids(model.model if isinstance(model, Forward) else model, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
 
     @torch.no_grad()

@@ -36,6 +36,7 @@ three methods: nothing in the trainer depends on the engine living in this proce
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -49,6 +50,7 @@ from typing import Any
 
 import torch
 
+from grpo.rollout import whole_parameters
 from grpo.rollout.base import Rollout, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -123,6 +125,26 @@ def choose_logprobs_mode(temperature: float, top_p: float, top_k: int) -> tuple[
     return "processed_logprobs", False
 
 
+@contextlib.contextmanager
+def _own_gpu(on_gpu: bool):
+    """Under torchrun on GPUs, the engine that rank r starts sees only the rank's own GPU (its
+    processes inherit CUDA_VISIBLE_DEVICES as it is while they start), not GPU 0 of every rank."""
+    local = os.environ.get("LOCAL_RANK")
+    if not on_gpu or local is None or int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        yield
+        return
+    saved = os.environ.get("CUDA_VISIBLE_DEVICES")
+    visible = saved.split(",") if saved else [str(i) for i in range(torch.cuda.device_count())]
+    os.environ["CUDA_VISIBLE_DEVICES"] = visible[int(local)]
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = saved
+
+
 class VLLMEngine:
     def __init__(self, model, tokenizer, path: str, dtype: str = "float32", device: str = "auto", *,
                  temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, max_model_len: int | None = None,
@@ -165,7 +187,8 @@ class VLLMEngine:
         # Watch the processes vLLM starts, so that they die with the trainer even when it is killed.
         self._watchdog = EngineWatchdog()
         try:
-            self.llm = LLM(**kwargs)
+            with _own_gpu(self.on_gpu):
+                self.llm = LLM(**kwargs)
         except BaseException:
             self._watchdog.close(kill=True)
             raise
@@ -173,7 +196,7 @@ class VLLMEngine:
         self._dir = Path(tempfile.mkdtemp(prefix="grpo-weights-", dir=_weights_dir(model)))
         # The trainer's weights may not be the files' (a resumed checkpoint, an SFT'd module): push them now.
         self._asleep: set[str] = set()  # sleep-mode memory pools now released ("weights", "kv_cache")
-        self.update_weights(model.named_parameters())
+        self.update_weights(whole_parameters(model))
 
     # ---- generation ----------------------------------------------------------------------
     def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingParams) -> Rollout:
