@@ -84,6 +84,7 @@ def save(run_dir: Path, step: int, modules: Mapping[str, Any], tokenizer, statef
             tokenizer.save_pretrained(tmp / name)
         state = {**{k: v.state_dict() for k, v in stateful.items()}, **dict(extra or {})}
         torch.save({**state, "step": step, "rng": rng_state()}, tmp / "state.pt")
+        make_readable(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -107,11 +108,22 @@ def _prune(root: Path, final: Path, keep: int) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def save_sharded(run_dir: Path, step: int, par, model, optimizer, tokenizer, stateful: Mapping[str, Any],
-                 extra: Mapping[str, Any] | None = None, keep: int = 2) -> Path:
-    """Every rank writes its shards of `model` and `optimizer` (torch.distributed.checkpoint) and
-    its RNG states into a temporary directory that rank 0 then renames into place (the run dir must
-    be on a file system all ranks share). Called by every rank; returns the checkpoint's path."""
+def _keys(name: str) -> tuple[str, str]:
+    """The state names of a model and its optimizer: "model"/"optimizer" for the trained model, and
+    "value"/"value_optimizer" for, say, PPO's critic (the one-process checkpoint's names)."""
+    return name, "optimizer" if name == "model" else f"{name}_optimizer"
+
+
+def _config_dir(root: Path, name: str) -> Path:
+    return root / "config" if name == "model" else root / f"config_{name}"
+
+
+def save_sharded(run_dir: Path, step: int, par, models: Mapping[str, tuple[Any, Any]], tokenizer,
+                 stateful: Mapping[str, Any], extra: Mapping[str, Any] | None = None, keep: int = 2) -> Path:
+    """Every rank writes its shards of each of `models` (name -> (model, optimizer)) with
+    torch.distributed.checkpoint, and its RNG states, into a temporary directory that rank 0 then
+    renames into place (the run dir must be on a file system all ranks share). Called by every
+    rank; returns the checkpoint's path."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -127,23 +139,19 @@ def save_sharded(run_dir: Path, step: int, par, model, optimizer, tokenizer, sta
         tmp = tempfile.mkdtemp(dir=root, prefix=f".tmp_step_{step:06d}_")
     tmp = Path(distributed.broadcast(tmp))
     try:
-        model_state, optim_state = get_state_dict(model, optimizer)
-        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(tmp / "dcp"))
+        box = {}
+        for name, (model, optimizer) in models.items():
+            mkey, okey = _keys(name)
+            box[mkey], box[okey] = get_state_dict(model, optimizer)
+        dcp.save(box, checkpoint_id=str(tmp / "dcp"))
         (tmp / "rng").mkdir(exist_ok=True)
         torch.save(rng_state(), tmp / "rng" / f"rank_{par.rank:05d}.pt")
         if par.main:
-            config_dir = tmp / "config"
-            base = model.get_base_model() if hasattr(model, "get_base_model") else model
-            config = copy.deepcopy(base.config)
-            config.architectures = [type(base).__name__]  # as save_pretrained records it (export builds this class)
-            config.save_pretrained(config_dir)
-            if getattr(base, "generation_config", None) is not None:  # a reward model has none
-                base.generation_config.save_pretrained(config_dir)
-            if hasattr(model, "peft_config"):
-                model.peft_config["default"].save_pretrained(config_dir)
-            tokenizer.save_pretrained(config_dir)
+            for name, (model, _) in models.items():
+                _save_config(model, tokenizer, _config_dir(tmp, name))
             state = {**{k: v.state_dict() for k, v in stateful.items()}, **dict(extra or {})}
             torch.save({**state, "step": step, "world": par.world}, tmp / "state.pt")
+            make_readable(tmp)
         par.barrier()  # every rank's files are written
         if par.main:
             if final.exists():
@@ -158,17 +166,45 @@ def save_sharded(run_dir: Path, step: int, par, model, optimizer, tokenizer, sta
     return final
 
 
-def restore_sharded(ckpt: Path, model, optimizer, stateful: Mapping[str, Any], rank: int = 0) -> dict[str, Any]:
-    """Load a sharded checkpoint into `model` and `optimizer` as this run shards them (any process
-    count, or one), the states of `stateful`, and this rank's RNG states when the checkpoint has
-    them (state["rng"] is None when it does not: a run resumed on more processes than it had)."""
+def _save_config(model, tokenizer, config_dir: Path) -> None:
+    """What `grpo export` rebuilds a model from: its config (naming its class), generation config,
+    LoRA config and tokenizer."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = copy.deepcopy(base.config)
+    config.architectures = [type(base).__name__]  # as save_pretrained records it (export builds this class)
+    config.save_pretrained(config_dir)
+    if getattr(base, "generation_config", None) is not None:  # a reward model has none
+        base.generation_config.save_pretrained(config_dir)
+    if hasattr(model, "peft_config"):
+        model.peft_config["default"].save_pretrained(config_dir)
+    tokenizer.save_pretrained(config_dir)
+
+
+def make_readable(folder: Path) -> None:
+    """mkdtemp makes its directory private (0700); a checkpoint or an export is read by others
+    (other users on a shared file system, a serving job): give it the umask's usual mode."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+
+
+def restore_sharded(ckpt: Path, models: Mapping[str, tuple[Any, Any]], stateful: Mapping[str, Any],
+                    rank: int = 0) -> dict[str, Any]:
+    """Load a sharded checkpoint into each of `models` (name -> (model, optimizer)) as this run
+    shards them (any process count, or one), the states of `stateful`, and this rank's RNG states
+    when the checkpoint has them (state["rng"] is None when it does not: a run resumed on more
+    processes than it had)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    model_state, optim_state = get_state_dict(model, optimizer)
-    box = {"model": model_state, "optimizer": optim_state}
+    box = {}
+    for name, (model, optimizer) in models.items():
+        mkey, okey = _keys(name)
+        box[mkey], box[okey] = get_state_dict(model, optimizer)
     dcp.load(box, checkpoint_id=str(Path(ckpt) / "dcp"))
-    set_state_dict(model, optimizer, model_state_dict=box["model"], optim_state_dict=box["optimizer"])
+    for name, (model, optimizer) in models.items():
+        mkey, okey = _keys(name)
+        set_state_dict(model, optimizer, model_state_dict=box[mkey], optim_state_dict=box[okey])
     state = load_state(ckpt)
     for name, obj in stateful.items():
         obj.load_state_dict(state[name])
@@ -321,24 +357,28 @@ def model_source(ckpt: Path | None, path: str) -> str:
     return str(Path(ckpt) / "model") if ckpt is not None and not is_sharded(ckpt) else path
 
 
-def save_run(run_dir: Path, step: int, par, model, optimizer, tokenizer, stateful: Mapping[str, Any],
-             extra: Mapping[str, Any] | None = None, keep: int = 2, more: Mapping[str, Any] | None = None) -> Path:
-    """A checkpoint of a one-model trainer: sharded on several processes, else the model folder
-    (with `more` model folders beside it) and state.pt. Called by every rank."""
+def save_run(run_dir: Path, step: int, par, models: Mapping[str, tuple[Any, Any]], tokenizer,
+             stateful: Mapping[str, Any], extra: Mapping[str, Any] | None = None, keep: int = 2,
+             more: Mapping[str, Any] | None = None) -> Path:
+    """A trainer's checkpoint of `models` (name -> (model, optimizer); "model" is the one trained):
+    sharded on several processes, else one model folder each (with the `more` folders beside them)
+    and state.pt. Called by every rank."""
     if par.world > 1:
-        return save_sharded(run_dir, step, par, model, optimizer, tokenizer, stateful, extra, keep)
-    return save(run_dir, step, {"model": model, **dict(more or {})}, tokenizer,
-                {"optimizer": optimizer, **stateful}, extra, keep)
+        return save_sharded(run_dir, step, par, models, tokenizer, stateful, extra, keep)
+    optimizers = {_keys(name)[1]: opt for name, (_, opt) in models.items()}
+    return save(run_dir, step, {**{name: m for name, (m, _) in models.items()}, **dict(more or {})}, tokenizer,
+                {**optimizers, **stateful}, extra, keep)
 
 
-def restore_run(ckpt: Path, par, model, optimizer, stateful: Mapping[str, Any], seed: int) -> dict[str, Any]:
-    """The other half of save_run, at any process count: the state back in model (unless it was
-    loaded from the checkpoint's folder), optimizer and stateful; the RNG streams where saved for
-    this rank and process count, fresh ones (rank_seed at the step) otherwise."""
+def restore_run(ckpt: Path, par, models: Mapping[str, tuple[Any, Any]], stateful: Mapping[str, Any],
+                seed: int) -> dict[str, Any]:
+    """The other half of save_run, at any process count: the state back in each model (unless it
+    was loaded from the checkpoint's folder) and optimizer and in stateful; the RNG streams where
+    saved for this rank and process count, fresh ones (rank_seed at the step) otherwise."""
     if is_sharded(ckpt):
-        state = restore_sharded(ckpt, model, optimizer, stateful, par.rank)
+        state = restore_sharded(ckpt, models, stateful, par.rank)
     else:
-        state = restore(ckpt, {"optimizer": optimizer, **stateful})
+        state = restore(ckpt, {**{_keys(name)[1]: opt for name, (_, opt) in models.items()}, **stateful})
     if state.get("rng") is None or par.world != state.get("world", 1):
         seed_everything(rank_seed(seed, par.rank, state["step"]))
     return state

@@ -33,7 +33,7 @@ commands:
   sandbox run|serve ...      run a program in the sandbox, or serve the sandbox over HTTP
   export CKPT OUT            write a checkpoint (sharded, LoRA, or a run dir's newest) as one model folder
 
-train, sft, rm and dpo run on several processes under torchrun: torchrun --nproc_per_node K -m grpo train ...
+train, sft, rm, dpo and ppo run on several processes under torchrun: torchrun --nproc_per_node K -m grpo train ...
 """
 
 CONF_DIR = str(Path(__file__).resolve().parent / "conf") if (Path(__file__).resolve().parent / "conf").is_dir() \
@@ -133,7 +133,7 @@ def _rank() -> int:
 
 
 # The commands that split their work over the ranks of a torchrun launch; the others run on one process.
-TORCHRUN_COMMANDS = ("train", "sft", "rm", "dpo")
+TORCHRUN_COMMANDS = ("train", "sft", "rm", "dpo", "ppo")
 
 
 def _ranks_agree(config_name: str, argv: list[str]) -> tuple[list[str], bool]:

@@ -201,7 +201,7 @@ def run_dpo(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
                           par, fwd)
     opt = build_optimizer(fwd.parameters(), o.lr, o.betas, o.weight_decay, o.name)
     sched = build_scheduler(opt, o.schedule, o.warmup_steps, t.max_steps, o.min_lr_rate)
-    step = checkpoint.restore_run(ckpt, par, policy, opt, {"scheduler": sched}, t.seed)["step"] if ckpt else 0
+    step = checkpoint.restore_run(ckpt, par, {"model": (policy, opt)}, {"scheduler": sched}, t.seed)["step"] if ckpt else 0
     tracker = Tracker(cfg.logger, run_dir, raw, step if ckpt else None, t.max_steps, "dpo") if par.main else Silent()
     sampling, greedy = sampling_params(cfg.rollout), sampling_params(cfg.rollout, greedy=True)
     eval_prompts = encode_prompts(tok, eval_set, t.system_prompt)
@@ -272,7 +272,8 @@ def run_dpo(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
                 post["eval"] = f"{last['eval/reward/mean']:.3f}"
             tracker.advance(post)
             if due(step, t.save_every, t.max_steps):
-                checkpoint.save_run(run_dir, step, par, policy, opt, tok, {"scheduler": sched}, keep=t.keep_checkpoints)
+                checkpoint.save_run(run_dir, step, par, {"model": (policy, opt)}, tok, {"scheduler": sched},
+                                    keep=t.keep_checkpoints)
     finally:
         tracker.close()
         verifiers.close()

@@ -36,30 +36,35 @@ def auto_class(config):
     return AutoModelForSequenceClassification if scorer else AutoModelForCausalLM
 
 
-def load_checkpoint_model(ckpt: Path):
-    """(model, tokenizer) of a checkpoint, on the CPU: a peft model when it holds LoRA adapters."""
+def load_checkpoint_model(ckpt: Path, module: str = "model"):
+    """(model, tokenizer) of a checkpoint's `module` ("model": the trained one; "value": PPO's
+    critic), on the CPU: a peft model when it holds LoRA adapters."""
     from transformers import AutoConfig, AutoTokenizer
 
     if checkpoint.is_sharded(ckpt):
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
-        src = ckpt / "config"
+        src = ckpt / "config" if module == "model" else ckpt / f"config_{module}"
+        if not src.is_dir():
+            raise ModelError(f"{ckpt}: holds no module {module!r}")
         config = AutoConfig.from_pretrained(src)
         model = auto_class(config).from_config(config, dtype=config.dtype)
         if (src / "adapter_config.json").exists():
             from peft import LoraConfig, get_peft_model
 
             model = get_peft_model(model, LoraConfig.from_pretrained(str(src)))
-        state = {"model": get_model_state_dict(model)}
+        state = {module: get_model_state_dict(model)}
         dcp.load(state, checkpoint_id=str(ckpt / "dcp"))
-        set_model_state_dict(model, state["model"])
+        set_model_state_dict(model, state[module])
         if (src / "generation_config.json").exists():  # the model's own (its EOS ids, ...), not a default
             from transformers import GenerationConfig
 
             (model.get_base_model() if is_lora(model) else model).generation_config = GenerationConfig.from_pretrained(src)
         return model, AutoTokenizer.from_pretrained(src)
-    src = ckpt / "model"
+    src = ckpt / module
+    if not src.is_dir():
+        raise ModelError(f"{ckpt}: holds no module {module!r}")
     if (src / "adapter_config.json").exists():
         from peft import PeftModel
 
@@ -70,7 +75,7 @@ def load_checkpoint_model(ckpt: Path):
     return auto_class(AutoConfig.from_pretrained(src)).from_pretrained(src), AutoTokenizer.from_pretrained(src)
 
 
-def export(ckpt: str, out: str) -> Path:
+def export(ckpt: str, out: str, module: str = "model") -> Path:
     """Write the checkpoint's model as one Hugging Face folder at `out` (which must not hold files);
     assembled beside it and renamed into place."""
     import warnings
@@ -85,7 +90,7 @@ def export(ckpt: str, out: str) -> Path:
     dest = Path(out).expanduser()
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise ModelError(f"{out}: already exists and is not empty")
-    model, tok = load_checkpoint_model(src)
+    model, tok = load_checkpoint_model(src, module)
     if is_lora(model):
         model = plain_copy(model)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -93,6 +98,7 @@ def export(ckpt: str, out: str) -> Path:
     try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        checkpoint.make_readable(tmp)
         if dest.exists():
             dest.rmdir()
         os.replace(tmp, dest)
@@ -106,7 +112,9 @@ def export_main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="grpo export", description=__doc__.splitlines()[0])
     ap.add_argument("checkpoint", help="a checkpoint dir (…/checkpoints/step_N) or a run dir")
     ap.add_argument("out", help="the new model folder")
+    ap.add_argument("--module", default="model", help="which of the checkpoint's models: model (the trained one, "
+                    "default) or value (grpo ppo's critic)")
     a = ap.parse_args(argv)
-    dest = export(a.checkpoint, a.out)
+    dest = export(a.checkpoint, a.out, a.module)
     print(f"exported {checkpoint_dir(a.checkpoint)} to {dest}")
     return 0

@@ -37,6 +37,7 @@ import torch
 from grpo import checkpoint
 from grpo import config as C
 from grpo.batch import RolloutBatch, batch_logprobs, engine_logprobs, pack
+from grpo.distributed import OnDevice, Parallel, call, full_tensor, shard
 from grpo.evaluate import policy_eval
 from grpo.kl import kl_penalty
 from grpo.losses import policy_loss
@@ -44,9 +45,9 @@ from grpo.modeling import disable_dropout, load_model, load_tokenizer, pick_devi
 from grpo.optim import build_optimizer, build_scheduler
 from grpo.reward_model import init_reward_model, load_reward_model
 from grpo.rewards import RewardInputs, build_rewards
-from grpo.rollout import build_engine, encode_prompts, sampling_params, task_prompts
+from grpo.rollout import build_engine, encode_prompts, push_weights, sampling_params, task_prompts
 from grpo.tasks.base import TaskError, build_task
-from grpo.tracking import Tracker, due
+from grpo.tracking import Silent, Tracker, due
 from grpo.value import AdaptiveKL, gae, ppo_rewards, value_loss, whiten
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,7 @@ class PPOConfig:
     optim: C.Optim = C.group(C.Optim)
     logger: C.Logger = C.group(C.Logger)
     verifier: C.Verifier = C.group(C.Verifier)
+    parallel: C.Parallel = C.group(C.Parallel)
 
 
 class SharedValue(torch.nn.Module):
@@ -148,19 +150,39 @@ def ptx_loss(policy, pairs, batch_size: int, seed: str, pad_id: int, device) -> 
     return policy(input_ids=ids, attention_mask=attn, labels=labels).loss
 
 
-def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
-    """1 - Var(returns - values) / Var(returns) over real tokens."""
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, par=None) -> float:
+    """1 - Var(returns - values) / Var(returns) over real tokens (of all ranks, with `par`)."""
     m = mask.bool()
-    r, v = returns[m], values[m]
-    var = r.var() if r.numel() > 1 else torch.tensor(0.0)
-    return float(1 - (r - v).var() / var) if var > 0 else float("nan")
+    r, v = returns[m].double(), values[m].double()
+    n, sr, sr2, sd, sd2 = (par.sum if par is not None else list)(
+        [float(r.numel()), float(r.sum()), float((r * r).sum()), float((r - v).sum()), float(((r - v) ** 2).sum())])
+    if n < 2:
+        return float("nan")
+    var_r = (sr2 - sr * sr / n) / (n - 1)
+    var_d = (sd2 - sd * sd / n) / (n - 1)
+    return float(1 - var_d / var_r) if var_r > 0 else float("nan")
+
+
+def minibatch_rows(order: torch.Tensor, offset: int, n: int) -> torch.Tensor:
+    """The rows of global minibatch `order` (indices into the step's N rows) that this rank holds,
+    rows offset .. offset + n, as local indices."""
+    mine = order[(order >= offset) & (order < offset + n)]
+    return mine - offset
 
 
 def run_ppo(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     cfg = C.parse(PPOConfig, raw)
     t, m, o, p, rm = cfg.trainer, cfg.model, cfg.optim, cfg.ppo, cfg.reward_model
     run_dir = Path(run_dir)
-    ckpt = checkpoint.begin(run_dir, t.resume, t.seed)
+    pc = cfg.parallel
+    par = Parallel(pc.strategy, pick_device(m.device), pc.mixed_precision)
+    W = par.world
+    if t.prompts_per_step < W:
+        raise C.ConfigError(f"trainer.prompts_per_step={t.prompts_per_step} is fewer than the {W} processes")
+    if W > 1 and p.value == "shared":
+        raise C.ConfigError("ppo.value=shared under torchrun is not supported yet: use ppo.value=separate")
+    ckpt = checkpoint.begin(run_dir, t.resume, t.seed, par)
+    sharded_ckpt = ckpt is not None and checkpoint.is_sharded(ckpt)
     if not cfg.task.get("verifiers") and not rm.path:
         raise C.ConfigError("ppo needs a reward: set reward_model.path or task.verifiers")
     if p.ptx_coef > 0 and not p.ptx_path:
@@ -168,21 +190,23 @@ def run_ppo(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     value_src = p.value_model or rm.path  # None: the policy's weights with a new head (no reward model to start from)
     task = build_task(cfg.task, seed=t.seed)
     eval_set = task.eval_samples()[: t.eval_size]
-    if not eval_set:
-        raise TaskError("the task holds out no samples for evaluation")
-    device = pick_device(m.device)
+    if len(eval_set) < W:
+        raise TaskError("the task holds out no samples for evaluation" if not eval_set else
+                        f"the task holds out {len(eval_set)} samples for evaluation: fewer than the {W} processes")
+    device = par.device
     tok = load_tokenizer(m.path)
     rewards, verifiers, reward_model = build_rewards(cfg.task.get("verifiers"), cfg.verifier.fail_fast,
                                                      cfg.verifier.timeout, rm.path, tok, device, m.dtype,
                                                      **rm.judge_options())
-    policy = load_model(str(ckpt / "model") if ckpt else m.path, m.dtype, m.gradient_checkpointing, device)
+    policy = load_model(checkpoint.model_source(ckpt, m.path), m.dtype, m.gradient_checkpointing, device)
     disable_dropout(policy)
     policy.train()
-    ref = load_model(m.path, m.dtype, device=device).eval().requires_grad_(False)
+    ref = load_model(m.path, m.dtype, device="cpu" if pc.ref_on_cpu else device).eval().requires_grad_(False)
+    whole = ckpt is not None and not sharded_ckpt  # a one-process checkpoint holds the critic's folder
     if p.value == "shared":
         critic = SharedValue(policy)  # its head comes back from state.pt on resume
-    elif ckpt or value_src:  # strict: a checkpoint's or a reward model's head must be there
-        critic = load_reward_model(str(ckpt / "value") if ckpt else value_src, m.dtype, device)
+    elif whole or value_src:  # strict: a checkpoint's or a reward model's head must be there
+        critic = load_reward_model(str(ckpt / "value") if whole else value_src, m.dtype, device)
     else:
         critic = init_reward_model(m.path, m.dtype, device, tok.pad_token_id)
         torch.nn.init.zeros_(critic.score.weight)  # values start at 0, not at noise
@@ -190,24 +214,31 @@ def run_ppo(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     if p.value == "separate":
         disable_dropout(critic)
     critic.train()
+    # Every pass goes through the wrappers, where DDP and FSDP2 hook in (grpo/distributed.py).
+    fwd = par.wrap(policy)
+    cwd = par.wrap(critic) if p.value == "separate" else critic
+    ref = OnDevice(ref, "cpu", device) if pc.ref_on_cpu else par.wrap(ref, trainable=False)
     ptx = ptx_rows(p.ptx_path, tok, t.system_prompt) if p.ptx_coef > 0 else None
     engine = build_engine(cfg.rollout, policy, tok, m.path, m.dtype, m.device, lambda: task_prompts(task),
-                          t.system_prompt)
+                          t.system_prompt, par, fwd)
     updates = t.max_steps * p.epochs * p.minibatches  # optimizer steps
-    opt = build_optimizer(policy.parameters(), o.lr, o.betas, o.weight_decay, o.name)
+    opt = build_optimizer(fwd.parameters(), o.lr, o.betas, o.weight_decay, o.name)
     sched = build_scheduler(opt, o.schedule, o.warmup_steps, updates, o.min_lr_rate)
-    vopt = build_optimizer(critic.parameters(), p.value_lr if p.value_lr is not None else o.lr, o.betas, o.weight_decay, o.name)
+    vopt = build_optimizer(cwd.parameters(), p.value_lr if p.value_lr is not None else o.lr, o.betas, o.weight_decay,
+                           o.name)
     vsched = build_scheduler(vopt, o.schedule, o.warmup_steps, updates, o.min_lr_rate)
     kl_ctl = AdaptiveKL(p.beta, p.kl_target, p.kl_horizon)
-    stateful = {"optimizer": opt, "scheduler": sched, "value_optimizer": vopt, "value_scheduler": vsched,
-                "kl_controller": kl_ctl}
-    if p.value == "shared":
+    stateful = {"scheduler": sched, "value_scheduler": vsched, "kl_controller": kl_ctl}
+    models = {"model": (policy, opt), "value": (critic, vopt)}
+    if p.value == "shared":  # the head alone: the trunk is the policy's
         stateful["value_head"] = critic.score
+        models = {"model": (policy, opt)}
+        stateful["value_optimizer"] = vopt
     step, data_pos = 0, 0
     if ckpt:
-        st = checkpoint.restore(ckpt, stateful)
+        st = checkpoint.restore_run(ckpt, par, models, stateful, t.seed)
         step, data_pos = st["step"], st["data_pos"]
-    tracker = Tracker(cfg.logger, run_dir, raw, step if ckpt else None, t.max_steps, "ppo")
+    tracker = Tracker(cfg.logger, run_dir, raw, step if ckpt else None, t.max_steps, "ppo") if par.main else Silent()
     sampling, greedy = sampling_params(cfg.rollout), sampling_params(cfg.rollout, greedy=True)
     temp = sampling.temperature or 1.0
     pad = tok.pad_token_id
@@ -216,7 +247,7 @@ def run_ppo(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     def run_eval() -> dict[str, float]:
         metrics, table = policy_eval(engine, eval_prompts, eval_set, sampling, greedy, verifiers or rewards, reward_model,
                                      seed=t.seed + 1_000_003 * (step + 1), log_samples=t.log_samples,
-                                     kl_models=(policy, ref), pad_id=pad)
+                                     kl_models=(fwd, ref), pad_id=pad, par=par)
         tracker.log(metrics, step)
         tracker.log_samples(table, step)
         return metrics
@@ -225,66 +256,76 @@ def run_ppo(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     try:
         while step < t.max_steps:
             t0 = time.time()
-            samples = [task.train_sample(data_pos + i) for i in range(t.prompts_per_step)]
+            lo, hi = shard(t.prompts_per_step, par.rank, W)  # this rank's prompts of the step's B
+            samples = [task.train_sample(data_pos + i) for i in range(lo, hi)]
             data_pos += t.prompts_per_step
             ro = engine.generate(encode_prompts(tok, samples, t.system_prompt), p.samples, sampling)
             fields = [s.fields() for s in samples for _ in range(p.samples)]
             scored = rewards(RewardInputs.from_rollout(ro, fields))
-            score = torch.tensor(scored.scores if scored.scores is not None else scored.rewards, device=device)  # [N]
-            finished = torch.tensor(ro.finished, device=device)  # [N]
+            score = torch.tensor(scored.scores if scored.scores is not None else scored.rewards, device=device)  # [n]
+            finished = torch.tensor(ro.finished, device=device)  # [n]
             if p.missing_eos_penalty:
                 score = score - p.missing_eos_penalty * (~finished).float()
             if p.score_clip:
                 score = score.clamp(-p.score_clip, p.score_clip)
 
             batch = pack(ro.prompt_ids, ro.completion_ids, pad).to(device)
-            mask = batch.mask  # [N, T]
-            N, T = mask.shape
+            mask = batch.mask  # [n, T] this rank's rows: offset .. offset + n of the step's N
+            n, T = mask.shape
+            offset = lo * p.samples
+            N = int(par.sum([float(n)])[0])
             with torch.no_grad():
-                old_logp = batch_logprobs(policy, batch, temp)  # [N, T]
-                ref_logp = batch_logprobs(ref, batch, temp)  # [N, T]
-                old_values = token_values(critic, batch)  # [N, T]
-                kl = kl_penalty(old_logp, ref_logp, p.kl_estimator) * mask  # [N, T]
-                token_rewards = ppo_rewards(score, kl, mask, kl_ctl.value)  # [N, T]
-                adv, returns = gae(token_rewards, old_values, mask, p.gamma, p.lam)  # [N, T]
-                if p.whiten_advantages:
-                    adv = whiten(adv, mask)
-            eng = engine_logprobs(ro.logprobs, T, device)  # [N, T] the engine's sampling log-probs
-            gap = ((eng - old_logp).abs() * mask).sum() / mask.sum().clamp(min=1)
+                old_logp = batch_logprobs(fwd, batch, temp)  # [n, T]
+                ref_logp = batch_logprobs(ref, batch, temp)  # [n, T]
+                old_values = call(cwd, token_values, batch)  # [n, T]
+                kl = kl_penalty(old_logp, ref_logp, p.kl_estimator) * mask  # [n, T]
+                token_rewards = ppo_rewards(score, kl, mask, kl_ctl.value)  # [n, T]
+                adv, returns = gae(token_rewards, old_values, mask, p.gamma, p.lam)  # [n, T]
+                if p.whiten_advantages:  # over the whole batch's tokens, on all ranks
+                    adv = whiten(adv, mask, reduce=par.sum if W > 1 else None)
+            eng = engine_logprobs(ro.logprobs, T, device)  # [n, T] the engine's sampling log-probs
+            gap_sum, tokens = par.sum([float(((eng - old_logp).abs() * mask).sum()), float(mask.sum())])
 
             train_policy = step >= p.critic_warmup_steps
+            # each entry: this rank's share of a minibatch's value (the shares add up over ranks)
             acc: dict[str, list[float]] = {}
             gen = torch.Generator().manual_seed(t.seed * 1_000_003 + step)  # shuffles resume exactly
             first_ratio = None
             for epoch in range(p.epochs):
                 order = torch.randperm(N, generator=gen)
-                for idx in order.chunk(min(p.minibatches, N)):
-                    idx = idx.to(device)
+                for chunk in order.chunk(min(p.minibatches, N)):
+                    idx = minibatch_rows(chunk, offset, n).to(device)
+                    keep = 1.0 if len(idx) else 0.0  # a rank with no row here runs row 0 at weight 0
+                    idx = idx if len(idx) else torch.zeros(1, dtype=torch.long, device=device)
+                    mb_tok = float(mask[idx].sum()) * keep
+                    mb_tokens = max(par.sum([mb_tok])[0], 1.0)  # the minibatch's tokens on all ranks
                     mb = batch[idx]
-                    logp = batch_logprobs(policy, mb, temp)  # [n, T]
-                    pl, pm = policy_loss(logp, old_logp[idx], adv[idx], mask[idx], p.clip, p.clip)
-                    values = token_values(critic, mb)  # [n, T]
-                    vl, vm = value_loss(values, old_values[idx], returns[idx], mask[idx], p.value_clip)
-                    loss = (pl if train_policy else 0.0 * pl) + p.vf_coef * vl
-                    if ptx is not None and train_policy:
-                        lm = ptx_loss(policy, ptx, p.ptx_batch_size, f"{t.seed}:ptx:{step}:{epoch}:{int(idx[0])}", pad,
+                    logp = batch_logprobs(fwd, mb, temp)  # [k, T]
+                    pl, pm = policy_loss(logp, old_logp[idx], adv[idx], mask[idx], p.clip, p.clip,
+                                         num_tokens=mb_tokens / W)
+                    values = call(cwd, token_values, mb)  # [k, T]
+                    vl, vm = value_loss(values, old_values[idx], returns[idx], mask[idx], p.value_clip,
+                                        num_tokens=mb_tokens / W)
+                    loss = ((pl if train_policy else 0.0 * pl) + p.vf_coef * vl) * keep
+                    if ptx is not None and train_policy:  # the same rows on every rank: averaged, unchanged
+                        lm = ptx_loss(fwd, ptx, p.ptx_batch_size, f"{t.seed}:ptx:{step}:{epoch}:{int(chunk[0])}", pad,
                                       device)
                         loss = loss + p.ptx_coef * lm
-                        acc.setdefault("loss/ptx", []).append(float(lm.detach()))
-                    if first_ratio is None:
+                        acc.setdefault("loss/ptx", []).append(float(lm.detach()) / W)
+                    if first_ratio is None and keep:
                         first_ratio = pm["ratio/mean"]
                         if abs(first_ratio - 1.0) > 1e-3:
                             log.warning("ppo step %d: the first minibatch's ratio is %.5f, not 1: the trainer's "
                                         "log-probs differ from the sampling policy's", step + 1, first_ratio)
-                    if not torch.isfinite(loss):
+                    if par.sum([0.0 if torch.isfinite(loss) else 1.0])[0]:  # every rank skips, or none
                         log.warning("ppo step %d: non-finite loss, this minibatch's update is skipped", step + 1)
                         opt.zero_grad(set_to_none=True)
                         vopt.zero_grad(set_to_none=True)
-                        acc.setdefault("skipped_updates", []).append(1.0)
+                        acc.setdefault("skipped_updates", []).append(1.0 / W)
                         continue
                     loss.backward()
-                    gn = torch.nn.utils.clip_grad_norm_(policy.parameters(), o.max_grad_norm)
-                    vgn = torch.nn.utils.clip_grad_norm_(critic.parameters(), o.max_grad_norm)
+                    gn = full_tensor(torch.nn.utils.clip_grad_norm_(fwd.parameters(), o.max_grad_norm))
+                    vgn = full_tensor(torch.nn.utils.clip_grad_norm_(cwd.parameters(), o.max_grad_norm))
                     if train_policy:
                         opt.step()
                     vopt.step()
@@ -293,31 +334,38 @@ def run_ppo(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
                     opt.zero_grad(set_to_none=True)
                     vopt.zero_grad(set_to_none=True)
                     with torch.no_grad():
-                        approxkl = float((0.5 * (logp - old_logp[idx]) ** 2 * mask[idx]).sum() / mask[idx].sum().clamp(min=1))
-                    for k, v in (("loss/policy", float(pl.detach())), ("loss/value", float(vl.detach())),
-                                 ("policy/clipfrac", pm["clip/frac"]), ("policy/approxkl", approxkl),
-                                 ("val/clipfrac", vm["val/clipfrac"]), ("grad_norm", float(gn)),
-                                 ("grad_norm/value", float(vgn))):
+                        approxkl = float((0.5 * (logp - old_logp[idx]) ** 2 * mask[idx]).sum()) * keep / mb_tokens
+                    w = mb_tok / mb_tokens  # this rank's share of the minibatch's tokens
+                    for k, v in (("loss/policy", float(pl.detach()) * keep / W), ("loss/value", float(vl.detach()) * keep / W),
+                                 ("policy/clipfrac", pm["clip/frac"] * w), ("policy/approxkl", approxkl),
+                                 ("val/clipfrac", vm["val/clipfrac"] * w), ("grad_norm", float(gn) / W),
+                                 ("grad_norm/value", float(vgn) / W)):
                         acc.setdefault(k, []).append(v)
-            engine.update_weights(policy.named_parameters())
-            seq_kl = float((kl * mask).sum(1).mean())  # mean per-sequence KL of this batch (nats)
+            push_weights(engine, policy)
+            keys = sorted(acc)
+            totals = par.sum([sum(acc[k]) for k in keys])
+            # the batch's sequence KL, scores and lengths over all ranks
+            kl_sum, score_sum, len_sum, done, val_sum = par.sum([
+                float((kl * mask).sum()), float(score.sum()), float(mask.sum()), float(sum(ro.finished)),
+                float((old_values * mask).sum())])
+            seq_kl = kl_sum / N  # mean per-sequence KL of this batch (nats)
             beta = kl_ctl.value
             kl_ctl.update(seq_kl, N)
             step += 1
             metrics = {
-                "objective/scores": float(score.mean()),
+                "objective/scores": score_sum / N,
                 "objective/kl": seq_kl,
-                "objective/rlhf_reward": float(score.mean()) - beta * seq_kl,
-                **{k: sum(v) / len(v) for k, v in acc.items()},
-                "val/mean": float((old_values * mask).sum() / mask.sum().clamp(min=1)),
-                "val/explained_var": explained_variance(old_values, returns, mask),
+                "objective/rlhf_reward": score_sum / N - beta * seq_kl,
+                **{k: v / len(acc[k]) for k, v in zip(keys, totals)},
+                "val/mean": val_sum / max(tokens, 1.0),
+                "val/explained_var": explained_variance(old_values, returns, mask, par if W > 1 else None),
                 "kl/beta": beta,
                 "policy/first_ratio": first_ratio,
-                "rollout/logprob_abs_diff/mean": float(gap),
+                "rollout/logprob_abs_diff/mean": gap_sum / max(tokens, 1.0),
                 "lr": sched.get_last_lr()[0],
-                "completion/len_mean": float(mask.sum(1).float().mean()),
-                "completion/no_eos_frac": 1.0 - sum(ro.finished) / N,
-                **{k: v for k, v in scored.metrics.items() if k.startswith(("reward/", "rm/"))},
+                "completion/len_mean": len_sum / N,
+                "completion/no_eos_frac": 1.0 - done / N,
+                **par.reduce_metrics({k: v for k, v in scored.metrics.items() if k.startswith(("reward/", "rm/"))}, n),
                 "time/step": time.time() - t0,
             }
             tracker.log(metrics, step)
@@ -329,9 +377,7 @@ def run_ppo(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
                 post["eval"] = f"{last['eval/reward/mean']:.3f}"
             tracker.advance(post)
             if due(step, t.save_every, t.max_steps):
-                modules = {"model": policy} if p.value == "shared" else {"model": policy, "value": critic}
-                checkpoint.save(run_dir, step, modules, tok, stateful,
-                                {"data_pos": data_pos}, t.keep_checkpoints)
+                checkpoint.save_run(run_dir, step, par, models, tok, stateful, {"data_pos": data_pos}, t.keep_checkpoints)
     finally:
         tracker.close()
         for part in {id(x): x for x in (rewards, verifiers, engine) if x is not None}.values():
@@ -340,5 +386,6 @@ def run_ppo(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     if first and last:
         lines.append(f"eval true score: {first['eval/reward/mean']:.3f} -> {last['eval/reward/mean']:.3f}   "
                      f"KL {last.get('eval/kl', math.nan):.2f}")
-    print("\n".join(lines))
+    if par.main:
+        print("\n".join(lines))
     return {"run_dir": str(run_dir), "steps": step, "first_eval": first, "last_eval": last}

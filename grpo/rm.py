@@ -244,7 +244,7 @@ def run_rm(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     fwd = par.wrap(model)
     opt = build_optimizer(fwd.parameters(), o.lr, o.betas, o.weight_decay, o.name)
     sched = build_scheduler(opt, o.schedule, o.warmup_steps, t.max_steps, o.min_lr_rate)
-    step = checkpoint.restore_run(ckpt, par, model, opt, {"scheduler": sched}, t.seed)["step"] if ckpt else 0
+    step = checkpoint.restore_run(ckpt, par, {"model": (model, opt)}, {"scheduler": sched}, t.seed)["step"] if ckpt else 0
     tracker = Tracker(cfg.logger, run_dir, raw, step if ckpt else None, t.max_steps, "rm") if par.main else Silent()
     pad = tok.pad_token_id
 
@@ -274,7 +274,8 @@ def run_rm(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
                 post["acc"] = f"{last['eval/accuracy']:.3f}"
             tracker.advance(post)
             if due(step, t.save_every, t.max_steps):
-                checkpoint.save_run(run_dir, step, par, model, opt, tok, {"scheduler": sched}, keep=t.keep_checkpoints)
+                checkpoint.save_run(run_dir, step, par, {"model": (model, opt)}, tok, {"scheduler": sched},
+                                    keep=t.keep_checkpoints)
         norm = {}
         if cfg.rm.normalize and kind != "scores":  # pointwise targets already fix the scale and offset
             # Reference completions: the training responses, i.e. samples of the policy the data came from.

@@ -79,7 +79,7 @@ def run_sft(raw: dict[str, Any], run_dir: Path) -> Path:
     fwd = par.wrap(model)
     opt = build_optimizer(fwd.parameters(), o.lr, o.betas, o.weight_decay, o.name)
     sched = build_scheduler(opt, o.schedule, o.warmup_steps, t.max_steps, o.min_lr_rate)
-    step = checkpoint.restore_run(ckpt, par, model, opt, {"scheduler": sched}, t.seed)["step"] if ckpt else 0
+    step = checkpoint.restore_run(ckpt, par, {"model": (model, opt)}, {"scheduler": sched}, t.seed)["step"] if ckpt else 0
     tracker = Tracker(cfg.logger, run_dir, raw, step if ckpt else None, t.max_steps, "sft") if par.main else Silent()
     model.train()
     t0 = time.time()
@@ -101,7 +101,8 @@ def run_sft(raw: dict[str, Any], run_dir: Path) -> Path:
                 tracker.log({"loss": loss_v, "grad_norm": gn, "lr": lr, "time/elapsed": time.time() - t0}, step)
             tracker.advance({"loss": f"{loss_v:.3f}"})
             if due(step, t.save_every, t.max_steps):
-                checkpoint.save_run(run_dir, step, par, model, opt, tok, {"scheduler": sched}, keep=t.keep_checkpoints)
+                checkpoint.save_run(run_dir, step, par, {"model": (model, opt)}, tok, {"scheduler": sched},
+                                    keep=t.keep_checkpoints)
     finally:
         tracker.close()
     return checkpoint.save_final(par, model, tok, run_dir / "model")

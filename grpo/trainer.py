@@ -147,7 +147,8 @@ class Trainer:
         self.sched = build_scheduler(self.opt, o.schedule, o.warmup_steps, t.max_steps * a.epochs, o.min_lr_rate)
         self.step, self.data_pos = 0, 0
         if self.ckpt:
-            st = checkpoint.restore_run(self.ckpt, par, self.policy, self.opt, {"scheduler": self.sched}, t.seed)
+            st = checkpoint.restore_run(self.ckpt, par, {"model": (self.policy, self.opt)}, {"scheduler": self.sched},
+                                    t.seed)
             self.step, self.data_pos = st["step"], st["data_pos"]
             log.info("resumed from %s at step %d", self.ckpt, self.step)
         self.tracker = (Tracker(cfg.logger, self.run_dir, raw_cfg or C.to_dict(cfg), self.step if self.ckpt else None,
@@ -297,7 +298,7 @@ class Trainer:
 
     def save(self) -> Path:
         more = {"merged": plain_copy(self.policy)} if is_lora(self.policy) and self.cfg.model.lora.save_merged else {}
-        return checkpoint.save_run(self.run_dir, self.step, self.par, self.policy, self.opt, self.tok,
+        return checkpoint.save_run(self.run_dir, self.step, self.par, {"model": (self.policy, self.opt)}, self.tok,
                                    {"scheduler": self.sched}, {"data_pos": self.data_pos}, self.t.keep_checkpoints,
                                    more if self.par.world == 1 else None)
 

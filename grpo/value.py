@@ -56,14 +56,20 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return adv, (adv + v) * m
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8, reduce=None) -> torch.Tensor:
     """(x - mean) / sqrt(var + eps) over the real tokens of the whole batch (unbiased variance);
     with shift_mean=False the mean is added back (only the scale changes). x, mask: [N, T];
-    padding comes out 0."""
+    padding comes out 0. `reduce` sums a list of floats over the ranks that hold the rest of the
+    batch (grpo.distributed.Parallel.sum): the mean and variance are then the whole batch's."""
     m = mask.to(x.dtype)  # [N, T]
-    n = m.sum()
-    mean = (x * m).sum() / n.clamp(min=1)
-    var = (((x - mean) ** 2) * m).sum() / (n - 1).clamp(min=1)
+    n, total = m.sum(), (x * m).sum()
+    if reduce is not None:
+        n, total = (torch.tensor(v, dtype=x.dtype, device=x.device) for v in reduce([float(n), float(total)]))
+    mean = total / n.clamp(min=1)
+    sq = (((x - mean) ** 2) * m).sum()
+    if reduce is not None:
+        sq = torch.tensor(reduce([float(sq)])[0], dtype=x.dtype, device=x.device)
+    var = sq / (n - 1).clamp(min=1)
     out = (x - mean) * torch.rsqrt(var + eps)  # [N, T]
     if not shift_mean:
         out = out + mean

@@ -258,3 +258,53 @@ def test_rm_step_on_two_and_three_processes_equals_one(model2, tmp_path):
     assert p.returncode == 0, p.stderr
     exported = AutoModelForSequenceClassification.from_pretrained(tmp_path / "exported").state_dict()
     assert all(torch.equal(exported[k], weights[3][k]) for k in weights[3])
+
+
+@pytest.fixture(scope="module")
+def rm2(model2, tmp_path_factory):
+    """A reward model on model2's trunk with a random head: its scores (and, as the critic's start,
+    its values) differ from completion to completion."""
+    from grpo.modeling import load_tokenizer
+    from grpo.reward_model import init_reward_model, save_reward_model
+
+    out = tmp_path_factory.mktemp("rm2")
+    model = init_reward_model(str(model2))
+    torch.manual_seed(0)
+    torch.nn.init.normal_(model.score.weight)
+    save_reward_model(model, load_tokenizer(str(model2)), out)
+    return out
+
+
+def test_ppo_step_on_two_and_three_processes_equals_one(model2, rm2, sft_rows, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    # Greedy rollouts, so every process count sees the same completions. One step of 5 prompts
+    # (3 + 2 on two ranks, 2 + 2 + 1 on three) in 2 shuffled minibatches, so some rank may hold no
+    # row of a minibatch; advantages whitened over the whole batch; PPO-ptx on; SGD. The score is
+    # rm2's (scores differ between completions: the advantages are not all 0) and the critic starts
+    # as its copy (values not 0): both the policy and the critic are compared.
+    args = [f"model.path={model2}", "task=arithmetic", "task.verifiers=[{_target_: tests.toy_verifiers.DigitFraction}]",
+            f"reward_model.path={rm2}", "task.eval_size=6", "trainer.eval_size=6", "rollout.max_new_tokens=5",
+            "rollout.temperature=0", "trainer.max_steps=1", "trainer.prompts_per_step=5", "trainer.eval_every=0",
+            "ppo.epochs=1", "ppo.minibatches=2", "ppo.ptx_coef=0.5", f"ppo.ptx_path={sft_rows}", "ppo.ptx_batch_size=2",
+            "optim.name=sgd", "optim.lr=0.5", "optim.warmup_steps=0", "optim.max_grad_norm=1e9"]
+    got = {}
+    for world, strategy in ((1, "ddp"), (2, "ddp"), (3, "fsdp2")):
+        run = tmp_path / f"w{world}"
+        torchrun(world, "-m", "grpo", "ppo", *args, f"parallel={strategy}", f"hydra.run.dir={run}")
+        for module, auto in (("model", AutoModelForCausalLM), ("value", AutoModelForSequenceClassification)):
+            out = tmp_path / f"w{world}_{module}"
+            p = run_grpo("export", str(run), str(out), "--module", module)
+            assert p.returncode == 0, p.stderr
+            got[world, module] = auto.from_pretrained(out).state_dict()
+    start = {"model": AutoModelForCausalLM.from_pretrained(model2).state_dict(),
+             "value": AutoModelForSequenceClassification.from_pretrained(rm2).state_dict()}
+    for module in ("model", "value"):
+        moved = max(float((got[1, module][k] - v).abs().max()) for k, v in start[module].items())
+        assert moved > 1e-2, (module, moved)
+        for world in (2, 3):
+            a, b = got[world, module], got[1, module]
+            gap = max(float((a[k] - b[k]).abs().max()) for k in b)
+            # Whitening divides by the batch's std, so float32 reordering noise grows to ~1e-5 of the
+            # step here; a gradient off by a factor of W would miss by ~half the step.
+            assert gap < 1e-4 * moved, (module, world, gap, moved)
