@@ -81,15 +81,18 @@ def one_process(model2, tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("strategy,world,agg", [
-    ("ddp", 2, "token_mean"), ("ddp", 3, "token_mean"), ("fsdp2", 2, "token_mean"), ("fsdp2", 3, "token_mean"),
-    ("ddp", 2, "seq_mean_token_mean"), ("fsdp2", 3, "seq_mean_token_sum_norm")])
-def test_a_step_on_several_processes_equals_one(model2, one_process, tmp_path, strategy, world, agg):
+@pytest.mark.parametrize("strategy,world,agg,extra", [
+    ("ddp", 2, "token_mean", ""), ("ddp", 3, "token_mean", ""), ("fsdp2", 2, "token_mean", ""),
+    ("fsdp2", 3, "token_mean", ""), ("ddp", 2, "seq_mean_token_mean", ""),
+    ("fsdp2", 3, "seq_mean_token_sum_norm", ""),
+    ("fsdp2", 2, "token_mean", "parallel.ref_on_cpu=true"),  # the reference whole, beside the sharded policy
+    ("ddp", 2, "token_mean", "model.gradient_checkpointing=true")])
+def test_a_step_on_several_processes_equals_one(model2, one_process, tmp_path, strategy, world, agg, extra):
     from transformers import AutoModelForCausalLM
 
     base = one_process(agg)
     many = worker(world, "step", model2, tmp_path / "out.pt", tmp_path / "run", *STEP, f"algorithm.loss_agg={agg}",
-                  f"parallel={strategy}")
+                  f"parallel={strategy}", *([extra] if extra else []))
     assert many["world"] == world
     init = AutoModelForCausalLM.from_pretrained(model2).state_dict()
     moved = max(float((base["model"][k] - init[k]).abs().max()) for k in base["model"])
