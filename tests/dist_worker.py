@@ -9,6 +9,9 @@ save:   `grpo train` for the configured steps, then the whole model and optimize
         scheduler step, the data position and the log-probs of a fixed batch under the sharded model.
 resume: a Trainer resumed from RUN_DIR's checkpoint, no step taken; writes the same state as save.
 metrics: Parallel.reduce_metrics of two ranks' known metrics (MODEL_DIR and RUN_DIR unused).
+generate: greedy hf-engine generation under fsdp2 with Lockstep, the ranks given different numbers
+        of prompts, chunk sizes and lengths (so different numbers of forwards); rank 0 writes every
+        rank's completions.
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ from grpo.cli import compose_config
 from grpo.distributed import shard
 from grpo.rollout.base import Rollout
 from grpo.trainer import Trainer
+
+# mode generate: rank -> (prompts, hf engine batch size, max_new_tokens)
+GENERATE = {0: ([[5, 6, 7]], 8, 2), 1: ([[5 + i, 6, 7][: 1 + i % 3] for i in range(5)], 2, 7)}
 
 
 def fixed_batch(G: int, B: int, vocab: int, seed: int = 0) -> tuple[Rollout, torch.Tensor]:
@@ -68,6 +74,21 @@ def main() -> None:
         got = par.reduce_metrics(mine, [8, 24][par.rank])
         if par.main:
             torch.save(got, out)
+        return
+    if mode == "generate":
+        from grpo.distributed import Lockstep, Parallel
+        from grpo.modeling import load_model, load_tokenizer
+        from grpo.rollout.base import SamplingParams
+        from grpo.rollout.hf import HFEngine
+
+        par = Parallel("fsdp2")
+        tok = load_tokenizer(model_dir)
+        prompts, batch, length = GENERATE[par.rank]
+        engine = HFEngine(par.wrap(load_model(model_dir)), tok, batch_size=batch, lockstep=Lockstep(par, tok.pad_token_id))
+        ro = engine.generate(prompts, 1, SamplingParams(temperature=0.0, max_new_tokens=length))
+        everyone = par.gather(ro.completion_ids)
+        if par.main:
+            torch.save(everyone, out)
         return
     raw = compose_config("train", [f"model.path={model_dir}", "logger=jsonl", "trainer.eval_size=4",
                                    "task.eval_size=4", "rollout.max_new_tokens=6", *overrides])

@@ -59,6 +59,24 @@ def test_metrics_are_reduced_over_ranks_by_their_weights(tmp_path):
     assert got["v/errors"] == 3.0  # a count: summed
 
 
+def test_generation_under_fsdp2_keeps_the_ranks_in_step(model2, tmp_path):
+    """Rank 0 has one prompt and 2 tokens to go, rank 1 five prompts in chunks of 2 and 7 tokens:
+    their numbers of forwards differ, and every forward of a sharded model is a collective. With
+    Lockstep they finish, and each rank's greedy completions are the unsharded model's."""
+    from grpo.modeling import load_model, load_tokenizer
+    from grpo.rollout.base import SamplingParams
+    from grpo.rollout.hf import HFEngine
+    from tests.dist_worker import GENERATE
+
+    got = worker(2, "generate", model2, tmp_path / "gen.pt", "-")
+    model, tok = load_model(str(model2)), load_tokenizer(str(model2))
+    for rank, (prompts, batch, length) in GENERATE.items():
+        want = HFEngine(model, tok, batch_size=batch).generate(prompts, 1, SamplingParams(temperature=0.0,
+                                                                                          max_new_tokens=length))
+        assert got[rank] == want.completion_ids
+        assert max(len(c) for c in got[rank]) == length  # greedy on a random model: rows run to the end
+
+
 # ---- one step on 1, 2 and 3 processes ---------------------------------------------------------
 # SGD (no momentum, lr 0.5, no clipping): the weights move by lr * gradient, so a gradient off by the
 # world size (a local normaliser, a missing * W) moves them by a different amount. AdamW would hide
