@@ -340,6 +340,11 @@ def begin(run_dir: Path, resume: Any, seed: int | None = None, par=None) -> Path
     ckpt = find(run_dir, resume)
     if not ckpt and holds_run(run_dir):
         raise refusal(run_dir)
+    if ckpt and par is not None and par.sharded and not is_sharded(ckpt):
+        from grpo.config import ConfigError
+
+        # its optimizer state is whole tensors, which a sharded optimizer cannot take as they are
+        raise ConfigError(f"{ckpt} was saved by one process: resume it with parallel=ddp or on one process")
     if par is not None:
         par.barrier()  # every rank has looked at the run dir before rank 0 writes to it
     return ckpt

@@ -202,6 +202,7 @@ def _hydra_job(config_name: str, fn, argv: list[str]) -> int:
         job()
     finally:
         sys.argv = saved
+        distributed.close()
     return result["rc"]
 
 

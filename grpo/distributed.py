@@ -51,6 +51,13 @@ def init_process_group() -> None:
     dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
 
 
+def close() -> None:
+    """Leave the process group (at the end of a command): a process that exits with its gloo
+    connections still open can abort ("terminate called without an active exception")."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 

@@ -307,22 +307,29 @@ def run_ppo(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
                     vl, vm = value_loss(values, old_values[idx], returns[idx], mask[idx], p.value_clip,
                                         num_tokens=mb_tokens / W)
                     loss = ((pl if train_policy else 0.0 * pl) + p.vf_coef * vl) * keep
+                    lm_v = None
                     if ptx is not None and train_policy:  # the same rows on every rank: averaged, unchanged
                         lm = ptx_loss(fwd, ptx, p.ptx_batch_size, f"{t.seed}:ptx:{step}:{epoch}:{int(chunk[0])}", pad,
                                       device)
                         loss = loss + p.ptx_coef * lm
-                        acc.setdefault("loss/ptx", []).append(float(lm.detach()) / W)
-                    if first_ratio is None and keep:
-                        first_ratio = pm["ratio/mean"]
+                        lm_v = float(lm.detach())
+                    # One all-reduce: whether any rank's loss is non-finite (then every rank skips), and on
+                    # the step's first minibatch the ratio's token sum (1 before any update).
+                    first = first_ratio is None
+                    votes = par.sum([0.0 if torch.isfinite(loss) else 1.0] + ([pm["ratio/mean"] * mb_tok] if first else []))
+                    if first:
+                        first_ratio = votes[1] / mb_tokens
                         if abs(first_ratio - 1.0) > 1e-3:
                             log.warning("ppo step %d: the first minibatch's ratio is %.5f, not 1: the trainer's "
                                         "log-probs differ from the sampling policy's", step + 1, first_ratio)
-                    if par.sum([0.0 if torch.isfinite(loss) else 1.0])[0]:  # every rank skips, or none
+                    if votes[0]:
                         log.warning("ppo step %d: non-finite loss, this minibatch's update is skipped", step + 1)
                         opt.zero_grad(set_to_none=True)
                         vopt.zero_grad(set_to_none=True)
                         acc.setdefault("skipped_updates", []).append(1.0 / W)
                         continue
+                    if lm_v is not None:
+                        acc.setdefault("loss/ptx", []).append(lm_v / W)
                     loss.backward()
                     gn = full_tensor(torch.nn.utils.clip_grad_norm_(fwd.parameters(), o.max_grad_norm))
                     vgn = full_tensor(torch.nn.utils.clip_grad_norm_(cwd.parameters(), o.max_grad_norm))
@@ -348,7 +355,8 @@ def run_ppo(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
             kl_sum, score_sum, len_sum, done, val_sum = par.sum([
                 float((kl * mask).sum()), float(score.sum()), float(mask.sum()), float(sum(ro.finished)),
                 float((old_values * mask).sum())])
-            seq_kl = kl_sum / N  # mean per-sequence KL of this batch (nats)
+            # mean per-sequence KL of this batch (nats); one process sums as it always did
+            seq_kl = float((kl * mask).sum(1).mean()) if W == 1 else kl_sum / N
             beta = kl_ctl.value
             kl_ctl.update(seq_kl, N)
             step += 1
@@ -356,7 +364,8 @@ def run_ppo(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
                 "objective/scores": score_sum / N,
                 "objective/kl": seq_kl,
                 "objective/rlhf_reward": score_sum / N - beta * seq_kl,
-                **{k: v / len(acc[k]) for k, v in zip(keys, totals)},
+                # means over the minibatches; skipped_updates is a count
+                **{k: v if k == "skipped_updates" else v / len(acc[k]) for k, v in zip(keys, totals)},
                 "val/mean": val_sum / max(tokens, 1.0),
                 "val/explained_var": explained_variance(old_values, returns, mask, par if W > 1 else None),
                 "kl/beta": beta,

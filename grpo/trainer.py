@@ -98,8 +98,6 @@ class Trainer:
         self.device = par.device
         self.ckpt = checkpoint.begin(self.run_dir, t.resume, par=par)
         sharded_ckpt = self.ckpt is not None and checkpoint.is_sharded(self.ckpt)
-        if self.ckpt and not sharded_ckpt and par.sharded:
-            raise ConfigError(f"{self.ckpt} was saved by one process: resume it with parallel=ddp or one process")
         self.tok = load_tokenizer(m.path)
         rm = cfg.reward_model
         self.rewards, self.verifiers, self.rm = build_rewards(

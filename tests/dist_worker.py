@@ -74,7 +74,7 @@ def main() -> None:
         got = par.reduce_metrics(mine, [8, 24][par.rank])
         if par.main:
             torch.save(got, out)
-        return
+        return finish(par)
     if mode == "generate":
         from grpo.distributed import Lockstep, Parallel
         from grpo.modeling import load_model, load_tokenizer
@@ -89,7 +89,7 @@ def main() -> None:
         everyone = par.gather(ro.completion_ids)
         if par.main:
             torch.save(everyone, out)
-        return
+        return finish(par)
     raw = compose_config("train", [f"model.path={model_dir}", "logger=jsonl", "trainer.eval_size=4",
                                    "task.eval_size=4", "rollout.max_new_tokens=6", *overrides])
     tr = Trainer(C.parse(C.TrainConfig, raw), run_dir, raw)
@@ -114,6 +114,15 @@ def main() -> None:
     if par.main:
         result["world"] = par.world
         torch.save(result, out)
+    finish(par)
+
+
+def finish(par) -> None:
+    """Every rank done before any leaves the process group."""
+    from grpo.distributed import close
+
+    par.barrier()
+    close()
 
 
 if __name__ == "__main__":

@@ -318,6 +318,14 @@ def test_ppo_step_on_two_and_three_processes_equals_one(model2, rm2, sft_rows, t
             p = run_grpo("export", str(run), str(out), "--module", module)
             assert p.returncode == 0, p.stderr
             got[world, module] = auto.from_pretrained(out).state_dict()
+    for world in (2, 3):  # the batch's first-minibatch ratio, before any update: 1
+        rec = [json.loads(x) for x in (tmp_path / f"w{world}" / "metrics.jsonl").read_text().splitlines()]
+        assert [r["policy/first_ratio"] for r in rec if "policy/first_ratio" in r] == [pytest.approx(1.0, abs=1e-5)]
+    # The 2-process run's sharded checkpoint (policy and critic) resumes on one process.
+    torchrun(1, "-m", "grpo", "ppo", *[a for a in args if a != "trainer.max_steps=1"], "trainer.max_steps=2",
+             "trainer.resume=true", f"hydra.run.dir={tmp_path / 'w2'}")
+    rec = [json.loads(x) for x in (tmp_path / "w2" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rec if "loss/policy" in r] == [1, 2]
     start = {"model": AutoModelForCausalLM.from_pretrained(model2).state_dict(),
              "value": AutoModelForSequenceClassification.from_pretrained(rm2).state_dict()}
     for module in ("model", "value"):
