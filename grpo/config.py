@@ -59,12 +59,12 @@ class Model:
 
 @dataclass
 class Parallel:
-    """How the ranks of a torchrun launch share the work (see grpo/distributed.py); one process
-    ignores it."""
+    """How the ranks of a torchrun launch share the work (see grpo/distributed.py); on one process
+    only ref_on_cpu applies."""
 
     strategy: str = choice("ddp", "ddp", "fsdp2")
     mixed_precision: str = choice("auto", "auto", "bf16", "fp32")  # auto: bf16 compute, fp32 reduce on GPUs under fsdp2
-    ref_on_cpu: bool = False  # keep the frozen reference model whole on the CPU instead of beside the policy
+    ref_on_cpu: bool = False  # the frozen models (reference, reward model) whole on the CPU, not beside the policy
 
 
 @dataclass

@@ -196,8 +196,8 @@ def run_ppo(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     device = par.device
     tok = load_tokenizer(m.path)
     rewards, verifiers, reward_model = build_rewards(cfg.task.get("verifiers"), cfg.verifier.fail_fast,
-                                                     cfg.verifier.timeout, rm.path, tok, device, m.dtype,
-                                                     **rm.judge_options())
+                                                     cfg.verifier.timeout, rm.path, tok,
+                                                     "cpu" if pc.ref_on_cpu else device, m.dtype, **rm.judge_options())
     policy = load_model(checkpoint.model_source(ckpt, m.path), m.dtype, m.gradient_checkpointing, device)
     disable_dropout(policy)
     policy.train()

@@ -101,8 +101,9 @@ class Trainer:
         self.tok = load_tokenizer(m.path)
         rm = cfg.reward_model
         self.rewards, self.verifiers, self.rm = build_rewards(
-            cfg.task.get("verifiers"), cfg.verifier.fail_fast, cfg.verifier.timeout, rm.path, self.tok, self.device,
-            m.dtype, rm.weight, rm.verifier_weight, rm.squash, rm.scale, rm.batch_size)
+            cfg.task.get("verifiers"), cfg.verifier.fail_fast, cfg.verifier.timeout, rm.path, self.tok,
+            "cpu" if pc.ref_on_cpu else self.device, m.dtype, rm.weight, rm.verifier_weight, rm.squash, rm.scale,
+            rm.batch_size)
         # A one-process checkpoint holds the policy as a model folder (its adapters with LoRA); a
         # sharded one is loaded into the wrapped model below.
         whole = self.ckpt is not None and not sharded_ckpt
