@@ -78,14 +78,6 @@ def load_checkpoint_model(ckpt: Path, module: str = "model"):
 def export(ckpt: str, out: str, module: str = "model") -> Path:
     """Write the checkpoint's model as one Hugging Face folder at `out` (which must not hold files);
     assembled beside it and renamed into place."""
-    import warnings
-
-    from grpo import logs
-
-    logs.quiet_libraries(logs.VERBOSE)
-    # dcp.load on one process says it assumes one process: that is the intent here
-    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-    warnings.filterwarnings("ignore", message="The PEFT config.s .base_model_name_or_path. was renamed")
     src = checkpoint_dir(ckpt)
     dest = Path(out).expanduser()
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
@@ -115,6 +107,14 @@ def export_main(argv: list[str]) -> int:
     ap.add_argument("--module", default="model", help="which of the checkpoint's models: model (the trained one, "
                     "default) or value (grpo ppo's critic)")
     a = ap.parse_args(argv)
+    import warnings
+
+    from grpo import logs
+
+    logs.quiet_libraries(logs.VERBOSE)  # the command's own process: no library chatter on the terminal
+    # dcp.load on one process says it assumes one process: that is the intent here
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+    warnings.filterwarnings("ignore", message="The PEFT config.s .base_model_name_or_path. was renamed")
     dest = export(a.checkpoint, a.out, a.module)
     print(f"exported {checkpoint_dir(a.checkpoint)} to {dest}")
     return 0
