@@ -114,7 +114,8 @@ def _keys(name: str) -> tuple[str, str]:
     return name, "optimizer" if name == "model" else f"{name}_optimizer"
 
 
-def _config_dir(root: Path, name: str) -> Path:
+def config_dir(root: Path, name: str) -> Path:
+    """Where a sharded checkpoint keeps what rebuilds its model `name` (config, tokenizer)."""
     return root / "config" if name == "model" else root / f"config_{name}"
 
 
@@ -148,7 +149,7 @@ def save_sharded(run_dir: Path, step: int, par, models: Mapping[str, tuple[Any, 
         torch.save(rng_state(), tmp / "rng" / f"rank_{par.rank:05d}.pt")
         if par.main:
             for name, (model, _) in models.items():
-                _save_config(model, tokenizer, _config_dir(tmp, name))
+                _save_config(model, tokenizer, config_dir(tmp, name))
             state = {**{k: v.state_dict() for k, v in stateful.items()}, **dict(extra or {})}
             torch.save({**state, "step": step, "world": par.world}, tmp / "state.pt")
             make_readable(tmp)
@@ -166,18 +167,18 @@ def save_sharded(run_dir: Path, step: int, par, models: Mapping[str, tuple[Any, 
     return final
 
 
-def _save_config(model, tokenizer, config_dir: Path) -> None:
+def _save_config(model, tokenizer, folder: Path) -> None:
     """What `grpo export` rebuilds a model from: its config (naming its class), generation config,
     LoRA config and tokenizer."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = copy.deepcopy(base.config)
     config.architectures = [type(base).__name__]  # as save_pretrained records it (export builds this class)
-    config.save_pretrained(config_dir)
+    config.save_pretrained(folder)
     if getattr(base, "generation_config", None) is not None:  # a reward model has none
-        base.generation_config.save_pretrained(config_dir)
+        base.generation_config.save_pretrained(folder)
     if hasattr(model, "peft_config"):
-        model.peft_config["default"].save_pretrained(config_dir)
-    tokenizer.save_pretrained(config_dir)
+        model.peft_config["default"].save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
 
 
 def make_readable(folder: Path) -> None:
@@ -340,7 +341,7 @@ def begin(run_dir: Path, resume: Any, seed: int | None = None, par=None) -> Path
     ckpt = find(run_dir, resume)
     if not ckpt and holds_run(run_dir):
         raise refusal(run_dir)
-    if ckpt and par is not None and par.sharded and not is_sharded(ckpt):
+    if par is not None and par.sharded and has_folders(ckpt):
         from grpo.config import ConfigError
 
         # its optimizer state is whole tensors, which a sharded optimizer cannot take as they are
@@ -356,10 +357,15 @@ def rank_seed(seed: int, rank: int, step: int = 0) -> int:
     return seed + 1_000_003 * rank + step
 
 
+def has_folders(ckpt: Path | None) -> bool:
+    """Whether `ckpt` holds its models as folders (written by one process), not as shards."""
+    return ckpt is not None and not is_sharded(ckpt)
+
+
 def model_source(ckpt: Path | None, path: str) -> str:
     """Where a trainer loads its model from: a one-process checkpoint's model folder, else `path`
     (the start, or the base that a sharded checkpoint's weights are then loaded over)."""
-    return str(Path(ckpt) / "model") if ckpt is not None and not is_sharded(ckpt) else path
+    return str(Path(ckpt) / "model") if has_folders(ckpt) else path
 
 
 def save_run(run_dir: Path, step: int, par, models: Mapping[str, tuple[Any, Any]], tokenizer,

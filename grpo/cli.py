@@ -8,7 +8,6 @@ one line naming the problem (exit 2), not a traceback.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -128,10 +127,6 @@ def _check_overrides(config_name: str, argv: list[str]) -> None:
 _HYDRA_OWN = ["hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none"]
 
 
-def _rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
 # The commands that split their work over the ranks of a torchrun launch; the others run on one process.
 TORCHRUN_COMMANDS = ("train", "sft", "rm", "dpo", "ppo")
 
@@ -183,7 +178,7 @@ def _hydra_job(config_name: str, fn, argv: list[str]) -> int:
             prefix = "" if fresh or trains else f"{config_name}_"
             if main_rank:
                 logs.write_record(run_dir, prefix, OmegaConf.to_yaml(cfg), argv)
-            with logs.command_output(run_dir, config_name if main_rank else f"{config_name}.rank{_rank()}"):
+            with logs.command_output(run_dir, config_name if main_rank else f"{config_name}.rank{distributed.rank()}"):
                 fn(plain, run_dir)
         except _user_errors() as e:
             tag = "" if main_rank else f" (rank {distributed.rank()})"

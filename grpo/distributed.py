@@ -11,8 +11,8 @@ everything here is a no-op and the trainers run exactly as before.
   parameters compute in bf16 and gradients reduce in fp32 (`parallel.mixed_precision`).
 
 Both average gradients over ranks, so a rank's loss is `sum_local(l * m) / N_global * W`: the trainers
-pass `N_global / W` as the normaliser of `losses.aggregate` (see `Parallel.normaliser`), N_global
-all-reduced once per step. Every forward of a sharded model is a collective, so every rank must run
+pass `N_global / W` as the normaliser of `losses.aggregate`, N_global all-reduced (`Parallel.sum`)
+once per step. Every forward of a sharded model is a collective, so every rank must run
 the same number of them: `Parallel.pad_micro_batches` evens out the micro-batch counts (the extra
 ones are weighted 0), and `Lockstep` keeps generation in step when ranks finish at different lengths.
 
@@ -25,15 +25,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import logging
 import os
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.distributed as dist
-
-log = logging.getLogger(__name__)
 
 
 def launched() -> bool:
@@ -176,8 +173,20 @@ class Parallel:
         return out
 
     def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
+        barrier()
+
+    def require(self, n: int, what: str, error: type[Exception] | None = None) -> None:
+        """Every rank needs one of the n items it shares out (prompts, rows, held-out samples): a
+        one-line error (ConfigError by default) naming `what` when there are fewer than ranks."""
+        if n < self.world:
+            from grpo.config import ConfigError
+
+            raise (error or ConfigError)(f"{what}: fewer than the {self.world} processes, which need one each")
+
+    def sum_dict(self, values: dict[str, float]) -> dict[str, float]:
+        """`sum` over a dict of floats (every rank with the same keys)."""
+        keys = sorted(values)
+        return dict(zip(keys, self.sum([values[k] for k in keys])))
 
     def _comm_device(self) -> str:
         return self.device if dist.get_backend() == "nccl" else "cpu"
@@ -230,12 +239,6 @@ class Parallel:
             fully_shard(fwd, **opts)
         return fwd
 
-    @staticmethod
-    def inner(wrapped: torch.nn.Module) -> torch.nn.Module:
-        """The model inside DDP and the Forward wrapper."""
-        m = getattr(wrapped, "module", wrapped)
-        return m.model if isinstance(m, Forward) else m
-
     @contextlib.contextmanager
     def grad_sync(self, wrapped: torch.nn.Module, sync: bool) -> Iterator[None]:
         """Backward passes that only accumulate (sync=False) or also reduce over ranks (sync=True)."""
@@ -246,7 +249,6 @@ class Parallel:
         if self.strategy == "fsdp2":
             wrapped.set_requires_gradient_sync(sync)
         yield
-
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:

@@ -156,8 +156,7 @@ def run_dpo(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     pc = cfg.parallel
     par = Parallel(pc.strategy, pick_device(m.device), pc.mixed_precision)
-    if t.batch_size < par.world:
-        raise C.ConfigError(f"trainer.batch_size={t.batch_size} is fewer than the {par.world} processes")
+    par.require(t.batch_size, f"trainer.batch_size={t.batch_size}")
     ckpt = checkpoint.begin(run_dir, t.resume, t.seed, par)
     if not cfg.task.get("verifiers"):
         raise C.ConfigError("task.verifiers is not set: evaluation needs them (the true score of the policy)")
@@ -165,9 +164,9 @@ def run_dpo(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
         raise C.ConfigError("dpo.label_smoothing applies to the sigmoid and robust losses, not to ipo: set it to 0")
     task = build_task(cfg.task, seed=t.seed)
     eval_set = task.eval_samples()[: t.eval_size]
-    if len(eval_set) < par.world:
-        raise TaskError("the task holds out no samples for evaluation" if not eval_set else
-                        f"the task holds out {len(eval_set)} samples for evaluation: fewer than the {par.world} processes")
+    if not eval_set:
+        raise TaskError("the task holds out no samples for evaluation")
+    par.require(len(eval_set), f"the task holds out {len(eval_set)} samples for evaluation", TaskError)
     tok = load_tokenizer(m.path)
     kind, records = read_preferences(resolve_data(d.path), d.split, d.config)
     if kind == "scores":
@@ -257,9 +256,8 @@ def run_dpo(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
                 metrics.update({key: metrics.get(key, 0.0) + v * w for key, v in m_part.items()})
             gn, lr = optimizer_step(fwd, opt, sched, o.max_grad_norm)
             push_weights(engine, policy)
-            keys = sorted(metrics)
-            loss_v, *sums = par.sum([loss_v] + [metrics[key] for key in keys])
-            metrics = dict(zip(keys, sums))
+            metrics = par.sum_dict({**metrics, "loss": loss_v})  # the ranks' shares add up
+            loss_v = metrics.pop("loss")
             step += 1
             if step == 1 or due(step, t.log_every, t.max_steps):
                 tracker.log({"loss": loss_v, **metrics, "grad_norm": gn, "lr": lr,

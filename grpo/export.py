@@ -45,7 +45,7 @@ def load_checkpoint_model(ckpt: Path, module: str = "model"):
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
-        src = ckpt / "config" if module == "model" else ckpt / f"config_{module}"
+        src = checkpoint.config_dir(ckpt, module)
         if not src.is_dir():
             raise ModelError(f"{ckpt}: holds no module {module!r}")
         config = AutoConfig.from_pretrained(src)
@@ -78,7 +78,10 @@ def load_checkpoint_model(ckpt: Path, module: str = "model"):
 def export(ckpt: str, out: str, module: str = "model") -> Path:
     """Write the checkpoint's model as one Hugging Face folder at `out` (which must not hold files);
     assembled beside it and renamed into place."""
-    src = checkpoint_dir(ckpt)
+    return _export(checkpoint_dir(ckpt), out, module)
+
+
+def _export(src: Path, out: str, module: str) -> Path:
     dest = Path(out).expanduser()
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise ModelError(f"{out}: already exists and is not empty")
@@ -115,6 +118,6 @@ def export_main(argv: list[str]) -> int:
     # dcp.load on one process says it assumes one process: that is the intent here
     warnings.filterwarnings("ignore", message="torch.distributed is disabled")
     warnings.filterwarnings("ignore", message="The PEFT config.s .base_model_name_or_path. was renamed")
-    dest = export(a.checkpoint, a.out, a.module)
-    print(f"exported {checkpoint_dir(a.checkpoint)} to {dest}")
+    src = checkpoint_dir(a.checkpoint)
+    print(f"exported {src} to {_export(src, a.out, a.module)}")
     return 0

@@ -177,12 +177,10 @@ def run_ppo(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     pc = cfg.parallel
     par = Parallel(pc.strategy, pick_device(m.device), pc.mixed_precision)
     W = par.world
-    if t.prompts_per_step < W:
-        raise C.ConfigError(f"trainer.prompts_per_step={t.prompts_per_step} is fewer than the {W} processes")
+    par.require(t.prompts_per_step, f"trainer.prompts_per_step={t.prompts_per_step}")
     if W > 1 and p.value == "shared":
         raise C.ConfigError("ppo.value=shared under torchrun is not supported yet: use ppo.value=separate")
     ckpt = checkpoint.begin(run_dir, t.resume, t.seed, par)
-    sharded_ckpt = ckpt is not None and checkpoint.is_sharded(ckpt)
     if not cfg.task.get("verifiers") and not rm.path:
         raise C.ConfigError("ppo needs a reward: set reward_model.path or task.verifiers")
     if p.ptx_coef > 0 and not p.ptx_path:
@@ -190,9 +188,9 @@ def run_ppo(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     value_src = p.value_model or rm.path  # None: the policy's weights with a new head (no reward model to start from)
     task = build_task(cfg.task, seed=t.seed)
     eval_set = task.eval_samples()[: t.eval_size]
-    if len(eval_set) < W:
-        raise TaskError("the task holds out no samples for evaluation" if not eval_set else
-                        f"the task holds out {len(eval_set)} samples for evaluation: fewer than the {W} processes")
+    if not eval_set:
+        raise TaskError("the task holds out no samples for evaluation")
+    par.require(len(eval_set), f"the task holds out {len(eval_set)} samples for evaluation", TaskError)
     device = par.device
     tok = load_tokenizer(m.path)
     rewards, verifiers, reward_model = build_rewards(cfg.task.get("verifiers"), cfg.verifier.fail_fast,
@@ -202,7 +200,7 @@ def run_ppo(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     disable_dropout(policy)
     policy.train()
     ref = load_model(m.path, m.dtype, device="cpu" if pc.ref_on_cpu else device).eval().requires_grad_(False)
-    whole = ckpt is not None and not sharded_ckpt  # a one-process checkpoint holds the critic's folder
+    whole = checkpoint.has_folders(ckpt)  # a one-process checkpoint holds the critic's folder
     if p.value == "shared":
         critic = SharedValue(policy)  # its head comes back from state.pt on resume
     elif whole or value_src:  # strict: a checkpoint's or a reward model's head must be there
@@ -349,8 +347,7 @@ def run_ppo(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
                                  ("grad_norm/value", float(vgn) / W)):
                         acc.setdefault(k, []).append(v)
             push_weights(engine, policy)
-            keys = sorted(acc)
-            totals = par.sum([sum(acc[k]) for k in keys])
+            totals = par.sum_dict({k: sum(v) for k, v in acc.items()})  # each minibatch's shares, over ranks
             # the batch's sequence KL, scores and lengths over all ranks
             kl_sum, score_sum, len_sum, done, val_sum = par.sum([
                 float((kl * mask).sum()), float(score.sum()), float(mask.sum()), float(sum(ro.finished)),
@@ -365,7 +362,7 @@ def run_ppo(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
                 "objective/kl": seq_kl,
                 "objective/rlhf_reward": score_sum / N - beta * seq_kl,
                 # means over the minibatches; skipped_updates is a count
-                **{k: v if k == "skipped_updates" else v / len(acc[k]) for k, v in zip(keys, totals)},
+                **{k: v if k == "skipped_updates" else v / len(acc[k]) for k, v in totals.items()},
                 "val/mean": val_sum / max(tokens, 1.0),
                 "val/explained_var": explained_variance(old_values, returns, mask, par if W > 1 else None),
                 "kl/beta": beta,

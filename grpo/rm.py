@@ -169,9 +169,8 @@ def backward(model, batch: list[Encoded], micro_batch_size: int, kind: str, pad_
             (loss * w * W).backward()
         loss_v += loss.item() * w
         metrics = {key: metrics.get(key, 0.0) + v * w for key, v in m_part.items()}
-    keys = sorted(metrics)
-    loss_v, *sums = par.sum([loss_v] + [metrics[key] for key in keys])
-    return loss_v, dict(zip(keys, sums))
+    metrics = par.sum_dict({**metrics, "loss": loss_v})  # the ranks' shares add up
+    return metrics.pop("loss"), metrics
 
 
 @torch.no_grad()
@@ -216,8 +215,7 @@ def run_rm(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     t, m, o, d = cfg.trainer, cfg.model, cfg.optim, cfg.data
     run_dir = Path(run_dir)
     par = Parallel(cfg.parallel.strategy, pick_device(m.device), cfg.parallel.mixed_precision)
-    if t.batch_size < par.world:
-        raise C.ConfigError(f"trainer.batch_size={t.batch_size} is fewer than the {par.world} processes")
+    par.require(t.batch_size, f"trainer.batch_size={t.batch_size}")
     ckpt = checkpoint.begin(run_dir, t.resume, t.seed, par)
     tok = load_tokenizer(m.path)
     kind, records = read_preferences(resolve_data(d.path), d.split, d.config)

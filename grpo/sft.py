@@ -67,8 +67,7 @@ def run_sft(raw: dict[str, Any], run_dir: Path) -> Path:
     t, m, o, data = cfg.trainer, cfg.model, cfg.optim, cfg.data
     run_dir = Path(run_dir)
     par = Parallel(cfg.parallel.strategy, pick_device(m.device), cfg.parallel.mixed_precision)
-    if t.batch_size < par.world:
-        raise C.ConfigError(f"trainer.batch_size={t.batch_size} is fewer than the {par.world} processes")
+    par.require(t.batch_size, f"trainer.batch_size={t.batch_size}")
     ckpt = checkpoint.begin(run_dir, t.resume, t.seed, par)
     tok = load_tokenizer(m.path)
     pairs = encode_rows(tok, located_rows(data.path), data.prompt_field, data.completion_field, data.system_prompt)

@@ -82,8 +82,7 @@ class Trainer:
         pc = cfg.parallel
         self.par = par = Parallel(pc.strategy, pick_device(m.device), pc.mixed_precision)
         W = par.world
-        if W > 1 and self.B < W:
-            raise ConfigError(f"trainer.prompts_per_step={self.B} is fewer than the {W} processes: each needs a prompt")
+        par.require(self.B, f"trainer.prompts_per_step={self.B}")
         if m.lora.r and par.sharded:
             raise ConfigError("model.lora with parallel=fsdp2 is not supported yet: use parallel=ddp")
         # Every rank reads the same prompt order (the task's seed) and samples its own stream.
@@ -92,12 +91,11 @@ class Trainer:
         # Everything that can fail on user input is built before the first step.
         self.task = build_task(cfg.task, seed=t.seed)
         self.eval_set = self.task.eval_samples()[: t.eval_size]
-        if len(self.eval_set) < W:
-            raise TaskError(f"the task holds out {len(self.eval_set)} samples for evaluation: fewer than the "
-                            f"{W} processes" if self.eval_set else "the task holds out no samples for evaluation")
+        if not self.eval_set:
+            raise TaskError("the task holds out no samples for evaluation")
+        par.require(len(self.eval_set), f"the task holds out {len(self.eval_set)} samples for evaluation", TaskError)
         self.device = par.device
         self.ckpt = checkpoint.begin(self.run_dir, t.resume, par=par)
-        sharded_ckpt = self.ckpt is not None and checkpoint.is_sharded(self.ckpt)
         self.tok = load_tokenizer(m.path)
         rm = cfg.reward_model
         self.rewards, self.verifiers, self.rm = build_rewards(
@@ -106,7 +104,7 @@ class Trainer:
             rm.batch_size)
         # A one-process checkpoint holds the policy as a model folder (its adapters with LoRA); a
         # sharded one is loaded into the wrapped model below.
-        whole = self.ckpt is not None and not sharded_ckpt
+        whole = checkpoint.has_folders(self.ckpt)
         lo = m.lora
         policy = load_model(checkpoint.model_source(self.ckpt if not lo.r else None, m.path), m.dtype,
                             m.gradient_checkpointing, self.device)
@@ -265,17 +263,19 @@ class Trainer:
         # The engine's log-probs against the trainer's for the same tokens, before the update.
         gap = (eng - first_logp).abs() * mask  # [n, T]
         lengths = mask.sum(1).float()
-        keys = sorted(acc)
-        sums = par.sum([acc[k] for k in keys] + [float(gap.sum()), float(lengths.sum()), float(sum(ro.finished))])
+        # the ranks' shares and counts, in one all-reduce
+        totals = par.sum_dict({**acc, "gap": float(gap.sum()), "len": float(lengths.sum()),
+                               "finished": float(sum(ro.finished))})
+        gap_sum, len_sum, finished = (totals.pop(k) for k in ("gap", "len", "finished"))
         maxima = par.gather((float(lengths.max()), float(gap.max())))
         return {
-            **dict(zip(keys, sums)),
+            **totals,
             "grad_norm": float(grad_norm),
             "lr": lr,
-            "completion/len_mean": sums[-2] / rows,
+            "completion/len_mean": len_sum / rows,
             "completion/len_max": max(x[0] for x in maxima),
-            "completion/truncated_frac": 1.0 - sums[-1] / rows,
-            "rollout/logprob_abs_diff/mean": sums[-3] / tokens,
+            "completion/truncated_frac": 1.0 - finished / rows,
+            "rollout/logprob_abs_diff/mean": gap_sum / tokens,
             "rollout/logprob_abs_diff/max": max(x[1] for x in maxima),
             # the update's split: old-policy and reference forwards, then the policy's own
             "time/ref_forward": t_ref - t2, **{f"time/{k}": v for k, v in clock.items()},
@@ -296,10 +296,11 @@ class Trainer:
         return metrics
 
     def save(self) -> Path:
-        more = {"merged": plain_copy(self.policy)} if is_lora(self.policy) and self.cfg.model.lora.save_merged else {}
+        # merged/ beside a one-process checkpoint's adapters (a sharded one has none: grpo export merges)
+        merge = is_lora(self.policy) and self.cfg.model.lora.save_merged and self.par.world == 1
         return checkpoint.save_run(self.run_dir, self.step, self.par, {"model": (self.policy, self.opt)}, self.tok,
                                    {"scheduler": self.sched}, {"data_pos": self.data_pos}, self.t.keep_checkpoints,
-                                   more if self.par.world == 1 else None)
+                                   {"merged": plain_copy(self.policy)} if merge else None)
 
     # ---- the loop ------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:

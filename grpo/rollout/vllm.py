@@ -129,8 +129,10 @@ def choose_logprobs_mode(temperature: float, top_p: float, top_k: int) -> tuple[
 def _own_gpu(on_gpu: bool):
     """Under torchrun on GPUs, the engine that rank r starts sees only the rank's own GPU (its
     processes inherit CUDA_VISIBLE_DEVICES as it is while they start), not GPU 0 of every rank."""
+    from grpo.distributed import launched
+
     local = os.environ.get("LOCAL_RANK")
-    if not on_gpu or local is None or int(os.environ.get("WORLD_SIZE", "1")) == 1:
+    if not on_gpu or local is None or not launched():
         yield
         return
     saved = os.environ.get("CUDA_VISIBLE_DEVICES")
