@@ -313,9 +313,9 @@ def run_ppo(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
                         lm_v = float(lm.detach())
                     # One all-reduce: whether any rank's loss is non-finite (then every rank skips), and on
                     # the step's first minibatch the ratio's token sum (1 before any update).
-                    first = first_ratio is None
-                    votes = par.sum([0.0 if torch.isfinite(loss) else 1.0] + ([pm["ratio/mean"] * mb_tok] if first else []))
-                    if first:
+                    opening = first_ratio is None  # (not `first`: that is the run's first evaluation)
+                    votes = par.sum([0.0 if torch.isfinite(loss) else 1.0] + ([pm["ratio/mean"] * mb_tok] if opening else []))
+                    if opening:
                         first_ratio = votes[1] / mb_tokens
                         if abs(first_ratio - 1.0) > 1e-3:
                             log.warning("ppo step %d: the first minibatch's ratio is %.5f, not 1: the trainer's "

@@ -24,7 +24,8 @@ def metrics(run_dir):
 
 
 def test_ppo_with_a_reward_model_logs_the_invariants_and_both_scores(tiny_model_dir, tiny_rm_dir, tmp_path):
-    run_ppo(cfg(tiny_model_dir, f"reward_model.path={tiny_rm_dir}", "trainer.max_steps=3", "ppo.kl_target=1.0"), tmp_path)
+    summary = run_ppo(cfg(tiny_model_dir, f"reward_model.path={tiny_rm_dir}", "trainer.max_steps=3", "ppo.kl_target=1.0"),
+                      tmp_path)
     recs = metrics(tmp_path)
     steps = [r for r in recs if "objective/scores" in r]
     assert [r["step"] for r in steps] == [1, 2, 3]
@@ -42,6 +43,9 @@ def test_ppo_with_a_reward_model_logs_the_invariants_and_both_scores(tiny_model_
     assert steps[0]["objective/kl"] == 0.0 and steps[1]["kl/beta"] == pytest.approx(0.05 * (1 - 0.2 * 8 / 10000))
     evals = [r for r in recs if "eval/reward/mean" in r]
     assert [r["step"] for r in evals] == [0, 3] and all("eval/rm_score" in r and "eval/kl" in r for r in evals)
+    # the summary's "first -> last" are the evaluations before step 1 and after the last step
+    assert summary["first_eval"] == {k: v for k, v in evals[0].items() if k != "step"}
+    assert summary["last_eval"] == {k: v for k, v in evals[1].items() if k != "step"}
 
 
 def test_ppo_resume_is_exact(tiny_model_dir, tiny_rm_dir, tmp_path):
