@@ -48,9 +48,9 @@ setup-vllm: setup
 	fi
 	$(VLLM_CHECK) && $(PY) -c "import torch, vllm; print('vllm', vllm.__version__, 'torch', torch.__version__)"
 
-# Rebuild the embedded default model (grpo/embedded_model) with this project's own `grpo sft`.
+# Rebuild the embedded default model (grpo/data/embedded_model) with this project's own `grpo sft`.
 embedded-model: setup
-	$(PY) -m grpo.embedded $(ARGS)
+	$(PY) -m grpo.commands.embedded $(ARGS)
 
 # Rebuild the built-in preference task's data (grpo/data/prefs_*.jsonl); `make embedded-rm` then
 # retrains the shipped reward model on it.
@@ -58,7 +58,7 @@ prefs-data: setup
 	$(VENV)/bin/grpo prefs --ship $(ARGS)
 
 embedded-rm: setup
-	$(PY) -m grpo.embedded --task rm $(ARGS)
+	$(PY) -m grpo.commands.embedded --task rm $(ARGS)
 
 # TRL's GRPOTrainer against `grpo train` on the same work (bench/bench_vs_trl.py), in an environment of
 # its own, .venv-bench (set up once): TRL is only measured, never a dependency of the project. torch is

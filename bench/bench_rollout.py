@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def build_model(spec: str, out: Path) -> str:
-    from grpo.embedded import build_tokenizer, init_model
+    from grpo.commands.embedded import build_tokenizer, init_model
 
     hidden, layers = (int(x) for x in spec.split("x"))
     tok = build_tokenizer(out)
@@ -67,10 +67,10 @@ def main() -> int:
     torch.set_num_threads(a.threads)
     from vllm import SamplingParams as VSamplingParams
 
-    from grpo.modeling import load_model, load_tokenizer
-    from grpo.rollout.base import SamplingParams
-    from grpo.rollout.hf import HFEngine
-    from grpo.rollout.vllm import VLLMEngine
+    from grpo.parts.modeling import load_model, load_tokenizer
+    from grpo.parts.rollout.base import SamplingParams
+    from grpo.parts.rollout.hf import HFEngine
+    from grpo.parts.rollout.vllm import VLLMEngine
 
     tmp = tempfile.TemporaryDirectory()
     path = build_model(a.build, Path(tmp.name)) if a.build else a.model

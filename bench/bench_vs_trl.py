@@ -13,7 +13,7 @@ as the project's (5.19 at the time of writing), torch 2.13.0 and accelerate from
 Cells: a workload x a model size.
   short   arithmetic prompts ("What is a + b?"), B = 16 prompts x G = 8 completions, max_new_tokens 16
   long    the same prompts after a ~150-token few-shot system prompt, completions up to 64 tokens
-  embedded  the shipped 0.9M-parameter Llama (grpo/embedded_model, head_dim 64)
+  embedded  the shipped 0.9M-parameter Llama (grpo/data/embedded_model, head_dim 64)
   27m       a seeded, randomly initialised Llama of ~27M parameters (hidden 512, 8 layers, 8 heads of
             64, intermediate 1536, the embedded tokenizer's vocabulary), written to a temporary folder
             beside a copy of the embedded tokenizer files; its completions are random text that rarely
@@ -176,7 +176,7 @@ def build_27m(out: Path) -> str:
     import torch
     from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    from grpo.modeling import EMBEDDED_MODEL_DIR
+    from grpo.parts.modeling import EMBEDDED_MODEL_DIR
 
     out.mkdir(parents=True, exist_ok=True)
     for f in EMBEDDED_MODEL_DIR.iterdir():
@@ -244,9 +244,9 @@ def worker_setup(spec: dict):
 
 def worker_ours(spec: dict, ch: Channel) -> None:
     worker_setup(spec)
-    from grpo import config as C
+    from grpo.parts import config as C
     from grpo.cli import compose_config
-    from grpo.trainer import Trainer
+    from grpo.commands.train import Trainer
 
     B, G, max_new, system = WORKLOADS[spec["workload"]]
     total = spec["warmup"] + spec["steps"]
@@ -303,7 +303,7 @@ def worker_trl(spec: dict, ch: Channel) -> None:
     from transformers import AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from grpo.rollout import encode_prompts
+    from grpo.parts.rollout import encode_prompts
 
     B, G, max_new, system = WORKLOADS[spec["workload"]]
     total = spec["warmup"] + spec["steps"]
@@ -603,7 +603,7 @@ def main() -> int:
     import torch
     import transformers
 
-    from grpo.modeling import resolve_model_path
+    from grpo.parts.modeling import resolve_model_path
 
     load0 = os.getloadavg()
     peak0 = matmul_peak(a.threads)

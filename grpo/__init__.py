@@ -16,8 +16,8 @@ if not (_here / "verifiers").is_dir() and (_here.parent / "verifiers" / "__init_
 # The public tensor functions, imported on first use: `import grpo.verifiers...` (the math verifier's
 # worker processes) must not pay for importing torch.
 _PUBLIC = {
-    "group_advantages": "grpo.advantages", "kl_penalty": "grpo.kl", "policy_loss": "grpo.losses",
-    "aggregate": "grpo.losses",
+    "group_advantages": "grpo.algorithm.advantages", "kl_penalty": "grpo.algorithm.kl", "policy_loss": "grpo.algorithm.losses",
+    "aggregate": "grpo.algorithm.losses",
 }
 __all__ = sorted(_PUBLIC)
 __version__ = "0.1.0"

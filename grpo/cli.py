@@ -44,8 +44,8 @@ class UserError(Exception):
 
 
 def _user_errors():
-    from grpo.modeling import ModelError
-    from grpo.config import ConfigError
+    from grpo.parts.modeling import ModelError
+    from grpo.parts.config import ConfigError
     from grpo.tasks.base import TaskError
     from grpo.verifiers.registry import VerifierConfigError
 
@@ -123,7 +123,7 @@ def _check_overrides(config_name: str, argv: list[str]) -> None:
 
 
 # Hydra makes the run dir; the project writes what goes in it (after the checks below) and sets up
-# logging itself (grpo.logs), so Hydra's own .hydra/ writing and logging are switched off.
+# logging itself (grpo.parts.logs), so Hydra's own .hydra/ writing and logging are switched off.
 _HYDRA_OWN = ["hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none"]
 
 
@@ -135,7 +135,7 @@ def _ranks_agree(config_name: str, argv: list[str]) -> tuple[list[str], bool]:
     """Under torchrun: join the process group now, and give every rank rank 0's run dir (the default
     one is named by the clock, which the ranks read at different moments). Returns the overrides
     and whether this is rank 0."""
-    from grpo import distributed
+    from grpo.parts import distributed
 
     if not distributed.launched():
         return argv, True
@@ -152,7 +152,7 @@ def _hydra_job(config_name: str, fn, argv: list[str]) -> int:
     import hydra
     from omegaconf import OmegaConf
 
-    from grpo import checkpoint, distributed, logs
+    from grpo.parts import checkpoint, distributed, logs
 
     _check_overrides(config_name, argv)
     result = {"rc": 0}
@@ -202,56 +202,56 @@ def _hydra_job(config_name: str, fn, argv: list[str]) -> int:
 
 
 def _train(cfg: dict, run_dir: Path) -> None:
-    from grpo.trainer import train
+    from grpo.commands.train import train
 
     train(cfg, run_dir)
 
 
 def _sft(cfg: dict, run_dir: Path) -> None:
-    from grpo.sft import run_sft
+    from grpo.commands.sft import run_sft
 
     out = run_sft(cfg, run_dir)
     print(f"sft done: model saved to {out}")
 
 
 def _eval(cfg: dict, run_dir: Path) -> None:
-    from grpo.evaluate import run_eval
+    from grpo.parts.evaluation import run_eval
 
     run_eval(cfg, run_dir)
 
 
 def _rm(cfg: dict, run_dir: Path) -> None:
-    from grpo.rm import run_rm
+    from grpo.commands.rm import run_rm
 
     run_rm(cfg, run_dir)
 
 
 def _ppo(cfg: dict, run_dir: Path) -> None:
-    from grpo.ppo import run_ppo
+    from grpo.commands.ppo import run_ppo
 
     run_ppo(cfg, run_dir)
 
 
 def _dpo(cfg: dict, run_dir: Path) -> None:
-    from grpo.dpo import run_dpo
+    from grpo.commands.dpo import run_dpo
 
     run_dpo(cfg, run_dir)
 
 
 def _bon(cfg: dict, run_dir: Path) -> None:
-    from grpo.bon import run_bon
+    from grpo.commands.bon import run_bon
 
     run_bon(cfg, run_dir)
 
 
 def compare_main(argv: list[str]) -> int:
-    from grpo.compare import compare_main as main
+    from grpo.commands.compare import compare_main as main
 
     return main(argv)
 
 
 def prefs_main(argv: list[str]) -> int:
-    from grpo.prefs import prefs_main as main
+    from grpo.commands.prefs import prefs_main as main
 
     return main(argv)
 
@@ -305,7 +305,7 @@ def verify_main(argv: list[str]) -> int:
 
 
 def export_main(argv: list[str]) -> int:
-    from grpo.export import export_main as main
+    from grpo.commands.export import export_main as main
 
     return main(argv)
 
@@ -347,7 +347,7 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("-v", "--verbose"):  # grpo -v <command>: library output on the terminal too
-        from grpo import logs
+        from grpo.parts import logs
 
         logs.VERBOSE, argv = True, argv[1:]
     if not argv or argv[0] in ("-h", "--help", "help"):

@@ -13,7 +13,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A randomly initialised 1-layer Llama with the embedded model's tokenizer (built, not downloaded)."""
-    from grpo.embedded import build_tokenizer, init_model
+    from grpo.commands.embedded import build_tokenizer, init_model
 
     out = tmp_path_factory.mktemp("tiny_model")
     tok = build_tokenizer(out)
@@ -26,8 +26,8 @@ def tiny_rm_dir(tiny_model_dir, tmp_path_factory) -> Path:
     """A reward model on tiny_model_dir: its trunk plus a seeded, untrained scalar head."""
     import torch
 
-    from grpo.modeling import load_tokenizer
-    from grpo.reward_model import init_reward_model, save_reward_model
+    from grpo.parts.modeling import load_tokenizer
+    from grpo.parts.reward_model import init_reward_model, save_reward_model
 
     out = tmp_path_factory.mktemp("tiny_rm")
     torch.manual_seed(0)

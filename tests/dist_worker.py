@@ -21,12 +21,12 @@ import sys
 
 import torch
 
-from grpo import config as C
-from grpo.batch import batch_logprobs, pack
+from grpo.parts import config as C
+from grpo.parts.batch import batch_logprobs, pack
 from grpo.cli import compose_config
-from grpo.distributed import shard
-from grpo.rollout.base import Rollout
-from grpo.trainer import Trainer
+from grpo.parts.distributed import shard
+from grpo.parts.rollout.base import Rollout
+from grpo.commands.train import Trainer
 
 # mode generate: rank -> (prompts, hf engine batch size, max_new_tokens)
 GENERATE = {0: ([[5, 6, 7]], 8, 2), 1: ([[5 + i, 6, 7][: 1 + i % 3] for i in range(5)], 2, 7)}
@@ -66,7 +66,7 @@ def whole_state(tr: Trainer) -> dict:
 def main() -> None:
     mode, model_dir, out, run_dir, *overrides = sys.argv[1:]
     if mode == "metrics":
-        from grpo.distributed import Parallel
+        from grpo.parts.distributed import Parallel
 
         par = Parallel("ddp")
         mine = [{"a/mean": 0.0, "a/std": 1.0, "v/errors": 3.0, "x": 1.0},
@@ -76,10 +76,10 @@ def main() -> None:
             torch.save(got, out)
         return finish(par)
     if mode == "generate":
-        from grpo.distributed import Lockstep, Parallel
-        from grpo.modeling import load_model, load_tokenizer
-        from grpo.rollout.base import SamplingParams
-        from grpo.rollout.hf import HFEngine
+        from grpo.parts.distributed import Lockstep, Parallel
+        from grpo.parts.modeling import load_model, load_tokenizer
+        from grpo.parts.rollout.base import SamplingParams
+        from grpo.parts.rollout.hf import HFEngine
 
         par = Parallel("fsdp2")
         tok = load_tokenizer(model_dir)
@@ -119,7 +119,7 @@ def main() -> None:
 
 def finish(par) -> None:
     """Every rank done before any leaves the process group."""
-    from grpo.distributed import close
+    from grpo.parts.distributed import close
 
     par.barrier()
     close()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from grpo import group_advantages, kl_penalty, policy_loss
-from grpo.losses import aggregate
+from grpo.algorithm.losses import aggregate
 
 
 def test_group_advantages_group_scale():

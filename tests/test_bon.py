@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from grpo.bon import best_index, best_of_n_kl, run_bon
+from grpo.commands.bon import best_index, best_of_n_kl, run_bon
 from grpo.cli import compose_config
 
 TOY = "task.verifiers=[{_target_: tests.toy_verifiers.DigitFraction}]"
@@ -39,8 +39,8 @@ def test_bon_with_verifiers_as_judge_is_monotone_and_writes_sft_rows(tiny_model_
     rows = [json.loads(x) for x in (tmp_path / "best_of_n.jsonl").read_text().splitlines()]
     assert len(rows) == 12 and all(r["prompt"].startswith("What is") for r in rows)
     # Readable by grpo sft as prompt/completion rows.
-    from grpo.modeling import load_tokenizer
-    from grpo.sft import encode_rows
+    from grpo.parts.modeling import load_tokenizer
+    from grpo.commands.sft import encode_rows
 
     nonempty = [("bon.jsonl", r) for r in rows if r["completion"]]
     assert encode_rows(load_tokenizer(str(tiny_model_dir)), nonempty, "prompt", "completion")

@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from grpo import checkpoint
-from grpo.config import ConfigError
-from grpo.modeling import ModelError, load_model
+from grpo.parts import checkpoint
+from grpo.parts.config import ConfigError
+from grpo.parts.modeling import ModelError, load_model
 
 
 def cut(path, keep: float = 0.5) -> None:
@@ -47,7 +47,7 @@ def test_resume_skips_a_damaged_newest_checkpoint_with_a_warning(tmp_path, caplo
     fake_checkpoint(tmp_path, 2)
     newest = fake_checkpoint(tmp_path, 4)
     cut(newest / "model" / "model.safetensors")
-    with caplog.at_level(logging.WARNING, logger="grpo.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="grpo.parts.checkpoint"):
         found = checkpoint.find(tmp_path, True)
     assert found.name == "step_000002"
     assert f"skipping {newest / 'model' / 'model.safetensors'}" in caplog.text
@@ -71,7 +71,7 @@ def test_a_model_folder_with_cut_weights_is_one_line(tiny_model_dir, tmp_path):
 
 
 def test_next_save_removes_what_a_crash_left(tiny_model_dir, tmp_path):
-    from grpo.modeling import load_tokenizer
+    from grpo.parts.modeling import load_tokenizer
 
     left = tmp_path / "checkpoints" / ".tmp_step_000002_abcd"
     (left / "model").mkdir(parents=True)

@@ -187,7 +187,7 @@ def test_shipped_code_model_writes_held_out_programs_greedily():
     # (operation, constant) pairs, while sampling still spreads over near misses.
     import torch
 
-    from grpo.modeling import load_model, load_tokenizer, resolve_model_path
+    from grpo.parts.modeling import load_model, load_tokenizer, resolve_model_path
     from grpo.tasks.base import render_prompt
 
     assert resolve_model_path("embedded-code").endswith("embedded_code_model")

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from grpo.compare import compare_main, curve
+from grpo.commands.compare import compare_main, curve
 
 
 def write_run(path, evals):
@@ -54,10 +54,10 @@ def test_inputs_it_cannot_plot_are_one_line_errors(tmp_path):
 
 
 def test_sequence_kl_is_the_mean_summed_log_ratio(tiny_model_dir):
-    from grpo.batch import pack, token_logprobs
-    from grpo.evaluate import sequence_kl
-    from grpo.modeling import load_model
-    from grpo.rollout.base import Rollout
+    from grpo.parts.batch import pack, token_logprobs
+    from grpo.parts.evaluation import sequence_kl
+    from grpo.parts.modeling import load_model
+    from grpo.parts.rollout.base import Rollout
 
     policy, ref = load_model(str(tiny_model_dir)), load_model(str(tiny_model_dir))
     ro = Rollout(prompt_ids=[[5, 6], [7]], completion_ids=[[8, 9, 1], [10]], texts=["", ""], logprobs=[[], []],

@@ -2,7 +2,7 @@
 
 import pytest
 
-from grpo import config as C
+from grpo.parts import config as C
 from grpo.cli import compose_config
 
 
@@ -14,10 +14,10 @@ def test_shipped_configs_parse(command, schema):
 
 
 def test_preference_configs_parse():
-    from grpo.bon import BonConfig
-    from grpo.dpo import DPOConfig
-    from grpo.ppo import PPOConfig
-    from grpo.rm import RMConfig
+    from grpo.commands.bon import BonConfig
+    from grpo.commands.dpo import DPOConfig
+    from grpo.commands.ppo import PPOConfig
+    from grpo.commands.rm import RMConfig
 
     assert C.parse(RMConfig, compose_config("rm")).data.path == "embedded-prefs"
     assert C.parse(BonConfig, compose_config("bon")).reward_model.path == "embedded-rm"

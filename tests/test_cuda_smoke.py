@@ -40,7 +40,7 @@ def model100m(tmp_path_factory) -> Path:
     embedded model's character tokenizer; float32 on disk."""
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    from grpo.embedded import build_tokenizer
+    from grpo.commands.embedded import build_tokenizer
 
     out = tmp_path_factory.mktemp("llama100m")
     tok = build_tokenizer(out)

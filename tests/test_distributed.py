@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from grpo.distributed import Parallel, shard
+from grpo.parts.distributed import Parallel, shard
 from tests.conftest import ROOT, run_grpo, torchrun
 
 pytestmark = pytest.mark.slow
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def model2(tmp_path_factory):
     """A randomly initialised 2-layer Llama (two blocks for FSDP2 to shard one by one)."""
-    from grpo.embedded import build_tokenizer, init_model
+    from grpo.commands.embedded import build_tokenizer, init_model
 
     out = tmp_path_factory.mktemp("model2")
     init_model(out, build_tokenizer(out), hidden=64, layers=2, seed=0)
@@ -63,9 +63,9 @@ def test_generation_under_fsdp2_keeps_the_ranks_in_step(model2, tmp_path):
     """Rank 0 has one prompt and 2 tokens to go, rank 1 five prompts in chunks of 2 and 7 tokens:
     their numbers of forwards differ, and every forward of a sharded model is a collective. With
     Lockstep they finish, and each rank's greedy completions are the unsharded model's."""
-    from grpo.modeling import load_model, load_tokenizer
-    from grpo.rollout.base import SamplingParams
-    from grpo.rollout.hf import HFEngine
+    from grpo.parts.modeling import load_model, load_tokenizer
+    from grpo.parts.rollout.base import SamplingParams
+    from grpo.parts.rollout.hf import HFEngine
     from tests.dist_worker import GENERATE
 
     got = worker(2, "generate", model2, tmp_path / "gen.pt", "-")
@@ -167,7 +167,7 @@ def test_a_sharded_checkpoint_resumes_at_another_process_count(model2, saved, tm
 def test_export_gives_the_sharded_models_logprobs(saved, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from grpo.batch import batch_logprobs, pack
+    from grpo.parts.batch import batch_logprobs, pack
     from tests.dist_worker import fixed_batch
 
     d, state = saved
@@ -180,7 +180,7 @@ def test_export_gives_the_sharded_models_logprobs(saved, tmp_path):
     # the model's own generation config, not one made up from config.json
     assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == [1, 2]
     ro, _ = fixed_batch(2, 3, model.config.vocab_size - 1, seed=1)
-    from grpo.modeling import load_tokenizer
+    from grpo.parts.modeling import load_tokenizer
 
     batch = pack(ro.prompt_ids, ro.completion_ids, load_tokenizer(str(out)).pad_token_id)
     with torch.no_grad():
@@ -285,8 +285,8 @@ def test_rm_step_on_two_and_three_processes_equals_one(model2, tmp_path):
 def rm2(model2, tmp_path_factory):
     """A reward model on model2's trunk with a random head: its scores (and, as the critic's start,
     its values) differ from completion to completion."""
-    from grpo.modeling import load_tokenizer
-    from grpo.reward_model import init_reward_model, save_reward_model
+    from grpo.parts.modeling import load_tokenizer
+    from grpo.parts.reward_model import init_reward_model, save_reward_model
 
     out = tmp_path_factory.mktemp("rm2")
     model = init_reward_model(str(model2))

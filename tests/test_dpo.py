@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from grpo.cli import compose_config
-from grpo.dpo import encode_pairs, reference_cache, run_dpo
+from grpo.commands.dpo import encode_pairs, reference_cache, run_dpo
 from grpo.tasks.base import Sample, TaskError
-from grpo.tasks.preference import Ranking
+from grpo.tasks.preference_data import Ranking
 from tests.conftest import run_interrupted
 
 TOY = "task.verifiers=[{_target_: tests.toy_verifiers.DigitFraction}]"
@@ -83,7 +83,7 @@ def test_nll_term_is_a_token_mean_over_the_whole_batch(tiny_model_dir, tmp_path)
 
 
 def test_ipo_with_label_smoothing_is_refused(tiny_model_dir, pairs_file, tmp_path):
-    from grpo.config import ConfigError
+    from grpo.parts.config import ConfigError
 
     with pytest.raises(ConfigError, match="dpo.label_smoothing applies to the sigmoid and robust losses"):
         run_dpo(cfg(tiny_model_dir, pairs_file, "dpo.loss=ipo", "dpo.label_smoothing=0.1"), tmp_path)
@@ -91,8 +91,8 @@ def test_ipo_with_label_smoothing_is_refused(tiny_model_dir, pairs_file, tmp_pat
 
 @pytest.mark.slow
 def test_precomputed_reference_is_cached_by_weights_and_data(tiny_model_dir, pairs_file, tmp_path):
-    from grpo.modeling import load_model, load_tokenizer
-    from grpo.tasks.preference import read_preferences
+    from grpo.parts.modeling import load_model, load_tokenizer
+    from grpo.tasks.preference_data import read_preferences
 
     tok = load_tokenizer(str(tiny_model_dir))
     pairs = encode_pairs(tok, read_preferences(str(pairs_file))[1], None)

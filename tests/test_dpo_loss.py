@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from grpo.preference import dpo_loss
+from grpo.algorithm.preference_losses import dpo_loss
 
 LOG2 = math.log(2.0)
 

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from grpo.cli import compose_config
-from grpo.modeling import EMBEDDED_MODEL_DIR, load_model, load_tokenizer, resolve_model_path
+from grpo.parts.modeling import EMBEDDED_MODEL_DIR, load_model, load_tokenizer, resolve_model_path
 
 
 def test_embedded_model_is_small_vllm_shaped_and_has_a_chat_template():
@@ -29,7 +29,7 @@ def test_default_run_learns(tmp_path):
     samples (sd about sqrt(0.25/128) = 0.044), so the gap of two has sd about 0.06: a 0.08
     threshold is far below the expected +0.2 and far above noise.
     """
-    from grpo.trainer import train
+    from grpo.commands.train import train
 
     cfg = compose_config("train", ["logger=jsonl", "trainer.max_steps=20", "trainer.eval_every=20", "trainer.save_every=0"])
     summary = train(cfg, tmp_path)

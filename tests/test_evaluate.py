@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from grpo.cli import compose_config
-from grpo.evaluate import k_values, majority_index, pass_at_k, run_eval, summarize, vote_key
-from grpo.modeling import EMBEDDED_MODEL_DIR
-from grpo.config import ConfigError
+from grpo.parts.evaluation import k_values, majority_index, pass_at_k, run_eval, summarize, vote_key
+from grpo.parts.modeling import EMBEDDED_MODEL_DIR
+from grpo.parts.config import ConfigError
 from tests.conftest import run_grpo
 from grpo.verifiers.base import Score
 
@@ -130,8 +130,8 @@ def test_eval_writes_samples_and_a_summary_that_agree(tiny_model_dir, tmp_path, 
 
 def test_checkpoint_model_dir_checkpoint_dir_and_run_dir_all_evaluate_the_same_weights(tiny_model_dir, tmp_path):
     torch.set_num_threads(1)
-    from grpo import checkpoint
-    from grpo.modeling import load_model, load_tokenizer
+    from grpo.parts import checkpoint
+    from grpo.parts.modeling import load_model, load_tokenizer
 
     run = tmp_path / "run"
     ckpt = checkpoint.save(run, 7, {"model": load_model(str(tiny_model_dir))}, load_tokenizer(str(tiny_model_dir)), {})

@@ -4,11 +4,11 @@ the adapters off, checkpoints hold the adapters (and merged weights on request),
 import pytest
 import torch
 
-from grpo import config as C
-from grpo.batch import batch_logprobs, pack
+from grpo.parts import config as C
+from grpo.parts.batch import batch_logprobs, pack
 from grpo.cli import compose_config
-from grpo.modeling import AdaptersOff, load_model, load_tokenizer
-from grpo.trainer import Trainer, train
+from grpo.parts.modeling import AdaptersOff, load_model, load_tokenizer
+from grpo.commands.train import Trainer, train
 from tests.conftest import run_interrupted
 from tests.dist_worker import fixed_batch
 
@@ -27,7 +27,7 @@ def cfg_for(model_dir, *overrides):
 def test_lora_trains_only_adapters_against_the_base_model(tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from grpo.export import export
+    from grpo.commands.export import export
 
     raw = cfg_for(tiny_model_dir, "trainer.max_steps=2", "model.lora.save_merged=true")
     tr = Trainer(C.parse(C.TrainConfig, raw), tmp_path / "run", raw)

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from grpo.config import ConfigError
-from grpo.optim import build_optimizer, build_scheduler
+from grpo.parts.config import ConfigError
+from grpo.parts.optim import build_optimizer, build_scheduler
 
 
 def rates(name, warmup, total, steps, **kw):

@@ -28,7 +28,7 @@ def test_wheel_installs_only_grpo(wheel):
     if top_level:  # setuptools writes it; when it does it must name grpo alone
         assert zipfile.ZipFile(wheel).read(top_level[0]).decode().split() == ["grpo"]
     for must in ("grpo/verifiers/compose.py", "grpo/tasks/arithmetic.py", "grpo/sandbox/core.py",
-                 "grpo/conf/train.yaml", "grpo/conf/task/arithmetic.yaml", "grpo/embedded_model/model.safetensors"):
+                 "grpo/conf/train.yaml", "grpo/conf/task/arithmetic.yaml", "grpo/data/embedded_model/model.safetensors"):
         assert must in names, must
 
 

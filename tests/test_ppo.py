@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from grpo.cli import compose_config
-from grpo.ppo import run_ppo
+from grpo.commands.ppo import run_ppo
 from tests.conftest import run_interrupted
 
 pytestmark = pytest.mark.slow
@@ -57,7 +57,7 @@ def test_ppo_resume_is_exact(tiny_model_dir, tiny_rm_dir, tmp_path):
     assert sorted(b) == [1, 2, 3, 4] and a == b
     from transformers import AutoModelForCausalLM
 
-    from grpo.reward_model import load_reward_model
+    from grpo.parts.reward_model import load_reward_model
 
     ck_a, ck_b = full / "checkpoints" / "step_000004", part / "checkpoints" / "step_000004"
     pa, pb = (AutoModelForCausalLM.from_pretrained(c / "model").state_dict() for c in (ck_a, ck_b))
@@ -68,8 +68,8 @@ def test_ppo_resume_is_exact(tiny_model_dir, tiny_rm_dir, tmp_path):
 
 
 def test_ptx_keeps_the_lm_loss_on_the_ptx_data_lower(tiny_model_dir, tiny_rm_dir, tmp_path):
-    from grpo.modeling import load_tokenizer
-    from grpo.sft import batch_tensors, encode_rows
+    from grpo.parts.modeling import load_tokenizer
+    from grpo.commands.sft import batch_tensors, encode_rows
     from transformers import AutoModelForCausalLM
 
     rows = [{"prompt": f"say {w}", "completion": w} for w in ("alpha", "beta", "gamma", "delta")]

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from grpo.cli import compose_config
-from grpo.modeling import EMBEDDED_RM_DIR, load_tokenizer
-from grpo.reward_model import batch_sequences, load_reward_model, sequence_scores
+from grpo.parts.modeling import EMBEDDED_RM_DIR, load_tokenizer
+from grpo.parts.reward_model import batch_sequences, load_reward_model, sequence_scores
 
 
 def scores(rm, tok, prompt, responses):
@@ -28,7 +28,7 @@ def test_shipped_reward_model_loads_strictly_and_prefers_what_the_labellers_pref
 
 @pytest.mark.slow
 def test_best_of_n_with_the_shipped_reward_model_raises_the_true_score(tmp_path):
-    from grpo.bon import run_bon
+    from grpo.commands.bon import run_bon
 
     summary = run_bon(compose_config("bon", ["bon.n=8", "bon.prompts=64"]), tmp_path)
     true = {e["k"]: e["true/mean"] for e in summary["by_k"]}

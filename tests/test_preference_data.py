@@ -6,7 +6,7 @@ import pytest
 
 from grpo.tasks.base import Sample, TaskError, render_prompt
 from grpo.tasks.file import jsonl_lines, read_rows
-from grpo.tasks.preference import Ranking, Scored, ranking_pairs, read_preferences
+from grpo.tasks.preference_data import Ranking, Scored, ranking_pairs, read_preferences
 
 USER_Q = {"role": "user", "content": "What is 2 + 2?"}
 
@@ -105,7 +105,7 @@ def test_scores(tmp_path):
 
 
 def test_records_render_with_the_embedded_chat_template(tmp_path):
-    from grpo.modeling import load_tokenizer
+    from grpo.parts.modeling import load_tokenizer
 
     path = write_jsonl(tmp_path, [{"prompt": "What is 2 + 2?", "responses": ["4", "5"]}])
     _, [r] = read_preferences(path)

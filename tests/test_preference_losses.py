@@ -1,4 +1,4 @@
-"""Reward-model losses (grpo.preference) against values derived by hand and a loop reference."""
+"""Reward-model losses (grpo.algorithm.preference_losses) against values derived by hand and a loop reference."""
 
 import itertools
 import math
@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from grpo.preference import pairwise_loss, pointwise_loss, ranking_loss
+from grpo.algorithm.preference_losses import pairwise_loss, pointwise_loss, ranking_loss
 
 
 def nll(d: float) -> float:

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from grpo.prefs import SHIPPED_EVAL, SHIPPED_TRAIN, build_dataset, flips, label, prefs_main
+from grpo.commands.prefs import SHIPPED_EVAL, SHIPPED_TRAIN, build_dataset, flips, label, prefs_main
 from grpo.tasks.arithmetic import is_held_out
-from grpo.tasks.preference import read_preferences
+from grpo.tasks.preference_data import read_preferences
 from grpo.verifiers.base import check_scores
 from grpo.verifiers.prefs_rule import rule
 from grpo.verifiers.registry import build_verifier

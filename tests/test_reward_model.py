@@ -1,4 +1,4 @@
-"""The scalar-head reward model (grpo.reward_model) on the tiny config-built Llama from conftest."""
+"""The scalar-head reward model (grpo.parts.reward_model) on the tiny config-built Llama from conftest."""
 
 import json
 import logging
@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from grpo.modeling import ModelError, load_tokenizer
-from grpo.reward_model import (batch_sequences, fit_normalizer, init_reward_model, load_reward_model, raw_scores,
+from grpo.parts.modeling import ModelError, load_tokenizer
+from grpo.parts.reward_model import (batch_sequences, fit_normalizer, init_reward_model, load_reward_model, raw_scores,
                                save_reward_model, sequence_scores)
 
 PAD, EOS = 0, 1  # the tiny model's tokenizer: <|pad|> = 0, <|end|> = 1

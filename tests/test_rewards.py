@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from grpo.reward_model import batch_sequences, fit_normalizer, init_reward_model, raw_scores, save_reward_model
-from grpo.rewards import Mixture, ModelRewards, RewardInputs, Rewards, VerifierRewards, build_rewards, squash
-from grpo.modeling import load_tokenizer
+from grpo.parts.reward_model import batch_sequences, fit_normalizer, init_reward_model, raw_scores, save_reward_model
+from grpo.parts.reward_sources import Mixture, ModelRewards, RewardInputs, Rewards, VerifierRewards, build_rewards, squash
+from grpo.parts.modeling import load_tokenizer
 
 
 class Const:
@@ -91,7 +91,7 @@ def test_model_rewards_score_prompt_plus_completion(tiny_rm):
 
 
 def test_a_reward_model_with_another_tokenizer_is_refused(tiny_rm, tmp_path):
-    from grpo.modeling import ModelError
+    from grpo.parts.modeling import ModelError
 
     path, _ = tiny_rm
     tok = load_tokenizer(str(path))

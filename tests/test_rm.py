@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from grpo.cli import compose_config
-from grpo.reward_model import load_reward_model
-from grpo.rm import run_rm
+from grpo.parts.reward_model import load_reward_model
+from grpo.commands.rm import run_rm
 from tests.conftest import run_grpo, run_interrupted
 
 pytestmark = pytest.mark.slow
@@ -48,8 +48,8 @@ def test_rm_learns_rankings_and_saves_a_normalised_reward_model(tiny_model_dir, 
     # every training prompt has the same three responses, so their three scores average to 0
     # (the prompts differ only in a digit, so up to a small spread).
     rm = load_reward_model(str(run / "model"))
-    from grpo.reward_model import batch_sequences, sequence_scores
-    from grpo.modeling import load_tokenizer
+    from grpo.parts.reward_model import batch_sequences, sequence_scores
+    from grpo.parts.modeling import load_tokenizer
 
     tok = load_tokenizer(str(run / "model"))
     prompt = tok.apply_chat_template([{"role": "user", "content": "q3?"}], add_generation_prompt=True, tokenize=False)
@@ -90,9 +90,9 @@ def test_micro_batches_give_the_whole_batch_gradient(tiny_model_dir):
     # Ragged rankings (K = 2, 3, 4) split into micro-batches of 2 prompts: the weighted micro-batch
     # losses add up to the whole batch's, so the gradients match (compared directly: AdamW would
     # hide a wrong factor).
-    from grpo.modeling import load_tokenizer
-    from grpo.reward_model import init_reward_model
-    from grpo.rm import Encoded, backward
+    from grpo.parts.modeling import load_tokenizer
+    from grpo.parts.reward_model import init_reward_model
+    from grpo.commands.rm import Encoded, backward
 
     tok = load_tokenizer(str(tiny_model_dir))
     batch = [Encoded([[5, 6, 1], [5, 7, 1]]), Encoded([[8, 9, 10, 1], [8, 1], [8, 11, 1]]),
@@ -112,9 +112,9 @@ def test_micro_batches_give_the_whole_batch_gradient(tiny_model_dir):
 
 
 def test_held_out_split_keeps_every_row_of_a_prompt_together():
-    from grpo.rm import split_held_out
+    from grpo.commands.rm import split_held_out
     from grpo.tasks.base import Sample
-    from grpo.tasks.preference import Ranking
+    from grpo.tasks.preference_data import Ranking
 
     rows = [Ranking(Sample(prompt=f"p{i % 10}"), ["a", "b"], None, "") for i in range(60)]  # 6 rows per prompt
     train, held = split_held_out(rows, 0.2, seed=0)

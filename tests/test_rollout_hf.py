@@ -1,9 +1,9 @@
 import torch
 
-from grpo.batch import pack, token_logprobs
-from grpo.modeling import load_model, load_tokenizer
-from grpo.rollout.base import SamplingParams
-from grpo.rollout.hf import HFEngine, left_pad
+from grpo.parts.batch import pack, token_logprobs
+from grpo.parts.modeling import load_model, load_tokenizer
+from grpo.parts.rollout.base import SamplingParams
+from grpo.parts.rollout.hf import HFEngine, left_pad
 
 
 def test_left_pad():
@@ -66,8 +66,8 @@ def test_stops_at_eos(tiny_model_dir):
 def test_generation_config_eos_ids_count_however_the_model_is_wrapped(tiny_model_dir):
     # A chat model may end its turn with a token that only its generation_config names (Llama-3's
     # <|eot_id|>): the engine stops at it on a bare model, inside the torchrun wrapper and under LoRA.
-    from grpo.distributed import Forward
-    from grpo.modeling import apply_lora
+    from grpo.parts.distributed import Forward
+    from grpo.parts.modeling import apply_lora
 
     tok = load_tokenizer(str(tiny_model_dir))
     model = load_model(str(tiny_model_dir))
@@ -113,7 +113,7 @@ def test_stop_string_cut_when_pad_is_eos(tiny_model_dir):
 
 
 def test_samples_follow_temperature_top_k_and_top_p():
-    from grpo.rollout.hf import pick
+    from grpo.parts.rollout.hf import pick
 
     # logits for 4 tokens; at T = 1 the probabilities are 0.4, 0.3, 0.2, 0.1
     logits = torch.log(torch.tensor([[0.4, 0.3, 0.2, 0.1]])).repeat(4000, 1)
@@ -137,9 +137,9 @@ def test_finished_rows_leave_the_batch_and_the_rest_decode_as_alone():
     # Each row decoded in a batch with rows that stop early gets the tokens and log-probs it gets
     # decoded alone: dropping finished rows from the cache does not disturb the others. The
     # embedded model answers \\boxed{7} and \\boxed{579} (+ EOS): rows of different lengths.
-    from grpo.modeling import load_model, load_tokenizer
-    from grpo.rollout import encode_prompts
-    from grpo.rollout.hf import HFEngine
+    from grpo.parts.modeling import load_model, load_tokenizer
+    from grpo.parts.rollout import encode_prompts
+    from grpo.parts.rollout.hf import HFEngine
     from grpo.tasks.base import Sample
 
     tok, model = load_tokenizer("embedded"), load_model("embedded")

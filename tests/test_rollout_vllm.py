@@ -12,11 +12,11 @@ import torch
 
 pytest.importorskip("vllm", reason="vllm is not installed: `make setup-vllm` installs it (CI does)")
 
-from grpo.batch import pack, token_logprobs
-from grpo.modeling import load_model, load_tokenizer  # noqa: E402
-from grpo.rollout.base import SamplingParams  # noqa: E402
-from grpo.rollout.hf import HFEngine, _stop_end  # noqa: E402
-from grpo.rollout.vllm import VLLMEngine, choose_logprobs_mode  # noqa: E402
+from grpo.parts.batch import pack, token_logprobs
+from grpo.parts.modeling import load_model, load_tokenizer  # noqa: E402
+from grpo.parts.rollout.base import SamplingParams  # noqa: E402
+from grpo.parts.rollout.hf import HFEngine, _stop_end  # noqa: E402
+from grpo.parts.rollout.vllm import VLLMEngine, choose_logprobs_mode  # noqa: E402
 from tests.conftest import run_grpo, torchrun  # noqa: E402
 
 pytestmark = pytest.mark.slow

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from grpo.cli import compose_config
-from grpo.sft import batch_tensors, encode_rows, run_sft
+from grpo.commands.sft import batch_tensors, encode_rows, run_sft
 from grpo.tasks.file import located_rows
-from grpo.modeling import load_tokenizer
+from grpo.parts.modeling import load_tokenizer
 from grpo.tasks.base import TaskError
 from tests.conftest import run_interrupted
 

@@ -4,9 +4,9 @@ as one padded row per completion (float32, max abs difference < 1e-5)."""
 import pytest
 import torch
 
-from grpo.batch import batch_logprobs, group_logprobs, pack, pack_groups, supports_shared_prompt
-from grpo.modeling import load_model
-from grpo.trainer import micro_batches
+from grpo.parts.batch import batch_logprobs, group_logprobs, pack, pack_groups, supports_shared_prompt
+from grpo.parts.modeling import load_model
+from grpo.commands.train import micro_batches
 
 G = 3
 
@@ -88,8 +88,8 @@ def test_micro_batches_by_rows_and_by_tokens():
 
 @pytest.mark.slow
 def test_a_training_step_is_the_same_in_both_layouts(tiny_model_dir, tmp_path):
-    from grpo import config as C
-    from grpo.trainer import Trainer
+    from grpo.parts import config as C
+    from grpo.commands.train import Trainer
     from tests.test_train_e2e import cfg_for
 
     steps = {}

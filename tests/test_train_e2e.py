@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from grpo.cli import compose_config
-from grpo.trainer import train
+from grpo.commands.train import train
 from tests.conftest import run_grpo, run_interrupted
 
 pytestmark = pytest.mark.slow
@@ -168,7 +168,7 @@ def test_terminal_output_refused_start_and_verbose(tiny_model_dir, tmp_path, mon
 
 
 def test_run_dir_reuse_resume_after_a_torn_line_and_checkpoint_pruning(tiny_model_dir, tmp_path):
-    from grpo.config import ConfigError
+    from grpo.parts.config import ConfigError
 
     common = ["trainer.eval_every=0", "trainer.save_every=1", "trainer.keep_checkpoints=2"]
     train(cfg_for(tiny_model_dir, "trainer.max_steps=3", *common), tmp_path)

@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from grpo.value import AdaptiveKL, gae, last_index, ppo_rewards, value_loss, whiten
+from grpo.algorithm.value import AdaptiveKL, gae, last_index, ppo_rewards, value_loss, whiten
 
 
 def test_ppo_rewards_put_the_score_on_the_last_real_token_never_on_padding():

@@ -10,8 +10,8 @@ import os
 import pytest
 from transformers import LlamaConfig
 
-from grpo.config import ConfigError
-from grpo.rollout import check_kv_cache, context_length, kv_cache_bytes
+from grpo.parts.config import ConfigError
+from grpo.parts.rollout import check_kv_cache, context_length, kv_cache_bytes
 from tests.conftest import run_grpo
 
 VLLM_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"}
@@ -46,7 +46,7 @@ def test_a_context_that_cannot_fit_names_the_options():
 @pytest.fixture(scope="module")
 def long_model(tmp_path_factory):
     """A 4-layer Llama with head_dim 64 whose config allows 131072 positions (0.5 GiB of float32 KV cache)."""
-    from grpo.embedded import build_tokenizer, init_model
+    from grpo.commands.embedded import build_tokenizer, init_model
 
     out = tmp_path_factory.mktemp("long_model")
     init_model(out, build_tokenizer(out), hidden=128, layers=4, seed=0)

@@ -78,8 +78,8 @@ def start_trainer(script: str, args: list[str], log: Path, timeout: float = 600)
 
 TRAINER = textwrap.dedent("""
     import sys, time
-    from grpo.modeling import load_model, load_tokenizer
-    from grpo.rollout.vllm import VLLMEngine
+    from grpo.parts.modeling import load_model, load_tokenizer
+    from grpo.parts.rollout.vllm import VLLMEngine
 
     if __name__ == "__main__":
         path = sys.argv[1]
@@ -108,7 +108,7 @@ def test_engine_processes_end_with_a_killed_trainer(tiny_model_dir, tmp_path, si
 
 STAND_IN = textwrap.dedent("""
     import subprocess, sys, time
-    from grpo.rollout.vllm import EngineWatchdog
+    from grpo.parts.rollout.vllm import EngineWatchdog
 
     # An "engine" that ignores SIGTERM and has a child of its own, started after the watchdog.
     ENGINE = ("import signal, subprocess, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "

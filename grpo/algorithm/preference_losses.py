@@ -1,7 +1,7 @@
 """Losses for learning from preferences: reward models (pairwise, ranking, pointwise) and the policy
 directly (dpo_loss). Pure tensor code: imports only torch.
 
-All return (scalar loss, metrics) with python-float metrics, like grpo.losses.policy_loss.
+All return (scalar loss, metrics) with python-float metrics, like grpo.algorithm.losses.policy_loss.
 """
 
 from __future__ import annotations

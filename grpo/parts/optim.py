@@ -7,7 +7,7 @@ from collections.abc import Iterable
 
 import torch
 
-from grpo.config import ConfigError
+from grpo.parts.config import ConfigError
 
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], lr: float, betas: tuple[float, float] | list[float],
@@ -47,7 +47,7 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sch
                    ) -> tuple[float, float]:
     """Clip the gradients, step the optimizer and the schedule, clear the gradients.
     Returns (gradient norm before clipping, the learning rate this step used)."""
-    from grpo.distributed import full_tensor
+    from grpo.parts.distributed import full_tensor
 
     grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm))  # whole under fsdp2
     lr = scheduler.get_last_lr()[0]

@@ -29,20 +29,20 @@ from typing import Any
 
 import torch
 
-from grpo import checkpoint
-from grpo import config as C
-from grpo.batch import batch_logprobs, pack
-from grpo.distributed import OnDevice, Parallel, shard
-from grpo.evaluate import policy_eval
-from grpo.modeling import disable_dropout, load_model, load_tokenizer, pick_device
-from grpo.optim import build_optimizer, build_scheduler, optimizer_step
-from grpo.preference import DPO_LOSSES, dpo_loss
-from grpo.rewards import build_rewards
-from grpo.rm import resolve_data
-from grpo.rollout import build_engine, encode_prompts, push_weights, sampling_params
+from grpo.parts import checkpoint
+from grpo.parts import config as C
+from grpo.parts.batch import batch_logprobs, pack
+from grpo.parts.distributed import OnDevice, Parallel, shard
+from grpo.parts.evaluation import policy_eval
+from grpo.parts.modeling import disable_dropout, load_model, load_tokenizer, pick_device
+from grpo.parts.optim import build_optimizer, build_scheduler, optimizer_step
+from grpo.algorithm.preference_losses import DPO_LOSSES, dpo_loss
+from grpo.parts.reward_sources import build_rewards
+from grpo.commands.rm import resolve_data
+from grpo.parts.rollout import build_engine, encode_prompts, push_weights, sampling_params
 from grpo.tasks.base import TaskError, build_task, render_prompt
-from grpo.tasks.preference import read_preferences
-from grpo.tracking import Silent, Tracker, due
+from grpo.tasks.preference_data import read_preferences
+from grpo.parts.tracking import Silent, Tracker, due
 
 
 @dataclass

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from grpo.losses import aggregate
+from grpo.algorithm.losses import aggregate
 
 
 def last_index(mask: torch.Tensor) -> torch.Tensor:
@@ -60,7 +60,7 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: fl
     """(x - mean) / sqrt(var + eps) over the real tokens of the whole batch (unbiased variance);
     with shift_mean=False the mean is added back (only the scale changes). x, mask: [N, T];
     padding comes out 0. `reduce` sums a list of floats over the ranks that hold the rest of the
-    batch (grpo.distributed.Parallel.sum): the mean and variance are then the whole batch's."""
+    batch (grpo.parts.distributed.Parallel.sum): the mean and variance are then the whole batch's."""
     m = mask.to(x.dtype)  # [N, T]
     n, total = m.sum(), (x * m).sum()
     if reduce is not None:

@@ -87,8 +87,8 @@ class ModelRewards:
     def load(cls, path: str, tokenizer, device: str = "cpu", dtype: str = "float32", **kw) -> ModelRewards:
         """The reward model at `path`, scoring token ids of the policy's `tokenizer`: the two must
         share a vocabulary (the ids are fed as they are)."""
-        from grpo.modeling import ModelError, load_tokenizer
-        from grpo.reward_model import load_reward_model
+        from grpo.parts.modeling import ModelError, load_tokenizer
+        from grpo.parts.reward_model import load_reward_model
 
         model = load_reward_model(path, dtype, device)
         rm_tok = load_tokenizer(path)
@@ -106,7 +106,7 @@ class ModelRewards:
         completion lacks it (cut by a stop string, or at max_new_tokens: then the reward model
         judges the cut text as a whole answer; PPO's missing-EOS penalty is the tool against it).
         """
-        from grpo.reward_model import batch_sequences, sequence_scores
+        from grpo.parts.reward_model import batch_sequences, sequence_scores
 
         device = next(self.model.parameters()).device
         out = []

@@ -19,12 +19,12 @@ from typing import Any
 
 import torch
 
-from grpo import checkpoint
-from grpo import config as C
-from grpo.distributed import Parallel, shard
-from grpo.modeling import load_model, load_tokenizer, pick_device
-from grpo.optim import build_optimizer, build_scheduler, optimizer_step
-from grpo.tracking import Silent, Tracker, due
+from grpo.parts import checkpoint
+from grpo.parts import config as C
+from grpo.parts.distributed import Parallel, shard
+from grpo.parts.modeling import load_model, load_tokenizer, pick_device
+from grpo.parts.optim import build_optimizer, build_scheduler, optimizer_step
+from grpo.parts.tracking import Silent, Tracker, due
 from grpo.tasks.base import Sample, TaskError, render_prompt
 from grpo.tasks.file import located_rows, to_sample
 

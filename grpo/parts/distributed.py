@@ -179,7 +179,7 @@ class Parallel:
         """Every rank needs one of the n items it shares out (prompts, rows, held-out samples): a
         one-line error (ConfigError by default) naming `what` when there are fewer than ranks."""
         if n < self.world:
-            from grpo.config import ConfigError
+            from grpo.parts.config import ConfigError
 
             raise (error or ConfigError)(f"{what}: fewer than the {self.world} processes, which need one each")
 

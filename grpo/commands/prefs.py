@@ -41,10 +41,10 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-from grpo.tasks.preference import K_MAX, K_MIN
+from grpo.parts.modeling import DATA_DIR
+from grpo.tasks.preference_data import K_MAX, K_MIN
 from grpo.verifiers.prefs_rule import rule
 
-DATA_DIR = Path(__file__).resolve().parent / "data"
 SHIPPED_TRAIN, SHIPPED_EVAL = DATA_DIR / "prefs_train.jsonl", DATA_DIR / "prefs_eval.jsonl"
 NOISE = 0.15  # Gumbel scale: flips 13.9% of all pairs with different true scores, 29.1% of adjacent ones
 PER_ROUND, MAX_ROUNDS = 8, 8  # samples per prompt per round; a prompt with few distinct answers stops at 64
@@ -74,8 +74,8 @@ def sample_distinct(engine, tok, samples: list, ks: list[int], seed: int, stream
     Sampling runs in rounds of PER_ROUND draws for every prompt still short of its K (all in one
     batched call per round, seeded by (seed, stream, round)), for at most MAX_ROUNDS rounds.
     """
-    from grpo.rollout import encode_prompts
-    from grpo.rollout.base import SamplingParams
+    from grpo.parts.rollout import encode_prompts
+    from grpo.parts.rollout.base import SamplingParams
 
     ids = encode_prompts(tok, samples)
     got: list[list[str]] = [[] for _ in samples]
@@ -148,8 +148,8 @@ def build_dataset(out_dir: str | Path, model_path: str = "embedded-chat", train_
 
 def _build(out: Path, model_path: str, train_prompts: int, eval_prompts: int, k_min: int, k_max: int,
            noise: float, seed: int, temperature: float, max_new_tokens: int) -> dict[str, Any]:
-    from grpo.modeling import load_model, load_tokenizer
-    from grpo.rollout.hf import HFEngine
+    from grpo.parts.modeling import load_model, load_tokenizer
+    from grpo.parts.rollout.hf import HFEngine
     from grpo.tasks.arithmetic import ArithmeticTask
 
     tok = load_tokenizer(model_path)

@@ -50,8 +50,8 @@ from typing import Any
 
 import torch
 
-from grpo.rollout import whole_parameters
-from grpo.rollout.base import Rollout, SamplingParams
+from grpo.parts.rollout import whole_parameters
+from grpo.parts.rollout.base import Rollout, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ def choose_logprobs_mode(temperature: float, top_p: float, top_k: int) -> tuple[
 def _own_gpu(on_gpu: bool):
     """Under torchrun on GPUs, the engine that rank r starts sees only the rank's own GPU (its
     processes inherit CUDA_VISIBLE_DEVICES as it is while they start), not GPU 0 of every rank."""
-    from grpo.distributed import launched
+    from grpo.parts.distributed import launched
 
     local = os.environ.get("LOCAL_RANK")
     if not on_gpu or local is None or not launched():
@@ -155,8 +155,8 @@ class VLLMEngine:
                  gpu_memory_utilization: float = 0.3, tensor_parallel_size: int = 1, sleep_level: int = 0):
         """`path` is the model's source (its config and tokenizer); the trainer's own weights are pushed
         right after the engine starts. The sampling options decide which log-probs vLLM reports."""
-        from grpo.modeling import resolve_model_path
-        from grpo.rollout.hf import _eos_ids
+        from grpo.parts.modeling import resolve_model_path
+        from grpo.parts.rollout.hf import _eos_ids
 
         self.tokenizer = tokenizer
         self.eos_ids = _eos_ids(model, tokenizer)

@@ -128,7 +128,7 @@ def save_sharded(run_dir: Path, step: int, par, models: Mapping[str, tuple[Any, 
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    from grpo import distributed
+    from grpo.parts import distributed
 
     root = Path(run_dir) / "checkpoints"
     final = root / f"step_{step:06d}"
@@ -237,7 +237,7 @@ def holds_run(run_dir: Path) -> bool:
 
 
 def refusal(run_dir: Path) -> Exception:
-    from grpo.config import ConfigError
+    from grpo.parts.config import ConfigError
 
     return ConfigError(f"{run_dir} already holds a run: continue it with trainer.resume=true, "
                        "or start a new one in another hydra.run.dir")
@@ -301,7 +301,7 @@ def find(run_dir: Path, resume: Any) -> Path | None:
     """The checkpoint to resume from: `resume` is true (the newest complete and readable one in
     run_dir; a damaged newer one is skipped with a warning naming it) or a checkpoint path (which
     must be whole)."""
-    from grpo.config import ConfigError
+    from grpo.parts.config import ConfigError
 
     if not resuming(resume):
         return None
@@ -342,7 +342,7 @@ def begin(run_dir: Path, resume: Any, seed: int | None = None, par=None) -> Path
     if not ckpt and holds_run(run_dir):
         raise refusal(run_dir)
     if par is not None and par.sharded and has_folders(ckpt):
-        from grpo.config import ConfigError
+        from grpo.parts.config import ConfigError
 
         # its optimizer state is whole tensors, which a sharded optimizer cannot take as they are
         raise ConfigError(f"{ckpt} was saved by one process: resume it with parallel=ddp or on one process")
@@ -411,7 +411,7 @@ def save_final(par, model, tokenizer, out: Path) -> Path:
 
 
 def load_state(ckpt: Path) -> dict[str, Any]:
-    from grpo.config import ConfigError
+    from grpo.parts.config import ConfigError
 
     try:
         return torch.load(ckpt / "state.pt", weights_only=False)

@@ -34,21 +34,21 @@ from typing import Any
 
 import torch
 
-from grpo import checkpoint
-from grpo import config as C
-from grpo.batch import RolloutBatch, batch_logprobs, engine_logprobs, pack
-from grpo.distributed import OnDevice, Parallel, call, full_tensor, shard
-from grpo.evaluate import policy_eval
-from grpo.kl import kl_penalty
-from grpo.losses import policy_loss
-from grpo.modeling import disable_dropout, load_model, load_tokenizer, pick_device
-from grpo.optim import build_optimizer, build_scheduler
-from grpo.reward_model import init_reward_model, load_reward_model
-from grpo.rewards import RewardInputs, build_rewards
-from grpo.rollout import build_engine, encode_prompts, push_weights, sampling_params, task_prompts
+from grpo.parts import checkpoint
+from grpo.parts import config as C
+from grpo.parts.batch import RolloutBatch, batch_logprobs, engine_logprobs, pack
+from grpo.parts.distributed import OnDevice, Parallel, call, full_tensor, shard
+from grpo.parts.evaluation import policy_eval
+from grpo.algorithm.kl import kl_penalty
+from grpo.algorithm.losses import policy_loss
+from grpo.parts.modeling import disable_dropout, load_model, load_tokenizer, pick_device
+from grpo.parts.optim import build_optimizer, build_scheduler
+from grpo.parts.reward_model import init_reward_model, load_reward_model
+from grpo.parts.reward_sources import RewardInputs, build_rewards
+from grpo.parts.rollout import build_engine, encode_prompts, push_weights, sampling_params, task_prompts
 from grpo.tasks.base import TaskError, build_task
-from grpo.tracking import Silent, Tracker, due
-from grpo.value import AdaptiveKL, gae, ppo_rewards, value_loss, whiten
+from grpo.parts.tracking import Silent, Tracker, due
+from grpo.algorithm.value import AdaptiveKL, gae, ppo_rewards, value_loss, whiten
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ def token_values(critic, batch: RolloutBatch) -> torch.Tensor:
 
 
 def ptx_rows(path: str, tok, system_prompt: str | None):
-    from grpo.sft import encode_rows
+    from grpo.commands.sft import encode_rows
     from grpo.tasks.file import located_rows
 
     pairs = encode_rows(tok, located_rows(path), "prompt", "completion", system_prompt)
@@ -142,7 +142,7 @@ def ptx_rows(path: str, tok, system_prompt: str | None):
 
 def ptx_loss(policy, pairs, batch_size: int, seed: str, pad_id: int, device) -> torch.Tensor:
     """Token-mean LM loss of the completions of `batch_size` rows drawn (seeded) from `pairs`."""
-    from grpo.sft import batch_tensors
+    from grpo.commands.sft import batch_tensors
 
     rng = random.Random(seed)
     rows = [pairs[rng.randrange(len(pairs))] for _ in range(batch_size)]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from grpo.modeling import ModelError, check_whole, disable_dropout, resolve_model_path, torch_dtype
+from grpo.parts.modeling import ModelError, check_whole, disable_dropout, resolve_model_path, torch_dtype
 
 HEAD = "score"  # the head's attribute in Llama / Qwen / Mistral / Gemma ...ForSequenceClassification
 

@@ -6,10 +6,11 @@ from pathlib import Path
 
 import torch
 
-EMBEDDED_MODEL_DIR = Path(__file__).resolve().parent / "embedded_model"
-EMBEDDED_CODE_MODEL_DIR = Path(__file__).resolve().parent / "embedded_code_model"  # warm-started on task=code
-EMBEDDED_CHAT_MODEL_DIR = Path(__file__).resolve().parent / "embedded_chat_model"  # the preference task's policy
-EMBEDDED_RM_DIR = Path(__file__).resolve().parent / "embedded_rm"  # `grpo rm` on the built-in preference task
+DATA_DIR = Path(__file__).resolve().parents[1] / "data"  # what the package ships: models and preference data
+EMBEDDED_MODEL_DIR = DATA_DIR / "embedded_model"
+EMBEDDED_CODE_MODEL_DIR = DATA_DIR / "embedded_code_model"  # warm-started on task=code
+EMBEDDED_CHAT_MODEL_DIR = DATA_DIR / "embedded_chat_model"  # the preference task's policy
+EMBEDDED_RM_DIR = DATA_DIR / "embedded_rm"  # `grpo rm` on the built-in preference task
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
 
@@ -21,8 +22,8 @@ class ModelError(ValueError):
 # The models shipped in the package: name -> (folder, the command that rebuilds it).
 EMBEDDED = {
     "embedded": (EMBEDDED_MODEL_DIR, "make embedded-model"),
-    "embedded-code": (EMBEDDED_CODE_MODEL_DIR, "python -m grpo.embedded --task code"),
-    "embedded-chat": (EMBEDDED_CHAT_MODEL_DIR, "python -m grpo.embedded --task chat"),
+    "embedded-code": (EMBEDDED_CODE_MODEL_DIR, "python -m grpo.commands.embedded --task code"),
+    "embedded-chat": (EMBEDDED_CHAT_MODEL_DIR, "python -m grpo.commands.embedded --task chat"),
     "embedded-rm": (EMBEDDED_RM_DIR, "make embedded-rm"),
 }
 
@@ -74,7 +75,7 @@ def load_tokenizer(path: str):
 def check_whole(what: str, src: str) -> None:
     """A local model folder with a weights file cut short (a copy or a save that was killed) is a
     one-line error naming the file, not a deserialiser's traceback."""
-    from grpo.checkpoint import damaged_file
+    from grpo.parts.checkpoint import damaged_file
 
     if Path(src).is_dir():
         bad = damaged_file(Path(src))

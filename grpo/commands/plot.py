@@ -1,4 +1,4 @@
-"""Plot a run's reward curve from its metrics.jsonl: `python -m grpo.plot RUN_DIR [-o curve.png]`."""
+"""Plot a run's reward curve from its metrics.jsonl: `python -m grpo.commands.plot RUN_DIR [-o curve.png]`."""
 
 from __future__ import annotations
 

@@ -11,8 +11,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from grpo import checkpoint
-from grpo.modeling import ModelError, is_lora, plain_copy
+from grpo.parts import checkpoint
+from grpo.parts.modeling import ModelError, is_lora, plain_copy
 
 
 def checkpoint_dir(path: str) -> Path:
@@ -68,7 +68,7 @@ def load_checkpoint_model(ckpt: Path, module: str = "model"):
     if (src / "adapter_config.json").exists():
         from peft import PeftModel
 
-        from grpo.modeling import load_model
+        from grpo.parts.modeling import load_model
 
         base = json.loads((src / "adapter_config.json").read_text())["base_model_name_or_path"]
         return PeftModel.from_pretrained(load_model(base), str(src)), AutoTokenizer.from_pretrained(src)
@@ -112,7 +112,7 @@ def export_main(argv: list[str]) -> int:
     a = ap.parse_args(argv)
     import warnings
 
-    from grpo import logs
+    from grpo.parts import logs
 
     logs.quiet_libraries(logs.VERBOSE)  # the command's own process: no library chatter on the terminal
     # dcp.load on one process says it assumes one process: that is the intent here

@@ -1,21 +1,21 @@
 """The embedded default model: a ~1M-parameter Llama with a character-level tokenizer.
 
-Rebuild it with `make embedded-model` (= `python -m grpo.embedded`), which
+Rebuild it with `make embedded-model` (= `python -m grpo.commands.embedded`), which
   1. writes a character-level tokenizer with a chat template,
   2. initialises a LlamaForCausalLM from a config (head_dim 64, as vLLM's CPU backend needs),
   3. writes procedural SFT data from the arithmetic task's *training* split, and
-  4. runs this project's own `grpo sft` on it, then copies the result into grpo/embedded_model.
+  4. runs this project's own `grpo sft` on it, then copies the result into grpo/data/embedded_model.
 
-`python -m grpo.embedded --task chat` builds grpo/embedded_chat_model (`model.path=embedded-chat`), the
+`python -m grpo.commands.embedded --task chat` builds grpo/data/embedded_chat_model (`model.path=embedded-chat`), the
 policy of the built-in preference task: the arithmetic model fine-tuned to answer in several styles
 (terse and boxed, chatty, unboxed), right half of the time, so its samples vary in format, length
 and correctness, which is what the task's simulated labellers care about.
 
-`python -m grpo.embedded --task rm` builds grpo/embedded_rm (`reward_model.path=embedded-rm`): the
+`python -m grpo.commands.embedded --task rm` builds grpo/data/embedded_rm (`reward_model.path=embedded-rm`): the
 default `grpo rm` (the embedded model plus a scalar head, trained on the built-in preference task's
 rankings, grpo/data/prefs_train.jsonl), copied into the package.
 
-`python -m grpo.embedded --task code` builds grpo/embedded_code_model (`model.path=embedded-code`)
+`python -m grpo.commands.embedded --task code` builds grpo/data/embedded_code_model (`model.path=embedded-code`)
 the same way from the code task's training split (tasks/code_functions.py), with near misses that
 use a wrong constant or a wrong operation.
 
@@ -36,7 +36,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from grpo.modeling import EMBEDDED_CHAT_MODEL_DIR, EMBEDDED_CODE_MODEL_DIR, EMBEDDED_MODEL_DIR, EMBEDDED_RM_DIR
+from grpo.parts.modeling import EMBEDDED_CHAT_MODEL_DIR, EMBEDDED_CODE_MODEL_DIR, EMBEDDED_MODEL_DIR, EMBEDDED_RM_DIR
 from grpo.tasks.arithmetic import ArithmeticTask
 
 SPECIAL_TOKENS = ["<|pad|>", "<|end|>", "<|user|>", "<|assistant|>", "<|system|>", "<|unk|>"]
@@ -184,10 +184,10 @@ def build_rm(out_dir: Path, seed: int, extra: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m grpo.embedded", description="Rebuild the embedded default model.")
+    ap = argparse.ArgumentParser(prog="python -m grpo.commands.embedded", description="Rebuild the embedded default model.")
     ap.add_argument("--task", choices=sorted(TASKS) + ["rm"], default="arithmetic",
                     help="which SFT data (and default --out); rm = the embedded reward model")
-    ap.add_argument("--out", type=Path, default=None, help="default: grpo/embedded_model, or grpo/embedded_code_model")
+    ap.add_argument("--out", type=Path, default=None, help="default: grpo/data/embedded_model, or grpo/data/embedded_code_model")
     ap.add_argument("--steps", type=int, default=None, help="default: 3000 (arithmetic), 1500 (code)")
     ap.add_argument("--rows", type=int, default=50000)
     ap.add_argument("--seed", type=int, default=0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from grpo.kl import kl_penalty
+from grpo.algorithm.kl import kl_penalty
 
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm")
 

@@ -31,13 +31,13 @@ from typing import Any
 
 import torch
 
-from grpo import config as C
-from grpo.checkpoint import seed_everything
-from grpo.config import ConfigError
-from grpo.modeling import load_model, load_tokenizer, pick_device
-from grpo.rewards import RewardInputs, Rewards, build_rewards
-from grpo.rollout import build_engine, encode_prompts, sampling_params
-from grpo.rollout.base import Rollout, SamplingParams
+from grpo.parts import config as C
+from grpo.parts.checkpoint import seed_everything
+from grpo.parts.config import ConfigError
+from grpo.parts.modeling import load_model, load_tokenizer, pick_device
+from grpo.parts.reward_sources import RewardInputs, Rewards, build_rewards
+from grpo.parts.rollout import build_engine, encode_prompts, sampling_params
+from grpo.parts.rollout.base import Rollout, SamplingParams
 from grpo.tasks.base import TaskError, build_task
 from grpo.verifiers.math_extract import plain_number
 
@@ -129,7 +129,7 @@ def sample_and_score(engine, prompt_ids: list[list[int]], samples: list[Any], n:
 def sequence_kl(policy, ref, ro: Rollout, pad_id: int, temperature: float = 1.0, batch_size: int = 256) -> float:
     """Mean over completions sampled from the policy of sum_t log pi(y_t) - log ref(y_t): the k1
     estimate of KL(policy || reference) per sequence, in nats (unbiased; at the sampling temperature)."""
-    from grpo.batch import batch_logprobs, pack
+    from grpo.parts.batch import batch_logprobs, pack
 
     device = next(policy.parameters()).device
     total, n = 0.0, len(ro.completion_ids)
@@ -152,10 +152,10 @@ def policy_eval(engine, prompt_ids: list[list[int]], samples: list[Any], samplin
     only for plain sampling (temperature > 0, no top-p / top-k truncation), where the samples come
     from the distribution that is scored.
 
-    Under torchrun (`par`, a grpo.distributed.Parallel) each rank scores its share of the prompts
+    Under torchrun (`par`, a grpo.parts.distributed.Parallel) each rank scores its share of the prompts
     and the metrics are weighted by the shares; the table holds rank 0's samples."""
     if par is not None and par.world > 1:
-        from grpo.distributed import shard
+        from grpo.parts.distributed import shard
 
         lo, hi = shard(len(samples), par.rank, par.world)
         if par.sharded:  # the KL forwards are collectives: one batch per rank keeps their counts equal

@@ -26,13 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from grpo import config as C
-from grpo.checkpoint import seed_everything
-from grpo.config import ConfigError
-from grpo.evaluate import k_values, resolve_model_dir, sample_and_score
-from grpo.modeling import load_model, load_tokenizer, pick_device
-from grpo.rewards import RewardInputs, build_rewards
-from grpo.rollout import build_engine, encode_prompts, sampling_params
+from grpo.parts import config as C
+from grpo.parts.checkpoint import seed_everything
+from grpo.parts.config import ConfigError
+from grpo.parts.evaluation import k_values, resolve_model_dir, sample_and_score
+from grpo.parts.modeling import load_model, load_tokenizer, pick_device
+from grpo.parts.reward_sources import RewardInputs, build_rewards
+from grpo.parts.rollout import build_engine, encode_prompts, sampling_params
 from grpo.tasks.base import TaskError, build_task
 
 

@@ -16,7 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
-from grpo.plot import load
+from grpo.commands.plot import load
 
 
 def curve(path: Path) -> dict:

@@ -30,21 +30,21 @@ from typing import Any
 
 import torch
 
-from grpo import checkpoint
-from grpo import config as C
-from grpo.advantages import group_advantages
-from grpo.batch import batch_logprobs, engine_logprobs, group_logprobs, pack, pack_groups, supports_shared_prompt
-from grpo.config import ConfigError
-from grpo.distributed import OnDevice, Parallel, full_tensor, shard
-from grpo.evaluate import policy_eval
-from grpo.losses import policy_loss
-from grpo.modeling import (AdaptersOff, apply_lora, disable_dropout, is_lora, load_model, load_tokenizer,
+from grpo.parts import checkpoint
+from grpo.parts import config as C
+from grpo.algorithm.advantages import group_advantages
+from grpo.parts.batch import batch_logprobs, engine_logprobs, group_logprobs, pack, pack_groups, supports_shared_prompt
+from grpo.parts.config import ConfigError
+from grpo.parts.distributed import OnDevice, Parallel, full_tensor, shard
+from grpo.parts.evaluation import policy_eval
+from grpo.algorithm.losses import policy_loss
+from grpo.parts.modeling import (AdaptersOff, apply_lora, disable_dropout, is_lora, load_model, load_tokenizer,
                            pick_device, plain_copy)
-from grpo.optim import build_optimizer, build_scheduler
-from grpo.rewards import RewardInputs, build_rewards
-from grpo.rollout import build_engine, encode_prompts, push_weights, sampling_params, task_prompts
+from grpo.parts.optim import build_optimizer, build_scheduler
+from grpo.parts.reward_sources import RewardInputs, build_rewards
+from grpo.parts.rollout import build_engine, encode_prompts, push_weights, sampling_params, task_prompts
 from grpo.tasks.base import TaskError, build_task
-from grpo.tracking import Silent, Tracker, due
+from grpo.parts.tracking import Silent, Tracker, due
 
 log = logging.getLogger(__name__)
 

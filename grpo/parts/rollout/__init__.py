@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from grpo.config import ConfigError
-from grpo.rollout.base import SamplingParams
+from grpo.parts.config import ConfigError
+from grpo.parts.rollout.base import SamplingParams
 from grpo.tasks.base import Sample, render_prompt
 
 
@@ -24,17 +24,17 @@ def build_engine(rollout, model, tokenizer, path: str, dtype: str = "float32", d
     runs `wrapped` (the sharded model's wrapper) in lockstep with the other ranks; vLLM gets the
     whole weights pushed (rollout.push_weights)."""
     if rollout.engine == "hf":
-        from grpo.rollout.hf import HFEngine
+        from grpo.parts.rollout.hf import HFEngine
 
         if par is not None and par.sharded:
-            from grpo.distributed import Lockstep
+            from grpo.parts.distributed import Lockstep
 
             return HFEngine(wrapped, tokenizer, batch_size=rollout.batch_size,
                             lockstep=Lockstep(par, tokenizer.pad_token_id))
         return HFEngine(model, tokenizer, batch_size=rollout.batch_size)
     if rollout.engine == "vllm":
         try:
-            from grpo.rollout.vllm import VLLMEngine  # the only place vllm is imported
+            from grpo.parts.rollout.vllm import VLLMEngine  # the only place vllm is imported
         except ImportError as e:  # its message says how to install vLLM
             raise ConfigError(str(e)) from e
         opts = rollout.engine_options()
@@ -62,8 +62,8 @@ def whole_parameters(model) -> Iterable[tuple[str, Any]]:
     shards under fsdp2: every rank must run through all of them), LoRA adapters merged in."""
     import torch
 
-    from grpo.distributed import full_tensor
-    from grpo.modeling import merged_parameters
+    from grpo.parts.distributed import full_tensor
+    from grpo.parts.modeling import merged_parameters
 
     with torch.no_grad():
         for name, p in merged_parameters(model):
@@ -73,7 +73,7 @@ def whole_parameters(model) -> Iterable[tuple[str, Any]]:
 def push_weights(engine, model) -> None:
     """The trainer's updated weights to the engine. The hf engine runs the trainer's own module:
     nothing to send."""
-    from grpo.rollout.hf import HFEngine
+    from grpo.parts.rollout.hf import HFEngine
 
     if not isinstance(engine, HFEngine):
         engine.update_weights(whole_parameters(model))
@@ -95,7 +95,7 @@ def context_length(longest_prompt: int, max_new_tokens: int, limit: int | None) 
 def kv_cache_bytes(config, dtype: str, tokens: int) -> int | None:
     """Bytes of K and V cache for `tokens` positions of a model with full attention in every layer
     (None where the config does not say, or uses sliding windows, whose cache is smaller)."""
-    from grpo.modeling import torch_dtype
+    from grpo.parts.modeling import torch_dtype
 
     c = config.get_text_config()
     layers, heads = getattr(c, "num_hidden_layers", None), getattr(c, "num_attention_heads", None)

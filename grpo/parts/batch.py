@@ -11,7 +11,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from grpo.modeling import backbone
+from grpo.parts.modeling import backbone
 
 
 class _Tensors:

@@ -32,18 +32,17 @@ import torch
 
 log = logging.getLogger(__name__)
 
-from grpo import checkpoint  # noqa: E402
-from grpo import config as C
-from grpo.distributed import Parallel, call, shard
-from grpo.modeling import load_tokenizer, pick_device
-from grpo.optim import build_optimizer, build_scheduler, optimizer_step
-from grpo.preference import pairwise_loss, pointwise_loss, ranking_loss
-from grpo.reward_model import batch_sequences, fit_normalizer, init_reward_model, raw_scores
+from grpo.parts import checkpoint  # noqa: E402
+from grpo.parts import config as C
+from grpo.parts.distributed import Parallel, call, shard
+from grpo.parts.modeling import DATA_DIR, load_tokenizer, pick_device
+from grpo.parts.optim import build_optimizer, build_scheduler, optimizer_step
+from grpo.algorithm.preference_losses import pairwise_loss, pointwise_loss, ranking_loss
+from grpo.parts.reward_model import batch_sequences, fit_normalizer, init_reward_model, raw_scores
 from grpo.tasks.base import TaskError, render_prompt
-from grpo.tasks.preference import ranking_pairs, read_preferences
-from grpo.tracking import Silent, Tracker, due
+from grpo.tasks.preference_data import ranking_pairs, read_preferences
+from grpo.parts.tracking import Silent, Tracker, due
 
-DATA_DIR = Path(__file__).resolve().parent / "data"
 BUILTIN_DATA = {"embedded-prefs": DATA_DIR / "prefs_train.jsonl", "embedded-prefs-eval": DATA_DIR / "prefs_eval.jsonl"}
 
 
@@ -113,7 +112,7 @@ def eval_pairs(tok, kind: str, records: list, system_prompt: str | None) -> list
     """Held-out data as pairs (rankings expanded to their C(K, 2) pairs), or scored rows."""
     if kind == "scores":
         return encode(tok, kind, records, system_prompt)
-    from grpo.tasks.preference import Ranking
+    from grpo.tasks.preference_data import Ranking
 
     pairs = [Ranking(s, [c, r], None, "") for s, c, r in ranking_pairs(records)]
     return encode(tok, "pairs", pairs, system_prompt)

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 
 import torch
 
-from grpo.rollout.base import Rollout, SamplingParams
+from grpo.parts.rollout.base import Rollout, SamplingParams
 
 
 def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,13 +69,13 @@ def pick(logits: torch.Tensor, sp: SamplingParams, rows: torch.Tensor | None = N
 
 
 class HFEngine:
-    """`lockstep` (grpo.distributed.Lockstep): for a model sharded over ranks, whose every forward
+    """`lockstep` (grpo.parts.distributed.Lockstep): for a model sharded over ranks, whose every forward
     is a collective; the ranks then run as many forwards each, whatever their prompts."""
 
     def __init__(self, model, tokenizer, batch_size: int = 256, lockstep=None):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
         self.lockstep = lockstep
-        from grpo.distributed import Forward
+        from grpo.parts.distributed import Forward
 
         self.eos_ids = _eos_ids(model.model if isinstance(model, Forward) else model, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
