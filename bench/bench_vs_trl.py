@@ -34,7 +34,7 @@ model's chat template (TRL gets conversational prompts, we render them with rend
 script asserts that both produce the same token ids, every step), and one reward function,
 `SharedReward` below, used by both (ours through `task.verifiers=[{_target_: bench.bench_vs_trl.
 SharedReward}]`, TRL as a reward function). No evaluation, no checkpoint during the measured steps
-(ours: Trainer.train_step() is called directly; TRL: eval_strategy=no, save_strategy=no).
+(ours: grpo.commands.train.train_step() is called directly; TRL: eval_strategy=no, save_strategy=no).
 
 How it runs. For every cell and round the script starts two worker processes of its own, one per
 trainer (`--worker trl|ours`), so that each has its own peak RSS. Each sets its trainer up, then
@@ -48,7 +48,7 @@ Columns (per cell and trainer; times are medians over the measured steps, in sec
   step med/min/max  wall time of one training step (TRL: from on_step_begin to on_step_end, which
                     covers generation, scoring, reference forward, loss, backward, clipping and the
                     optimizer step, not TRL's per-step logging, which runs after on_step_end; ours:
-                    one Trainer.train_step() call, which logs nothing)
+                    one train_step() call, which logs nothing)
   cpu s             CPU time of the worker process during the step (all threads; less sensitive to
                     other load on the machine than wall time, though OpenMP threads that wait at a
                     barrier for a descheduled sibling spin and count too)
@@ -244,9 +244,10 @@ def worker_setup(spec: dict):
 
 def worker_ours(spec: dict, ch: Channel) -> None:
     worker_setup(spec)
-    from grpo.parts import config as C
     from grpo.cli import compose_config
-    from grpo.commands.train import Trainer
+    from grpo.commands.train import build, train_step
+    from grpo.parts import config as C
+    from grpo.parts.run import Run
 
     B, G, max_new, system = WORKLOADS[spec["workload"]]
     total = spec["warmup"] + spec["steps"]
@@ -268,30 +269,31 @@ def worker_ours(spec: dict, ch: Channel) -> None:
     raw["trainer"]["system_prompt"] = system  # free text: set after composing rather than quoted for Hydra
     run_dir = Path(tempfile.mkdtemp(prefix="bench-ours-"))
     try:
-        trainer = Trainer(C.parse(C.TrainConfig, raw), run_dir, raw)
-        seen: list[list[list[int]]] = []
-        generate = trainer.engine.generate
+        cfg = C.parse(C.TrainConfig, raw)
+        # The parts `grpo train` builds, stepped one train_step() at a time (no evaluation, no checkpoint).
+        with Run.from_config("grpo", cfg, raw, run_dir) as run:
+            grpo = build(cfg, run)
+            seen: list[list[list[int]]] = []
+            generate = grpo.engine.generate
 
-        def generate_and_record(prompt_ids, n, sampling):
-            seen.append([list(p) for p in prompt_ids])
-            return generate(prompt_ids, n, sampling)
+            def generate_and_record(prompt_ids, n, sampling):
+                seen.append([list(p) for p in prompt_ids])
+                return generate(prompt_ids, n, sampling)
 
-        trainer.engine.generate = generate_and_record
-        params = sum(p.numel() for p in trainer.policy.parameters())
-        ch.send(event="ready", params=params)
-        for _ in range(total):
-            ch.wait()
-            c0, t0 = cpu_seconds(), time.perf_counter()
-            m = trainer.train_step()
-            step, cpu = time.perf_counter() - t0, cpu_seconds() - c0
-            prompts = seen[-1]
-            ch.send(event="step", step=step, cpu=cpu, gen=m["time/rollout"], reward=m["time/reward"], ref=m["time/ref_forward"],
-                    fwd=m["time/forward"], bwd=m["time/backward"], opt=m["time/optimizer"],
-                    reward_mean=m["reward/mean"], completion_tokens=m["completion/len_mean"] * B * G,
-                    prompt_tokens=sum(len(p) for p in prompts), prompt_hash=ids_hash(prompts))
-        trainer.tracker.close()
-        for part in {id(p): p for p in (trainer.rewards, trainer.verifiers, trainer.engine) if p is not None}.values():
-            part.close()
+            grpo.engine.generate = generate_and_record
+            params = sum(p.numel() for p in grpo.policy.model.parameters())
+            ch.send(event="ready", params=params)
+            for _ in range(total):
+                ch.wait()
+                c0, t0 = cpu_seconds(), time.perf_counter()
+                m = train_step(grpo, run)
+                step, cpu = time.perf_counter() - t0, cpu_seconds() - c0
+                prompts = seen[-1]
+                ch.send(event="step", step=step, cpu=cpu, gen=m["time/rollout"], reward=m["time/reward"],
+                        ref=m["time/ref_forward"], fwd=m["time/forward"], bwd=m["time/backward"],
+                        opt=m["time/optimizer"], reward_mean=m["reward/mean"],
+                        completion_tokens=m["completion/len_mean"] * B * G,
+                        prompt_tokens=sum(len(p) for p in prompts), prompt_hash=ids_hash(prompts))
         ch.send(event="done", rss_mb=peak_rss_mb())
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)

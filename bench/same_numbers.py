@@ -57,6 +57,7 @@ def record(out: Path, names: list[str]) -> int:
 
 
 def tensor_hashes(folder: Path) -> dict[str, str]:
+    import torch
     from safetensors import safe_open
 
     out = {}
@@ -64,7 +65,7 @@ def tensor_hashes(folder: Path) -> dict[str, str]:
         with safe_open(str(f), "pt") as st:
             for k in sorted(st.keys()):
                 t = st.get_tensor(k).contiguous()
-                out[k] = hashlib.sha256(t.view(-1).view(dtype=__import__("torch").uint8).numpy().tobytes()).hexdigest()[:16]
+                out[k] = hashlib.sha256(t.view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()[:16]
     return out
 
 
@@ -121,7 +122,8 @@ def compare(old: Path, new: Path, names: list[str]) -> int:
         d = first_difference(a, b)
         count = len(a["metrics"])
         models = sum(len(v) for v in a["models"].values())
-        print(f"{name:6s} {'same' if d is None else 'DIFFERENT'}: {count} metric records, {models} tensors"
+        kept = f", {len(a['bon']['rows'])} kept rows by k" if "bon" in a else ""
+        print(f"{name:6s} {'same' if d is None else 'DIFFERENT'}: {count} metric records, {models} tensors{kept}"
               + ("" if d is None else f"; first difference {d}"))
         bad += d is not None
     return 1 if bad else 0

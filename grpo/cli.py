@@ -1,16 +1,18 @@
-"""`grpo <command>`: train | sft | eval | rm | ppo | dpo | bon | prefs | verify | verifiers | sandbox.
+"""`grpo <command>`: the dispatcher to grpo/commands/, one file per command.
 
-Hydra stays here, at the edge: `train`, `sft`, `eval`, `rm`, `ppo`, `dpo` and `bon` compose a config from conf/ plus the overrides
-on the command line and pass plain values on. Errors in what the user typed end the command with
-one line naming the problem (exit 2), not a traceback.
+Hydra stays here, at the edge: `train`, `sft`, `eval`, `rm`, `ppo`, `dpo` and `bon` compose a config
+from conf/ plus the overrides on the command line and pass the plain result on; the other commands
+parse their own arguments. Errors in what the user typed end the command with one line naming the
+problem (exit 2), not a traceback.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
+
+from grpo.parts.config import UserError
 
 USAGE = """usage: grpo [-v] <command> [args]
 
@@ -39,13 +41,9 @@ CONF_DIR = str(Path(__file__).resolve().parent / "conf") if (Path(__file__).reso
     else str(Path(__file__).resolve().parent.parent / "conf")
 
 
-class UserError(Exception):
-    """A mistake in the command, config or data: reported in one line, exit status 2."""
-
-
 def _user_errors():
+    from grpo.parts.config import ConfigError, UserError
     from grpo.parts.modeling import ModelError
-    from grpo.parts.config import ConfigError
     from grpo.tasks.base import TaskError
     from grpo.verifiers.registry import VerifierConfigError
 
@@ -201,147 +199,31 @@ def _hydra_job(config_name: str, fn, argv: list[str]) -> int:
     return result["rc"]
 
 
-def _train(cfg: dict, run_dir: Path) -> None:
-    from grpo.commands.train import train
-
-    train(cfg, run_dir)
-
-
-def _sft(cfg: dict, run_dir: Path) -> None:
-    from grpo.commands.sft import run_sft
-
-    out = run_sft(cfg, run_dir)
-    print(f"sft done: model saved to {out}")
-
-
-def _eval(cfg: dict, run_dir: Path) -> None:
-    from grpo.parts.evaluation import run_eval
-
-    run_eval(cfg, run_dir)
-
-
-def _rm(cfg: dict, run_dir: Path) -> None:
-    from grpo.commands.rm import run_rm
-
-    run_rm(cfg, run_dir)
-
-
-def _ppo(cfg: dict, run_dir: Path) -> None:
-    from grpo.commands.ppo import run_ppo
-
-    run_ppo(cfg, run_dir)
-
-
-def _dpo(cfg: dict, run_dir: Path) -> None:
-    from grpo.commands.dpo import run_dpo
-
-    run_dpo(cfg, run_dir)
-
-
-def _bon(cfg: dict, run_dir: Path) -> None:
-    from grpo.commands.bon import run_bon
-
-    run_bon(cfg, run_dir)
-
-
-def compare_main(argv: list[str]) -> int:
-    from grpo.commands.compare import compare_main as main
-
-    return main(argv)
-
-
-def prefs_main(argv: list[str]) -> int:
-    from grpo.commands.prefs import prefs_main as main
-
-    return main(argv)
-
-
-def verify_main(argv: list[str]) -> int:
-    import argparse
-
-    from grpo.verifiers.compose import RewardFunction
-
-    ap = argparse.ArgumentParser(prog="grpo verify", description="Score completions in a JSONL file.")
-    ap.add_argument("--verifier", required=True,
-                    help="a verifier name (see `grpo verifiers`), or module:Class for any importable verifier")
-    ap.add_argument("--args", default="{}", help='constructor arguments as a JSON object, e.g. \'{"think": true}\'')
-    ap.add_argument("--timeout", type=float, default=120.0, help="seconds per batch before its samples get 0")
-    ap.add_argument("--batch-size", type=int, default=256)
-    ap.add_argument("file", help="JSONL: one object per line with `completion` and the fields the verifier needs")
-    a = ap.parse_args(argv)
-    try:
-        kwargs = json.loads(a.args)
-    except json.JSONDecodeError as e:
-        raise UserError(f"--args: not valid JSON ({e.msg})") from None
-    if not isinstance(kwargs, dict):
-        raise UserError("--args: must be a JSON object")
-    spec = {("_target_" if ":" in a.verifier else "name"): a.verifier, **kwargs}
-    from grpo.tasks.file import located_rows
-
-    if not a.file.endswith(".jsonl"):
-        raise UserError(f"{a.file}: expected a .jsonl file")
-    located = located_rows(a.file)
-    rows = [row for _, row in located]
-    errors = 0
-    # The same isolation as training: a raising, hanging or out-of-range verifier costs only its rows.
-    with RewardFunction([spec], timeout=a.timeout) as reward_fn:
-        label = reward_fn.labels[0]
-        for where, row in located:  # every row is checked before any is scored, as grpo train does
-            if not isinstance(row.get("completion"), str):
-                raise UserError(f"{where}: missing field 'completion' (a string)")
-            missing = reward_fn.missing_field(row)
-            if missing:
-                raise UserError(f"{where}: missing field {missing}")
-        for start in range(0, len(rows), a.batch_size):
-            chunk = rows[start:start + a.batch_size]
-            rewards, infos, metrics = reward_fn([r["completion"] for r in chunk], chunk)
-            errors += int(metrics[f"verifier/{label}/errors"])
-            for r, info in zip(rewards, infos):
-                print(json.dumps({"reward": r, "info": info[label]}, default=str), flush=True)
-    if errors:
-        print(f"grpo verify: {errors} of {len(rows)} rows got 0 because verifier {label!r} failed on them "
-              "(see the warnings above)", file=sys.stderr)
-    return 0
-
-
-def export_main(argv: list[str]) -> int:
-    from grpo.commands.export import export_main as main
-
-    return main(argv)
-
-
-def verifiers_main(argv: list[str]) -> int:
-    from grpo.verifiers.registry import available
-
-    for name, origin in sorted(available().items()):
-        print(f"{name:16s} {origin}")
-    print("(any importable verifier also works as {_target_: module.Class}; see docs/verifiers.md)")
-    return 0
-
-
-def sandbox_main(argv: list[str]) -> int:
-    try:
-        from grpo.sandbox.cli import cli_main
-    except ImportError as e:
-        raise UserError(f"the sandbox is not available: {e}") from e
-    return cli_main(argv)
-
-
-COMMANDS = {
-    "train": lambda argv: _hydra_job("train", _train, argv),
-    "sft": lambda argv: _hydra_job("sft", _sft, argv),
-    "eval": lambda argv: _hydra_job("eval", _eval, argv),
-    "rm": lambda argv: _hydra_job("rm", _rm, argv),
-    "ppo": lambda argv: _hydra_job("ppo", _ppo, argv),
-    "dpo": lambda argv: _hydra_job("dpo", _dpo, argv),
-    "bon": lambda argv: _hydra_job("bon", _bon, argv),
-    "prefs": prefs_main,
-    "compare": compare_main,
-    "verify": verify_main,
-    "verifiers": verifiers_main,
-    "sandbox": sandbox_main,
-    "export": export_main,
+# The commands whose config Hydra composes: name -> (module, function(plain config, run dir)).
+HYDRA_COMMANDS = {
+    "train": ("grpo.commands.train", "train"), "sft": ("grpo.commands.sft", "run_sft"),
+    "eval": ("grpo.commands.eval", "run_eval"), "rm": ("grpo.commands.rm", "run_rm"),
+    "ppo": ("grpo.commands.ppo", "run_ppo"), "dpo": ("grpo.commands.dpo", "run_dpo"),
+    "bon": ("grpo.commands.bon", "run_bon"),
 }
+# The others parse their own arguments: name -> (module, function(argv) -> exit status).
+ARGV_COMMANDS = {
+    "prefs": ("grpo.commands.prefs", "prefs_main"), "compare": ("grpo.commands.compare", "compare_main"),
+    "verify": ("grpo.commands.verify", "verify_main"), "verifiers": ("grpo.commands.verify", "verifiers_main"),
+    "sandbox": ("grpo.commands.sandbox", "sandbox_main"), "export": ("grpo.commands.export", "export_main"),
+}
+
+
+def _load(module: str, name: str):
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
+
+
+def _run_command(cmd: str, argv: list[str]) -> int:
+    if cmd in HYDRA_COMMANDS:
+        return _hydra_job(cmd, lambda cfg, run_dir: _load(*HYDRA_COMMANDS[cmd])(cfg, run_dir), argv)
+    return _load(*ARGV_COMMANDS[cmd])(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -354,11 +236,11 @@ def main(argv: list[str] | None = None) -> None:
         print(USAGE)
         sys.exit(0)
     cmd, rest = argv[0], argv[1:]
-    if cmd not in COMMANDS:
+    if cmd not in HYDRA_COMMANDS and cmd not in ARGV_COMMANDS:
         print(f"grpo: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
         sys.exit(2)
     try:
-        rc = COMMANDS[cmd](rest)
+        rc = _run_command(cmd, rest)
     except _user_errors() as e:
         print(f"grpo {cmd}: error: {e}", file=sys.stderr)
         rc = 2

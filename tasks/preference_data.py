@@ -17,7 +17,8 @@ row shapes, told apart by their fields; every row of a file must have the file's
   last "Assistant:" in it (the two responses often start alike, "Assistant: I ...").
 
 A pair is read as a ranking with K = 2. Errors name the file, the 1-based line (JSONL) or row
-(Parquet, hub) and the field.
+(Parquet, hub) and the field. `embedded-prefs` and `embedded-prefs-eval` name the built-in
+preference task's rankings, shipped in grpo/data (`grpo prefs --ship` rebuilds them).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import math
 import numbers
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from grpo.tasks.base import Sample, TaskError
@@ -35,6 +37,22 @@ K_MIN, K_MAX = 2, 9
 ASSISTANT_MARKER = "Assistant:"
 # The fields that mark each shape; a row is of the one shape whose markers it has.
 SHAPES = {"pairs": ("chosen", "rejected"), "rankings": ("responses",), "scores": ("response", "score")}
+
+
+# The built-in task's files, shipped beside the embedded models.
+SHIPPED = {"embedded-prefs": "prefs_train.jsonl", "embedded-prefs-eval": "prefs_eval.jsonl"}
+
+
+def resolve_data(path: str) -> str:
+    """`embedded-prefs` / `embedded-prefs-eval` name the built-in task's files; anything else as is."""
+    if path not in SHIPPED:
+        return path
+    import grpo
+
+    shipped = Path(grpo.__file__).resolve().parent / "data" / SHIPPED[path]
+    if not shipped.exists():
+        raise TaskError(f"{shipped} is missing: rebuild it with `grpo prefs --ship`")
+    return str(shipped)
 
 
 @dataclass
@@ -57,7 +75,7 @@ class Scored:
 
 def read_preferences(path: str, split: str = "train", config: str | None = None) -> tuple[str, list]:
     """(kind, records): kind is "pairs" or "rankings" (records are Ranking) or "scores" (Scored)."""
-    rows = located_rows(str(path), split, config)
+    rows = located_rows(resolve_data(str(path)), split, config)
     if not rows:
         raise TaskError(f"{path}: no rows")
     kind = _shape(*rows[0])

@@ -1,4 +1,4 @@
-"""What tests/test_distributed.py runs under torchrun (gloo, CPU): one mode per check, rank 0 writing
+"""What tests/parts/test_distributed.py runs under torchrun (gloo, CPU): one mode per check, rank 0 writing
 what the test compares to a file.
 
     torchrun --nproc_per_node W tests/dist_worker.py MODE MODEL_DIR OUT RUN_DIR [overrides ...]
@@ -7,7 +7,7 @@ step:   one optimizer step of grpo train's update on a fixed global batch (the s
         whatever W), each rank taking its share of the prompts; writes the whole parameters after it.
 save:   `grpo train` for the configured steps, then the whole model and optimizer state, the
         scheduler step, the data position and the log-probs of a fixed batch under the sharded model.
-resume: a Trainer resumed from RUN_DIR's checkpoint, no step taken; writes the same state as save.
+resume: a GRPO run resumed from RUN_DIR's checkpoint, no step taken; writes the same state as save.
 metrics: Parallel.reduce_metrics of two ranks' known metrics (MODEL_DIR and RUN_DIR unused).
 generate: greedy hf-engine generation under fsdp2 with Lockstep, the ranks given different numbers
         of prompts, chunk sizes and lengths (so different numbers of forwards); rank 0 writes every
@@ -26,7 +26,8 @@ from grpo.parts.batch import batch_logprobs, pack
 from grpo.cli import compose_config
 from grpo.parts.distributed import shard
 from grpo.parts.rollout.base import Rollout
-from grpo.commands.train import Trainer
+from grpo.commands.train import GRPO, build, train_step, update
+from grpo.parts.run import Run
 
 # mode generate: rank -> (prompts, hf engine batch size, max_new_tokens)
 GENERATE = {0: ([[5, 6, 7]], 8, 2), 1: ([[5 + i, 6, 7][: 1 + i % 3] for i in range(5)], 2, 7)}
@@ -53,14 +54,14 @@ def part(ro: Rollout, lo: int, hi: int) -> Rollout:
     return Rollout(*(getattr(ro, f)[lo:hi] for f in ("prompt_ids", "completion_ids", "texts", "logprobs", "finished")))
 
 
-def whole_state(tr: Trainer) -> dict:
+def whole_state(grpo: GRPO, run: Run) -> dict:
     """The whole (unsharded) model and optimizer state on rank 0, by parameter name (every rank calls it)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model, optim = get_state_dict(tr.policy, tr.opt, options=opts)
-    return {"model": model, "optim": optim["state"] if optim else {}, "sched": tr.sched.last_epoch,
-            "data_pos": tr.data_pos, "step": tr.step}
+    model, optim = get_state_dict(grpo.policy.model, grpo.opt, options=opts)
+    return {"model": model, "optim": optim["state"] if optim else {}, "sched": grpo.sched.last_epoch,
+            "data_pos": grpo.progress["data_pos"], "step": run.step}
 
 
 def main() -> None:
@@ -92,25 +93,27 @@ def main() -> None:
         return finish(par)
     raw = compose_config("train", [f"model.path={model_dir}", "logger=jsonl", "trainer.eval_size=4",
                                    "task.eval_size=4", "rollout.max_new_tokens=6", *overrides])
-    tr = Trainer(C.parse(C.TrainConfig, raw), run_dir, raw)
-    par = tr.par
-    result: dict = {}
-    if mode == "step":
-        ro, rewards = fixed_batch(tr.G, tr.B, len(tr.tok) - 1)
-        lo, hi = shard(tr.B, par.rank, par.world)
-        result["metrics"] = tr.update(part(ro, lo * tr.G, hi * tr.G), rewards, lo * tr.G)
-        result["model"] = whole_state(tr)["model"]
-    elif mode == "save":
-        tr.fit()
-        result = whole_state(tr)
-        ro, _ = fixed_batch(2, 3, len(tr.tok) - 1, seed=1)
-        batch = pack(ro.prompt_ids, ro.completion_ids, tr.tok.pad_token_id)
-        with torch.no_grad():
-            result["logp"] = tr.fwd(batch, 1.0, fn=batch_logprobs)
-        result["mask"] = batch.mask
-    elif mode == "resume":
-        result = whole_state(tr)
-    tr.tracker.close()
+    cfg = C.parse(C.TrainConfig, raw)
+    with Run.from_config("grpo", cfg, raw, run_dir) as run:
+        grpo, par = build(cfg, run), run.par
+        G, B = cfg.algorithm.group_size, cfg.trainer.prompts_per_step
+        result: dict = {}
+        if mode == "step":
+            ro, rewards = fixed_batch(G, B, len(run.tok) - 1)
+            first, last = shard(B, par.rank, par.world)
+            result["metrics"] = update(grpo, run, part(ro, first * G, last * G), rewards, first * G)
+            result["model"] = whole_state(grpo, run)["model"]
+        elif mode == "save":
+            for step in run.steps():  # what `grpo train` runs
+                step.done(train_step(grpo, run))
+            result = whole_state(grpo, run)
+            ro, _ = fixed_batch(2, 3, len(run.tok) - 1, seed=1)
+            batch = pack(ro.prompt_ids, ro.completion_ids, run.tok.pad_token_id)
+            with torch.no_grad():
+                result["logp"] = grpo.policy.fwd(batch, 1.0, fn=batch_logprobs)
+            result["mask"] = batch.mask
+        elif mode == "resume":
+            result = whole_state(grpo, run)
     if par.main:
         result["world"] = par.world
         torch.save(result, out)

@@ -22,37 +22,17 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from grpo.parts import config as C
-from grpo.parts.checkpoint import seed_everything
 from grpo.parts.config import ConfigError
-from grpo.parts.evaluation import k_values, resolve_model_dir, sample_and_score
-from grpo.parts.modeling import load_model, load_tokenizer, pick_device
-from grpo.parts.reward_sources import RewardInputs, build_rewards
-from grpo.parts.rollout import build_engine, encode_prompts, sampling_params
+from grpo.parts.evaluation import k_values, sample_and_score
+from grpo.parts.modeling import load_model, load_tokenizer, pick_device, resolve_model_dir
+from grpo.parts.reward_sources import RewardInputs, build_rewards_from
+from grpo.parts.rollout import build_engine_from, encode_prompts, sampling_params
+from grpo.parts.seeding import seed_everything
 from grpo.tasks.base import TaskError, build_task
-
-
-@dataclass
-class BonOptions:
-    n: int = C.num(16, ge=1)  # N samples per prompt
-    split: str = C.choice("eval", "eval", "train")  # eval = held-out prompts; train = training prompts (SFT data)
-    prompts: int = C.num(128, ge=1)  # at most this many prompts
-    output: str | None = None  # null = <run dir>/best_of_n.jsonl (summary beside it)
-
-
-@dataclass
-class BonConfig:
-    model: C.Model = C.group(C.Model)
-    task: dict = C.field(default_factory=dict)
-    rollout: C.Rollout = C.group(C.Rollout)
-    reward_model: C.RewardModel = C.group(C.RewardModel)
-    bon: BonOptions = C.group(BonOptions)
-    trainer: C.Sampling = C.group(C.Sampling)
-    verifier: C.Verifier = C.group(C.Verifier)
 
 
 def best_of_n_kl(n: int) -> float:
@@ -66,36 +46,41 @@ def best_index(scores: list[float], k: int) -> int:
 
 
 def run_bon(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
-    cfg = C.parse(BonConfig, raw)
-    b, t, m = cfg.bon, cfg.trainer, cfg.model
-    if cfg.rollout.temperature <= 0 and b.n > 1:
+    cfg = C.parse(C.BonConfig, raw)
+    opts, trainer, model_cfg = cfg.bon, cfg.trainer, cfg.model
+    if cfg.rollout.temperature <= 0 and opts.n > 1:
         raise ConfigError("rollout.temperature=0 gives N identical samples: use a temperature > 0")
     if not cfg.task.get("verifiers") and not cfg.reward_model.path:
         raise ConfigError("best-of-N needs a judge: set reward_model.path or task.verifiers")
-    seed_everything(t.seed)
-    task = build_task(cfg.task, seed=t.seed)
-    samples = task.eval_samples()[: b.prompts] if b.split == "eval" else [task.train_sample(i) for i in range(b.prompts)]
+    seed_everything(trainer.seed)
+    task = build_task(cfg.task, seed=trainer.seed)
+    if opts.split == "eval":
+        samples = task.eval_samples()[: opts.prompts]
+    else:
+        samples = [task.train_sample(i) for i in range(opts.prompts)]
     if not samples:
-        raise TaskError(f"task {cfg.task.get('name')!r} has no {b.split} prompts")
-    model_dir = resolve_model_dir(m.path)
+        raise TaskError(f"task {cfg.task.get('name')!r} has no {opts.split} prompts")
+    model_dir = resolve_model_dir(model_cfg.path)
     tok = load_tokenizer(model_dir)
-    device = pick_device(m.device)
+    device = pick_device(model_cfg.device)
     rm = cfg.reward_model
     # The judge is what `grpo train` would reward with the same options: the reward model (squashed),
     # plus the verifiers when reward_model.verifier_weight != 0; the verifiers alone without one.
-    judge, verifiers, reward_model = build_rewards(cfg.task.get("verifiers"), cfg.verifier.fail_fast,
-                                                   cfg.verifier.timeout, rm.path, tok, device, m.dtype,
-                                                   **rm.judge_options())
+    judge, verifiers, reward_model = build_rewards_from(cfg.task, cfg.verifier, rm, tok, device, model_cfg.dtype,
+                                                        model_dir)
     engine = None
     try:
-        policy = load_model(model_dir, m.dtype, device=device).eval()
-        engine = build_engine(cfg.rollout, policy, tok, model_dir, m.dtype, m.device, lambda: samples,
-                              t.system_prompt)
-        ro, judged = sample_and_score(engine, encode_prompts(tok, samples, t.system_prompt), samples, b.n,
-                                      sampling_params(cfg.rollout), judge, seed=t.seed)
-        select = judged.rewards  # [P * n]
+        policy = load_model(model_dir, model_cfg.dtype, device=device).eval()
+        engine = build_engine_from(cfg.rollout, policy, tok, model_dir, model_cfg.dtype, model_cfg.device,
+                                   lambda: samples, trainer.system_prompt)
+        ro, judged = sample_and_score(engine, encode_prompts(tok, samples, trainer.system_prompt), samples, opts.n,
+                                      sampling_params(cfg.rollout), judge, seed=trainer.seed)
+        reward = judged.rewards  # [P * n] the judge's reward in [0, 1]
+        # Picked by the judge's raw score (the reward model's unsquashed): a clipped reward would tie
+        # every score above reward_model.scale at 1 and keep the earliest sample.
+        select = judged.raw  # [P * n]
         rm_scores = judged.scores  # [P * n] the reward model's own scores, when there is one
-        fields = [s.fields() for s in samples for _ in range(b.n)]
+        fields = [s.fields() for s in samples for _ in range(opts.n)]
         true = None
         if verifiers is not None:
             true = judged.rewards if judge is verifiers else verifiers(RewardInputs.from_rollout(ro, fields)).rewards
@@ -103,11 +88,11 @@ def run_bon(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
         for part in {id(p): p for p in (judge, verifiers, engine) if p is not None}.values():
             part.close()
 
-    P, n = len(samples), b.n
+    P, n = len(samples), opts.n
     rows, table = [], []
     for k in k_values(n):
         picks = [i * n + best_index(select[i * n:(i + 1) * n], k) for i in range(P)]
-        entry = {"k": k, "kl": best_of_n_kl(k), "judge/mean": sum(select[j] for j in picks) / P}
+        entry = {"k": k, "kl": best_of_n_kl(k), "judge/mean": sum(reward[j] for j in picks) / P}
         if rm_scores is not None:
             entry["rm/mean"] = sum(rm_scores[j] for j in picks) / P
         if true is not None:
@@ -117,21 +102,21 @@ def run_bon(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
             for i, j in enumerate(picks):
                 s = samples[i]
                 rows.append({"prompt": s.prompt if s.messages is None else s.messages, "completion": ro.texts[j],
-                             "judge_reward": select[j], "rm_score": None if rm_scores is None else rm_scores[j],
+                             "judge_reward": reward[j], "rm_score": None if rm_scores is None else rm_scores[j],
                              "true_score": None if true is None else true[j], "finished": ro.finished[j]})
-    output = Path(b.output or Path(run_dir) / "best_of_n.jsonl")
+    output = Path(opts.output or Path(run_dir) / "best_of_n.jsonl")
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    summary = {"model": m.path, "reward_model": rm.path, "task": cfg.task.get("name"), "split": b.split,
+    summary = {"model": model_cfg.path, "reward_model": rm.path, "task": cfg.task.get("name"), "split": opts.split,
                "prompts": P, "n": n, "temperature": cfg.rollout.temperature, "by_k": table, "output": str(output)}
     summary_path = output.with_name(output.stem + ".summary.json")
     summary_path.write_text(json.dumps(summary, indent=2) + "\n")
     judge_name = "reward model" if rm.path else "verifiers"
-    print(f"grpo bon: {P} {b.split} prompts x {n} samples, judged by the {judge_name}")
+    print(f"grpo bon: {P} {opts.split} prompts x {n} samples, judged by the {judge_name}")
     print(f"  {'k':>4}  {'KL (nats)':>9}  {'judge':>8}  {'rm score':>8}  {'true':>8}")
-    for e in table:
-        rv = f"{e['rm/mean']:.4f}" if "rm/mean" in e else "-"
-        tv = f"{e['true/mean']:.4f}" if "true/mean" in e else "-"
-        print(f"  {e['k']:>4}  {e['kl']:>9.3f}  {e['judge/mean']:>8.4f}  {rv:>8}  {tv:>8}")
+    for entry in table:
+        rv = f"{entry['rm/mean']:.4f}" if "rm/mean" in entry else "-"
+        tv = f"{entry['true/mean']:.4f}" if "true/mean" in entry else "-"
+        print(f"  {entry['k']:>4}  {entry['kl']:>9.3f}  {entry['judge/mean']:>8.4f}  {rv:>8}  {tv:>8}")
     print(f"rows for grpo sft: {output}\nsummary: {summary_path}")
     return summary

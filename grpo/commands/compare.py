@@ -16,13 +16,12 @@ import argparse
 import json
 from pathlib import Path
 
-from grpo.commands.plot import load
+from grpo.parts.config import UserError
+from grpo.parts.tracking import read_metrics
 
 
 def curve(path: Path) -> dict:
     """{kind, kl: [...], true: [...], rm: [... or None]} of one run."""
-    from grpo.cli import UserError
-
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such run dir or file")
@@ -36,7 +35,7 @@ def curve(path: Path) -> dict:
     metrics = path / "metrics.jsonl" if path.is_dir() else path
     if not metrics.exists():
         raise UserError(f"{metrics}: not found (pass a run dir, a metrics.jsonl or a grpo bon summary)")
-    evals = [r for r in load(metrics) if "eval/kl" in r and "eval/reward/mean" in r]
+    evals = [r for r in read_metrics(metrics) if "eval/kl" in r and "eval/reward/mean" in r]
     if not evals:
         raise UserError(f"{metrics}: no evaluation records with eval/kl (a run evaluated with a reference model "
                         "and plain sampling: grpo dpo, or grpo train with algorithm.beta > 0)")

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-
-def load(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+from grpo.parts.tracking import read_metrics
 
 
 def plot(run_dir: Path, out: Path, title: str | None = None) -> Path:
@@ -17,7 +14,7 @@ def plot(run_dir: Path, out: Path, title: str | None = None) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    recs = load(run_dir / "metrics.jsonl" if run_dir.is_dir() else run_dir)
+    recs = read_metrics(run_dir / "metrics.jsonl" if run_dir.is_dir() else run_dir)
     train = [r for r in recs if "reward/mean" in r]
     evals = [r for r in recs if "eval/reward/mean" in r]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)

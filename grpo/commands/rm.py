@@ -23,69 +23,23 @@ from __future__ import annotations
 
 import logging
 import random
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-log = logging.getLogger(__name__)
-
-from grpo.parts import checkpoint  # noqa: E402
+from grpo.algorithm.preference_losses import pairwise_loss, pointwise_loss, ranking_loss
+from grpo.parts import checkpoint
 from grpo.parts import config as C
 from grpo.parts.distributed import Parallel, call, shard
-from grpo.parts.modeling import DATA_DIR, load_tokenizer, pick_device
-from grpo.parts.optim import build_optimizer, build_scheduler, optimizer_step
-from grpo.algorithm.preference_losses import pairwise_loss, pointwise_loss, ranking_loss
+from grpo.parts.optim import optimizer_step
 from grpo.parts.reward_model import batch_sequences, fit_normalizer, init_reward_model, raw_scores
+from grpo.parts.run import Run
 from grpo.tasks.base import TaskError, render_prompt
 from grpo.tasks.preference_data import ranking_pairs, read_preferences
-from grpo.parts.tracking import Silent, Tracker, due
 
-BUILTIN_DATA = {"embedded-prefs": DATA_DIR / "prefs_train.jsonl", "embedded-prefs-eval": DATA_DIR / "prefs_eval.jsonl"}
-
-
-@dataclass
-class RMData:
-    path: str = "embedded-prefs"  # the built-in preference task's training rankings (grpo prefs)
-    # Held-out data; null = embedded-prefs-eval for the built-in data, else eval_fraction of path's prompts.
-    eval_path: str | None = None
-    eval_fraction: float = C.num(0.05, ge=0, le=0.5)
-    split: str = "train"  # hub datasets only
-    eval_split: str = "test"  # hub datasets only, for eval_path
-    config: str | None = None
-    system_prompt: str | None = None
-    max_length: int | None = C.num(None, ge=2)  # longer prompt + response rows are dropped; null = the model's limit
-
-
-@dataclass
-class RMOptions:
-    center_coef: float = C.num(0.0, ge=0)  # + coef * mean((s_chosen + s_rejected)^2): keeps scores near 0
-    normalize: bool = True  # store a bias so the training responses score 0 on average (not for scores data)
-    normalize_scale: bool = False  # and a scale so they have std 1
-    normalize_samples: int = C.num(4096, ge=2)  # training responses scored for the normaliser
-    eval_batch_size: int = C.num(256, ge=1)
-
-
-@dataclass
-class RMConfig:
-    model: C.Model = C.group(C.Model)
-    data: RMData = C.group(RMData)
-    rm: RMOptions = C.group(RMOptions)
-    trainer: C.RMTrainer = C.group(C.RMTrainer)
-    optim: C.Optim = C.group(C.Optim)
-    logger: C.Logger = C.group(C.Logger)
-    parallel: C.Parallel = C.group(C.Parallel)
-
-
-def resolve_data(path: str) -> str:
-    """`embedded-prefs` / `embedded-prefs-eval` name the built-in task's files; anything else as is."""
-    if path in BUILTIN_DATA:
-        if not BUILTIN_DATA[path].exists():
-            raise TaskError(f"{BUILTIN_DATA[path]} is missing: rebuild it with `grpo prefs --ship`")
-        return str(BUILTIN_DATA[path])
-    return path
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -210,91 +164,66 @@ def drop_long(data: list[Encoded], limit: int | None, what: str) -> list[Encoded
 
 
 def run_rm(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
-    cfg = C.parse(RMConfig, raw)
-    t, m, o, d = cfg.trainer, cfg.model, cfg.optim, cfg.data
-    run_dir = Path(run_dir)
-    par = Parallel(cfg.parallel.strategy, pick_device(m.device), cfg.parallel.mixed_precision)
-    par.require(t.batch_size, f"trainer.batch_size={t.batch_size}")
-    ckpt = checkpoint.begin(run_dir, t.resume, t.seed, par)
-    tok = load_tokenizer(m.path)
-    kind, records = read_preferences(resolve_data(d.path), d.split, d.config)
-    eval_path = d.eval_path or ("embedded-prefs-eval" if d.path == "embedded-prefs" else None)
-    if eval_path:
-        eval_kind, held = read_preferences(resolve_data(eval_path), d.eval_split, d.config)
-        if (eval_kind == "scores") != (kind == "scores"):
-            raise TaskError(f"{eval_path}: holds {eval_kind} rows but {d.path} holds {kind}: use the same kind")
-    else:
-        records, held = split_held_out(records, d.eval_fraction, t.seed)
+    cfg = C.parse(C.RMConfig, raw)
+    trainer, model, data, hp = cfg.trainer, cfg.model, cfg.data, cfg.rm
+    with Run.from_config("rm", cfg, raw, run_dir) as run:
+        par, device = run.par, run.device
+        run.require(trainer.batch_size, f"trainer.batch_size={trainer.batch_size}")
+        tok = run.tokenizer(model.path)
+        kind, records = read_preferences(data.path, data.split, data.config)
+        eval_path = data.eval_path or ("embedded-prefs-eval" if data.path == "embedded-prefs" else None)
+        if eval_path:
+            eval_kind, held = read_preferences(eval_path, data.eval_split, data.config)
+            if (eval_kind == "scores") != (kind == "scores"):
+                raise TaskError(f"{eval_path}: holds {eval_kind} rows but {data.path} holds {kind}: use the same kind")
+        else:
+            records, held = split_held_out(records, data.eval_fraction, trainer.seed)
 
-    device = par.device
-    model = init_reward_model(checkpoint.model_source(ckpt, m.path), m.dtype, device, tok.pad_token_id)
-    limit = d.max_length or getattr(model.config, "max_position_embeddings", None)
-    train = drop_long(encode(tok, kind, records, d.system_prompt), limit, "training")
-    held_out = drop_long(eval_pairs(tok, kind, held, d.system_prompt), limit, "held-out") if held else []
-    if not train:
-        raise TaskError(f"{d.path}: no training rows")
-    if m.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    model.train()
-    # Every pass goes through the wrapper, where DDP and FSDP2 hook in (grpo/distributed.py); every
-    # rank evaluates the whole held-out set (the same forwards on each: no collective is left unpaired).
-    fwd = par.wrap(model)
-    opt = build_optimizer(fwd.parameters(), o.lr, o.betas, o.weight_decay, o.name)
-    sched = build_scheduler(opt, o.schedule, o.warmup_steps, t.max_steps, o.min_lr_rate)
-    step = checkpoint.restore_run(ckpt, par, {"model": (model, opt)}, {"scheduler": sched}, t.seed)["step"] if ckpt else 0
-    tracker = Tracker(cfg.logger, run_dir, raw, step if ckpt else None, t.max_steps, "rm") if par.main else Silent()
-    pad = tok.pad_token_id
+        scorer = init_reward_model(checkpoint.model_source(run.ckpt, model.path), model.dtype, device, tok.pad_token_id)
+        limit = data.max_length or getattr(scorer.config, "max_position_embeddings", None)
+        train = drop_long(encode(tok, kind, records, data.system_prompt), limit, "training")
+        held_out = drop_long(eval_pairs(tok, kind, held, data.system_prompt), limit, "held-out") if held else []
+        if not train:
+            raise TaskError(f"{data.path}: no training rows")
+        if model.gradient_checkpointing:
+            scorer.gradient_checkpointing_enable()
+        scorer.train()
+        # Every pass goes through the wrapper, where DDP and FSDP2 hook in (grpo/parts/distributed.py); every
+        # rank evaluates the whole held-out set (the same forwards on each: no collective is left unpaired).
+        fwd = par.wrap(scorer)
+        opt, sched = run.optimizer(fwd.parameters(), cfg.optim, trainer.max_steps)
+        run.restore({"model": (scorer, opt)}, {"scheduler": sched})
+        pad = tok.pad_token_id
+        run.evaluate_with(lambda: (evaluate(fwd, held_out, kind, pad, device, hp.eval_batch_size) if held_out else {}, []),
+                          key="eval/mse" if kind == "scores" else "eval/accuracy", label="acc")
 
-    def run_eval() -> dict[str, float]:
-        metrics = evaluate(fwd, held_out, kind, pad, device, cfg.rm.eval_batch_size) if held_out else {}
-        if metrics:
-            tracker.log(metrics, step)
-        return metrics
+        for step in run.steps():
+            rng = random.Random(f"{trainer.seed}:{step.index}")  # step s draws the same prompts after a resume
+            batch = [train[rng.randrange(len(train))] for _ in range(trainer.batch_size)]
+            loss_v, metrics = backward(fwd, batch, trainer.micro_batch_size, kind, pad, device, hp.center_coef, par)
+            grad_norm, lr = optimizer_step(fwd, opt, sched, cfg.optim.max_grad_norm)
+            step.done({"loss": loss_v, **{f"train/{k}": v for k, v in metrics.items()}, "grad_norm": grad_norm,
+                       "lr": lr}, bar={"loss": f"{loss_v:.3f}"})
 
-    first, last = tracker.past_evals("eval/accuracy") if ckpt else (run_eval(),) * 2
-    t0 = time.time()
-    try:
-        while step < t.max_steps:
-            rng = random.Random(f"{t.seed}:{step}")  # step s draws the same prompts after a resume
-            batch = [train[rng.randrange(len(train))] for _ in range(t.batch_size)]
-            loss_v, metrics = backward(fwd, batch, t.micro_batch_size, kind, pad, device, cfg.rm.center_coef, par)
-            gn, lr = optimizer_step(fwd, opt, sched, o.max_grad_norm)
-            step += 1
-            if due(step, t.log_every, t.max_steps):
-                tracker.log({"loss": loss_v, **{f"train/{k}": v for k, v in metrics.items()},
-                             "grad_norm": gn, "lr": lr, "time/elapsed": time.time() - t0}, step)
-            if due(step, t.eval_every, t.max_steps):
-                last = run_eval()
-                first = first or last
-            post = {"loss": f"{loss_v:.3f}"}
-            if last and "eval/accuracy" in last:
-                post["acc"] = f"{last['eval/accuracy']:.3f}"
-            tracker.advance(post)
-            if due(step, t.save_every, t.max_steps):
-                checkpoint.save_run(run_dir, step, par, {"model": (model, opt)}, tok, {"scheduler": sched},
-                                    keep=t.keep_checkpoints)
         norm = {}
-        if cfg.rm.normalize and kind != "scores":  # pointwise targets already fix the scale and offset
+        if hp.normalize and kind != "scores":  # pointwise targets already fix the scale and offset
             # Reference completions: the training responses, i.e. samples of the policy the data came from.
             refs = [s for e in train for s in e.seqs]
-            refs = [refs[i] for i in random.Random(t.seed).sample(range(len(refs)), min(len(refs), cfg.rm.normalize_samples))]
-            bs = cfg.rm.eval_batch_size
+            refs = [refs[i] for i in random.Random(trainer.seed).sample(range(len(refs)),
+                                                                        min(len(refs), hp.normalize_samples))]
+            size = hp.eval_batch_size
             with torch.no_grad():
-                model.eval()
-                raw_s = torch.cat([scores_of(fwd, refs[i:i + bs], pad, device) for i in range(0, len(refs), bs)])
+                scorer.eval()
+                raw_s = torch.cat([scores_of(fwd, refs[i:i + size], pad, device) for i in range(0, len(refs), size)])
             try:
-                norm = fit_normalizer(model, raw_s.cpu(), with_scale=cfg.rm.normalize_scale)
+                norm = fit_normalizer(scorer, raw_s.cpu(), with_scale=hp.normalize_scale)
             except ValueError as e:
                 raise TaskError(f"rm.normalize: {e}") from e
-            tracker.log({f"rm/{k}": v for k, v in norm.items()}, step)
-    finally:
-        tracker.close()
-    out = checkpoint.save_final(par, model, tok, run_dir / "model")  # its config carries the normaliser
-    summary = {"run_dir": str(run_dir), "model": str(out), "steps": step, "first_eval": first, "last_eval": last,
-               "normalizer": norm}
-    lines = ["", f"done after {step} steps", f"reward model: {out}", f"metrics:      {run_dir / 'metrics.jsonl'}"]
-    if first and last and "eval/accuracy" in last:
-        lines.append(f"held-out pairwise accuracy: {first['eval/accuracy']:.3f} -> {last['eval/accuracy']:.3f}")
-    if par.main:
-        print("\n".join(lines))
-    return summary
+            run.log({f"rm/{k}": v for k, v in norm.items()})
+
+        def headline(first: dict[str, Any], last: dict[str, Any]) -> list[str]:
+            if "eval/accuracy" in last:
+                return [f"held-out pairwise accuracy: {first['eval/accuracy']:.3f} -> {last['eval/accuracy']:.3f}"]
+            return [f"held-out MSE: {first['eval/mse']:.4f} -> {last['eval/mse']:.4f}"]
+
+        return run.finish(headline, model=scorer, normalizer=norm)  # the model's config carries the normaliser

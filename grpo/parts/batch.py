@@ -1,4 +1,5 @@
-"""The rollout batch as a named structure, and the one forward helper that scores it.
+"""The rollout batch as a named structure, the one forward helper that scores it, and the
+micro-batches of a step; and prompt/completion rows as labelled tensors (grpo sft, PPO-ptx).
 
     ro = engine.generate(prompts, G, sampling)
     batch = pack(ro.prompt_ids, ro.completion_ids, pad_id).to(device)   # RolloutBatch
@@ -8,10 +9,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 
 from grpo.parts.modeling import backbone
+from grpo.tasks.base import Sample, TaskError, render_prompt
+from grpo.tasks.file import to_sample
 
 
 class _Tensors:
@@ -232,3 +236,51 @@ def group_logprobs(model, batch: GroupBatch, temperature: float = 1.0, with_entr
     with torch.no_grad():
         entropy = -(logp_all.exp() * logp_all).sum(-1)  # [N, T]
     return logp, entropy
+
+
+def micro_batches(lengths: list[int], unit: int, size: int = 0, budget: int = 0) -> list[slice]:
+    """Slices over the N = len(lengths) * unit rows of a step, each a run of whole units (a group
+    in the shared-prompt layout, one row in the padded one) of at most `size` rows (0 = no limit,
+    at least one unit) and, with a budget, at most `budget` tokens as the forward pays for them:
+    units x the longest unit's length (at least one unit)."""
+    per = max(1, size // unit) if size else len(lengths)
+    out, start, longest = [], 0, 0
+    for i, n in enumerate(lengths):
+        count = i - start
+        if count and (count >= per or (budget and (count + 1) * max(longest, n) > budget)):
+            out.append(slice(start * unit, i * unit))
+            start, longest = i, 0
+        longest = max(longest, n)
+    out.append(slice(start * unit, len(lengths) * unit))
+    return out
+
+
+# ---- prompt/completion rows (grpo sft, PPO-ptx) ----------------------------------------------
+def encode_rows(tokenizer, rows: list[tuple[str, dict[str, Any]]], prompt_field: str, completion_field: str,
+                system_prompt: str | None = None) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, completion ids + EOS) per row; ``rows`` are (where, row) from `located_rows`, so a
+    bad row's error names its file and line."""
+    eos = tokenizer.eos_token_id
+    out = []
+    for where, row in rows:
+        sample: Sample = to_sample(row, where, prompt_field, None)
+        if not isinstance(row.get(completion_field), str) or not row[completion_field]:
+            raise TaskError(f"{where}: missing field {completion_field!r}")
+        p = tokenizer(render_prompt(tokenizer, sample, system_prompt), add_special_tokens=False)["input_ids"]
+        c = tokenizer(row[completion_field], add_special_tokens=False)["input_ids"] + [eos]
+        out.append((p, c))
+    return out
+
+
+def batch_tensors(pairs: list[tuple[list[int], list[int]]], pad_id: int):
+    """Right-padded input_ids [B, L], attention_mask [B, L], labels [B, L] (-100 off the completion)."""
+    L = max(len(p) + len(c) for p, c in pairs)
+    ids = torch.full((len(pairs), L), pad_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
+    for i, (p, c) in enumerate(pairs):
+        seq = torch.tensor(p + c, dtype=torch.long)
+        ids[i, :len(seq)] = seq
+        attn[i, :len(seq)] = 1
+        labels[i, len(p):len(seq)] = seq[len(p):]
+    return ids, attn, labels

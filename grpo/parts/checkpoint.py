@@ -34,13 +34,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from grpo.parts.seeding import rank_seed, seed_everything
+
 log = logging.getLogger(__name__)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def rng_state() -> dict[str, Any]:
@@ -349,12 +345,6 @@ def begin(run_dir: Path, resume: Any, seed: int | None = None, par=None) -> Path
     if par is not None:
         par.barrier()  # every rank has looked at the run dir before rank 0 writes to it
     return ckpt
-
-
-def rank_seed(seed: int, rank: int, step: int = 0) -> int:
-    """Rank r's seed: `seed` itself on rank 0 (one process runs as before), a stream of its own on
-    the others; `step` starts a fresh stream for a resumed rank that has no saved one."""
-    return seed + 1_000_003 * rank + step
 
 
 def has_folders(ckpt: Path | None) -> bool:

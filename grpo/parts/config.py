@@ -24,6 +24,10 @@ class ConfigError(ValueError):
     """A config value that cannot work; raised before training starts."""
 
 
+class UserError(Exception):
+    """A mistake in the command, config or data: reported in one line, exit status 2."""
+
+
 def num(default: Any, ge: float | None = None, gt: float | None = None, le: float | None = None) -> Any:
     return field(default=default, metadata={"ge": ge, "gt": gt, "le": le})
 
@@ -36,9 +40,9 @@ def group(cls: type) -> Any:
     return field(default_factory=cls)
 
 
-# ---- the groups -------------------------------------------------------------------------------
+# ---- the groups every command shares ----------------------------------------------------------
 @dataclass
-class Lora:
+class LoraConfig:
     """Low-rank adapters through peft (r = 0: off, the whole model trains)."""
 
     r: int = num(0, ge=0)
@@ -49,17 +53,17 @@ class Lora:
 
 
 @dataclass
-class Model:
+class ModelConfig:
     path: str = "embedded"
     dtype: str = choice("float32", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
     device: str = "auto"
     gradient_checkpointing: bool = False
-    lora: Lora = group(Lora)
+    lora: LoraConfig = group(LoraConfig)
 
 
 @dataclass
-class Parallel:
-    """How the ranks of a torchrun launch share the work (see grpo/distributed.py); on one process
+class ParallelConfig:
+    """How the ranks of a torchrun launch share the work (grpo/parts/distributed.py); on one process
     only ref_on_cpu applies."""
 
     strategy: str = choice("ddp", "ddp", "fsdp2")
@@ -68,7 +72,7 @@ class Parallel:
 
 
 @dataclass
-class Rollout:
+class RolloutConfig:
     engine: str = choice("hf", "hf", "vllm")
     temperature: float = num(1.0, ge=0)
     top_p: float = num(1.0, gt=0, le=1)
@@ -88,14 +92,9 @@ class Rollout:
     tensor_parallel_size: int = num(1, ge=1)
     sleep_level: int = num(0, ge=0, le=2)
 
-    def engine_options(self) -> dict[str, Any]:
-        """The engine's own options, as keyword arguments for its constructor."""
-        skip = {"engine", "batch_size", "stop", "max_new_tokens"}
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
-
 
 @dataclass
-class Optim:
+class OptimConfig:
     name: str = choice("adamw", "adamw", "sgd")  # sgd: plain SGD (no momentum), for checks and ablations
     lr: float = num(2e-4, ge=0)
     weight_decay: float = num(0.0, ge=0)
@@ -108,7 +107,7 @@ class Optim:
 
 
 @dataclass
-class Logger:
+class LoggerConfig:
     backend: str = choice("jsonl", "jsonl", "wandb")
     project: str = "grpo"
     entity: str | None = None
@@ -118,14 +117,14 @@ class Logger:
 
 
 @dataclass
-class Verifier:
+class VerifierConfig:
     fail_fast: bool = False
     timeout: float = num(120.0, gt=0)
 
 
 @dataclass
-class RewardModel:
-    """A learned reward model as (part of) the training reward; see grpo/rewards.py."""
+class RewardModelConfig:
+    """A learned reward model as (part of) the training reward; see grpo/parts/reward_sources.py."""
 
     path: str | None = None  # null = no reward model; `embedded-rm` = the shipped one
     weight: float = 1.0  # reward = clip(weight * squash(score) + verifier_weight * verifiers, 0, 1)
@@ -134,13 +133,73 @@ class RewardModel:
     scale: float = num(1.0, gt=0)  # sigmoid(score / scale), or clip(score / scale, 0, 1)
     batch_size: int = num(64, ge=1)
 
-    def judge_options(self) -> dict[str, Any]:
-        return {"rm_weight": self.weight, "verifier_weight": self.verifier_weight, "squash_fn": self.squash,
-                "scale": self.scale, "batch_size": self.batch_size}
+
+# ---- the trainer groups: length, seed, resume, checkpoints, evaluation ---------------------------
+@dataclass
+class TrainerConfig:
+    """What every training loop's run (grpo/parts/run.py) reads from `trainer`."""
+
+    max_steps: int = num(120, ge=0)
+    save_every: int = num(40, ge=0)  # steps between checkpoints (also after the last); 0 = only at the end
+    keep_checkpoints: int = num(2, ge=0)
+    seed: int = 0
+    resume: Any = False  # true | false | a checkpoint path
 
 
 @dataclass
-class GRPOAlgorithm:
+class RLTrainerConfig(TrainerConfig):
+    """The RL loops' (grpo ppo; grpo train adds its batching): prompts per step, evaluation."""
+
+    prompts_per_step: int = num(16, ge=1)
+    eval_every: int = num(20, ge=0)
+    eval_size: int = num(128, ge=1)
+    system_prompt: str | None = None
+    log_samples: int = num(8, ge=0)
+
+
+@dataclass
+class GRPOTrainerConfig(RLTrainerConfig):
+    micro_batch_size: int = num(0, ge=0)  # rows per forward/backward; 0 = all at once
+    max_tokens_per_batch: int = num(0, ge=0)  # tokens per forward/backward (padding counted); 0 = no limit
+    shared_prompt: bool = True  # each group's prompt computed once (where the model allows)
+
+
+@dataclass
+class SupervisedTrainerConfig(TrainerConfig):
+    """The supervised loops' (sft, rm, dpo): steps over batches of rows drawn with replacement."""
+
+    max_steps: int = num(1000, ge=0)
+    save_every: int = num(0, ge=0)
+    batch_size: int = num(32, ge=1)
+    log_every: int = num(50, ge=1)
+
+
+@dataclass
+class RMTrainerConfig(SupervisedTrainerConfig):
+    micro_batch_size: int = num(0, ge=0)  # prompts per forward/backward; 0 = the whole batch
+    eval_every: int = num(50, ge=0)
+
+
+@dataclass
+class DPOTrainerConfig(SupervisedTrainerConfig):
+    micro_batch_size: int = num(0, ge=0)  # pairs per forward/backward; 0 = the whole batch
+    eval_every: int = num(25, ge=0)
+    eval_size: int = num(128, ge=1)
+    log_samples: int = num(8, ge=0)
+    system_prompt: str | None = None  # for the evaluation prompts, as in training
+
+
+@dataclass
+class SamplingConfig:
+    """What grpo eval and grpo bon take from `trainer`."""
+
+    seed: int = 0
+    system_prompt: str | None = None
+
+
+# ---- the algorithm groups ------------------------------------------------------------------------
+@dataclass
+class GRPOAlgorithmConfig:
     group_size: int = num(8, ge=1)
     beta: float = num(0.01, ge=0)
     kl_estimator: str = choice("k3", "k1", "k2", "k3")
@@ -155,67 +214,68 @@ class GRPOAlgorithm:
 
 
 @dataclass
-class Trainer:
-    """The RL loops' (grpo train): length, evaluation, checkpoints, seed, resume."""
-
-    max_steps: int = num(120, ge=0)
-    prompts_per_step: int = num(16, ge=1)
-    micro_batch_size: int = num(0, ge=0)  # rows per forward/backward; 0 = all at once
-    max_tokens_per_batch: int = num(0, ge=0)  # tokens per forward/backward (padding counted); 0 = no limit
-    shared_prompt: bool = True  # grpo train: each group's prompt computed once (where the model allows)
-    eval_every: int = num(20, ge=0)
-    eval_size: int = num(128, ge=1)
-    save_every: int = num(40, ge=0)
-    keep_checkpoints: int = num(2, ge=0)
-    seed: int = 0
-    resume: Any = False  # true | false | a checkpoint path
-    system_prompt: str | None = None
-    log_samples: int = num(8, ge=0)
-
-
-@dataclass
-class SupervisedTrainer:
-    """The supervised loops' (sft, rm): steps over batches of rows drawn with replacement."""
-
-    max_steps: int = num(1000, ge=0)
-    batch_size: int = num(32, ge=1)
-    log_every: int = num(50, ge=1)
-    save_every: int = num(0, ge=0)
-    keep_checkpoints: int = num(2, ge=0)
-    seed: int = 0
-    resume: Any = False
+class PPOAlgorithmConfig:
+    samples: int = num(1, ge=1)  # completions per prompt
+    epochs: int = num(2, ge=1)  # passes over each batch
+    minibatches: int = num(2, ge=1)  # per epoch
+    clip: float = num(0.2, gt=0)
+    value_clip: float = num(0.2, gt=0)
+    vf_coef: float = num(0.1, ge=0)
+    gamma: float = num(1.0, ge=0, le=1)
+    lam: float = num(0.95, ge=0, le=1)
+    whiten_advantages: bool = True
+    kl_estimator: str = choice("k1", "k1", "k3")
+    beta: float = num(0.05, ge=0)  # the KL coefficient (the initial one with kl_target)
+    kl_target: float | None = num(None, gt=0)  # per-sequence KL (nats); null = fixed beta
+    kl_horizon: float = num(10000.0, gt=0)
+    missing_eos_penalty: float | None = num(None, ge=0)  # subtracted from the score of a cut completion
+    score_clip: float | None = num(None, gt=0)  # clip scores to [-c, c]
+    critic_warmup_steps: int = num(0, ge=0)  # steps that train the critic only
+    value: str = choice("separate", "separate", "shared")  # a critic of its own, or a head on the policy
+    value_model: str | None = None  # the critic's init (a reward model); null = reward_model.path
+    value_lr: float | None = num(None, ge=0)  # null = optim.lr
+    ptx_coef: float = num(0.0, ge=0)  # PPO-ptx gamma
+    ptx_path: str | None = None  # prompt/completion rows (as grpo sft reads) for the ptx LM loss
+    ptx_batch_size: int = num(8, ge=1)
 
 
 @dataclass
-class RMTrainer(SupervisedTrainer):
-    micro_batch_size: int = num(0, ge=0)  # prompts per forward/backward; 0 = the whole batch
-    eval_every: int = num(50, ge=0)
+class DPOAlgorithmConfig:
+    beta: float = num(0.1, gt=0)
+    loss: str = choice("sigmoid", "sigmoid", "robust", "ipo")  # grpo.algorithm.preference_losses.DPO_LOSSES
+    label_smoothing: float = num(0.0, ge=0, le=0.49)
+    nll_coef: float = num(0.0, ge=0)  # + coef x token-mean NLL of the chosen completions
+    precompute_ref: bool = False
 
 
 @dataclass
-class Sampling:
-    """What grpo eval and grpo bon take from `trainer`."""
-
-    seed: int = 0
-    system_prompt: str | None = None
-
-
-@dataclass
-class TrainConfig:
-    model: Model = group(Model)
-    task: dict = field(default_factory=dict)
-    rollout: Rollout = group(Rollout)
-    algorithm: GRPOAlgorithm = group(GRPOAlgorithm)
-    trainer: Trainer = group(Trainer)
-    optim: Optim = group(Optim)
-    logger: Logger = group(Logger)
-    verifier: Verifier = group(Verifier)
-    reward_model: RewardModel = group(RewardModel)
-    parallel: Parallel = group(Parallel)
+class RMLossConfig:
+    center_coef: float = num(0.0, ge=0)  # + coef * mean((s_chosen + s_rejected)^2): keeps scores near 0
+    normalize: bool = True  # store a bias so the training responses score 0 on average (not for scores data)
+    normalize_scale: bool = False  # and a scale so they have std 1
+    normalize_samples: int = num(4096, ge=2)  # training responses scored for the normaliser
+    eval_batch_size: int = num(256, ge=1)
 
 
 @dataclass
-class SFTData:
+class BonSamplingConfig:
+    n: int = num(16, ge=1)  # N samples per prompt
+    split: str = choice("eval", "eval", "train")  # eval = held-out prompts; train = training prompts (SFT data)
+    prompts: int = num(128, ge=1)  # at most this many prompts
+    output: str | None = None  # null = <run dir>/best_of_n.jsonl (summary beside it)
+
+
+@dataclass
+class EvalSamplingConfig:
+    samples: int = num(8, ge=1)
+    temperature: float | None = num(1.0, ge=0)
+    max_prompts: int | None = None
+    output: str | None = None
+
+
+# ---- the data groups -----------------------------------------------------------------------------
+@dataclass
+class SFTDataConfig:
     path: str = ""
     prompt_field: str = "prompt"
     completion_field: str = "completion"
@@ -223,31 +283,105 @@ class SFTData:
 
 
 @dataclass
-class SFTConfig:
-    model: Model = group(Model)
-    data: SFTData = group(SFTData)
-    trainer: SupervisedTrainer = group(SupervisedTrainer)
-    optim: Optim = group(Optim)
-    logger: Logger = group(Logger)
-    parallel: Parallel = group(Parallel)
+class PreferenceDataConfig:
+    path: str = "embedded-prefs"  # pairs or rankings (scores for grpo rm); the built-in task's rankings by default
+    split: str = "train"  # hub datasets only
+    config: str | None = None
+    system_prompt: str | None = None
+    max_length: int | None = num(None, ge=2)  # longer rows are dropped (counted); null = the model's limit
 
 
 @dataclass
-class Eval:
-    samples: int = num(8, ge=1)
-    temperature: float | None = num(1.0, ge=0)
-    max_prompts: int | None = None
-    output: str | None = None
+class RMDataConfig(PreferenceDataConfig):
+    # Held-out data; null = embedded-prefs-eval for the built-in data, else eval_fraction of path's prompts.
+    eval_path: str | None = None
+    eval_fraction: float = num(0.05, ge=0, le=0.5)
+    eval_split: str = "test"  # hub datasets only, for eval_path
+
+
+# ---- one schema per command ------------------------------------------------------------------------
+@dataclass
+class TrainConfig:
+    model: ModelConfig = group(ModelConfig)
+    task: dict = field(default_factory=dict)  # the task's own constructor arguments: it checks them
+    rollout: RolloutConfig = group(RolloutConfig)
+    algorithm: GRPOAlgorithmConfig = group(GRPOAlgorithmConfig)
+    trainer: GRPOTrainerConfig = group(GRPOTrainerConfig)
+    optim: OptimConfig = group(OptimConfig)
+    logger: LoggerConfig = group(LoggerConfig)
+    verifier: VerifierConfig = group(VerifierConfig)
+    reward_model: RewardModelConfig = group(RewardModelConfig)
+    parallel: ParallelConfig = group(ParallelConfig)
+
+
+@dataclass
+class PPOConfig:
+    model: ModelConfig = group(ModelConfig)
+    task: dict = field(default_factory=dict)
+    rollout: RolloutConfig = group(RolloutConfig)
+    reward_model: RewardModelConfig = group(RewardModelConfig)
+    ppo: PPOAlgorithmConfig = group(PPOAlgorithmConfig)
+    trainer: RLTrainerConfig = group(RLTrainerConfig)
+    optim: OptimConfig = group(OptimConfig)
+    logger: LoggerConfig = group(LoggerConfig)
+    verifier: VerifierConfig = group(VerifierConfig)
+    parallel: ParallelConfig = group(ParallelConfig)
+
+
+@dataclass
+class DPOConfig:
+    model: ModelConfig = group(ModelConfig)
+    task: dict = field(default_factory=dict)  # the held-out prompts and the verifiers of evaluation
+    rollout: RolloutConfig = group(RolloutConfig)
+    data: PreferenceDataConfig = group(PreferenceDataConfig)
+    dpo: DPOAlgorithmConfig = group(DPOAlgorithmConfig)
+    trainer: DPOTrainerConfig = group(DPOTrainerConfig)
+    optim: OptimConfig = group(OptimConfig)
+    logger: LoggerConfig = group(LoggerConfig)
+    verifier: VerifierConfig = group(VerifierConfig)
+    parallel: ParallelConfig = group(ParallelConfig)
+
+
+@dataclass
+class RMConfig:
+    model: ModelConfig = group(ModelConfig)
+    data: RMDataConfig = group(RMDataConfig)
+    rm: RMLossConfig = group(RMLossConfig)
+    trainer: RMTrainerConfig = group(RMTrainerConfig)
+    optim: OptimConfig = group(OptimConfig)
+    logger: LoggerConfig = group(LoggerConfig)
+    parallel: ParallelConfig = group(ParallelConfig)
+
+
+@dataclass
+class SFTConfig:
+    model: ModelConfig = group(ModelConfig)
+    data: SFTDataConfig = group(SFTDataConfig)
+    trainer: SupervisedTrainerConfig = group(SupervisedTrainerConfig)
+    optim: OptimConfig = group(OptimConfig)
+    logger: LoggerConfig = group(LoggerConfig)
+    parallel: ParallelConfig = group(ParallelConfig)
+
+
+@dataclass
+class BonConfig:
+    model: ModelConfig = group(ModelConfig)
+    task: dict = field(default_factory=dict)
+    rollout: RolloutConfig = group(RolloutConfig)
+    reward_model: RewardModelConfig = group(RewardModelConfig)
+    bon: BonSamplingConfig = group(BonSamplingConfig)
+    trainer: SamplingConfig = group(SamplingConfig)
+    verifier: VerifierConfig = group(VerifierConfig)
 
 
 @dataclass
 class EvalConfig:
-    model: Model = group(Model)
+    model: ModelConfig = group(ModelConfig)
     task: dict = field(default_factory=dict)
-    rollout: Rollout = group(Rollout)
-    eval: Eval = group(Eval)
-    trainer: Sampling = group(Sampling)
-    verifier: Verifier = group(Verifier)
+    rollout: RolloutConfig = group(RolloutConfig)
+    eval: EvalSamplingConfig = group(EvalSamplingConfig)
+    trainer: SamplingConfig = group(SamplingConfig)
+    verifier: VerifierConfig = group(VerifierConfig)
 
 
 # ---- parsing ----------------------------------------------------------------------------------

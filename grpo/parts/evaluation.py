@@ -1,44 +1,33 @@
-"""`grpo eval`: sample k completions per held-out prompt and report mean reward, pass@k and maj@k.
+"""The one evaluation path: what every trainer's periodic evaluation and `grpo eval` score with.
 
-    grpo eval model.path=runs/<run>/checkpoints/step_000120/model task=gsm8k eval.samples=8
-
-It samples and scores through `sample_and_score`, the one evaluation path that every trainer's
-periodic evaluation (`policy_eval`) uses too, so a score here is the score the training run's
-evaluation would give. It writes one JSON line per completion and a summary JSON next to it, and
-prints a table.
-
-Metrics, for P prompts with n completions each, c_i of them correct (reward 1) for prompt i:
-- reward/mean: mean reward over all P * n completions.
-- pass@k: mean over prompts of 1 - C(n - c_i, k) / C(n, k), the unbiased estimator of Chen et al.
-  (2021) of "at least one of k samples is correct". pass@1 is then the mean of c_i / n.
-- maj@k: for each prompt, a majority vote over the extracted answers of its first k completions
-  (the `extracted` field of a verifier's info, e.g. the math verifier's); the earliest completion
-  giving the winning answer is scored. Completions without an answer do not vote; ties go to the
-  answer seen first. Answers are compared as normalised strings (plain numbers by value), not by
-  mathematical equivalence, so `1/2` and `0.5` are separate votes.
-k runs over the powers of 2 below n, and n.
+- `sample_and_score`: n completions per prompt from an engine, scored by a reward source (under
+  its own fork of the RNG when seeded, so evaluating never changes what training draws);
+- `policy_eval`: a trainer's evaluation on the held-out prompts (reward, greedy pass@1, the reward
+  model's score, the KL from the reference), sharded under torchrun;
+- the metrics of `grpo eval` (grpo/commands/eval.py), for P prompts with n completions each, c_i of
+  them correct (reward 1) for prompt i:
+  - reward/mean: mean reward over all P * n completions.
+  - pass@k: mean over prompts of 1 - C(n - c_i, k) / C(n, k), the unbiased estimator of Chen et al.
+    (2021) of "at least one of k samples is correct". pass@1 is then the mean of c_i / n.
+  - maj@k: for each prompt, a majority vote over the extracted answers of its first k completions
+    (the `extracted` field of a verifier's info, e.g. the math verifier's); the earliest completion
+    giving the winning answer is scored. Completions without an answer do not vote; ties go to the
+    answer seen first. Answers are compared as normalised strings (plain numbers by value), not by
+    mathematical equivalence, so `1/2` and `0.5` are separate votes.
+  k runs over the powers of 2 below n, and n.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import time
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from grpo.parts import config as C
-from grpo.parts.checkpoint import seed_everything
-from grpo.parts.config import ConfigError
-from grpo.parts.modeling import load_model, load_tokenizer, pick_device
-from grpo.parts.reward_sources import RewardInputs, Rewards, build_rewards
-from grpo.parts.rollout import build_engine, encode_prompts, sampling_params
+from grpo.parts.reward_sources import RewardInputs, Rewards
 from grpo.parts.rollout.base import Rollout, SamplingParams
-from grpo.tasks.base import TaskError, build_task
 from grpo.verifiers.math_extract import plain_number
 
 log = logging.getLogger(__name__)
@@ -181,118 +170,3 @@ def policy_eval(engine, prompt_ids: list[list[int]], samples: list[Any], samplin
               "completion": c, "reward": r}
              for s, c, r in list(zip(samples, sampled.texts, rs.rewards))[:log_samples]]
     return metrics, table
-
-
-# ---- the command ---------------------------------------------------------------------------
-def resolve_model_dir(path: str) -> str:
-    """A model dir as is; a checkpoint dir (…/step_N) -> its model/; a run dir -> its newest checkpoint."""
-    p = Path(str(path)).expanduser()
-    if not p.is_dir() or (p / "config.json").exists():
-        return str(path)
-    if (p / "model" / "config.json").exists():
-        return str(p / "model")
-    latest = p / "checkpoints" / "latest"
-    if latest.exists():
-        model = latest.parent / latest.read_text().strip() / "model"
-        if (model / "config.json").exists():
-            return str(model)
-    return str(path)  # load_model explains what is missing
-
-
-def extracted_answers(infos: list[dict[str, Any]]) -> tuple[str | None, list[Any] | None]:
-    """The first verifier (in config order) whose infos carry an `extracted` answer, and those answers.
-
-    infos[j] maps each verifier's label to its info for completion j, in the order of task.verifiers.
-    """
-    names = list(dict.fromkeys(name for i in infos for name in i))
-    for name in names:
-        if any(isinstance(i.get(name), dict) and "extracted" in i[name] for i in infos):
-            return name, [(i.get(name) or {}).get("extracted") for i in infos]
-    return None, None
-
-
-def format_table(s: dict[str, Any]) -> str:
-    lines = [f"grpo eval: {s['model']} on {s['task']}: {s['prompts']} prompts x {s['samples']} samples "
-             f"(temperature {s['temperature']})",
-             f"  reward/mean  {s['reward/mean']:.4f}",
-             f"  {'k':>4}  {'pass@k':>8}  {'maj@k':>8}"]
-    for k in k_values(s["samples"]):
-        maj = s.get(f"maj@{k}")
-        lines.append(f"  {k:>4}  {s[f'pass@{k}']:>8.4f}  {'-' if maj is None else f'{maj:.4f}':>8}")
-    if s.get("answers_from") is None:
-        lines.append("  maj@k: no verifier reports extracted answers")
-    lines.append(f"  completion length {s['completion/len_mean']:.1f} tokens, "
-                 f"{s['completion/truncated_frac']:.1%} cut at max_new_tokens")
-    lines += [f"samples: {s['output']}", f"summary: {s['summary']}"]
-    return "\n".join(lines)
-
-
-def run_eval(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
-    cfg = C.parse(C.EvalConfig, raw)
-    e, t, m = cfg.eval, cfg.trainer, cfg.model
-    n = e.samples
-    temperature = cfg.rollout.temperature if e.temperature is None else e.temperature
-    if temperature <= 0 and n > 1:
-        raise ConfigError(f"eval.temperature=0 is greedy decoding: all {n} samples would be the same; "
-                          "use eval.samples=1 or a temperature > 0")
-    if not cfg.task.get("verifiers"):
-        raise ConfigError("task.verifiers is not set: name at least one verifier, e.g. task.verifiers=[math]")
-    cfg.rollout.temperature = temperature  # the engine (vLLM's log-prob mode) samples at the eval temperature
-    seed_everything(t.seed)
-
-    task = build_task(cfg.task, seed=t.seed)
-    samples = task.eval_samples()
-    if e.max_prompts:
-        samples = samples[: e.max_prompts]
-    if not samples:
-        raise TaskError(f"task {cfg.task.get('name')!r} holds out no samples to evaluate")
-    model_dir = resolve_model_dir(m.path)
-    tok = load_tokenizer(model_dir)
-    device = pick_device(m.device)
-    _, verifiers, _ = build_rewards(cfg.task["verifiers"], cfg.verifier.fail_fast, cfg.verifier.timeout, None, tok, device)
-    engine = None
-    try:
-        model = load_model(model_dir, m.dtype, device=device).eval()
-        engine = build_engine(cfg.rollout, model, tok, model_dir, m.dtype, m.device, lambda: samples, t.system_prompt)
-        sp = sampling_params(cfg.rollout, greedy=temperature <= 0)
-        t0 = time.time()
-        seed_everything(t.seed)  # the samples depend on the seed, not on what loading drew
-        ro, scored = sample_and_score(engine, encode_prompts(tok, samples, t.system_prompt), samples, n, sp, verifiers)
-        rewards, infos, rmetrics = scored.rewards, scored.infos, scored.metrics
-        t2 = time.time()
-    finally:
-        verifiers.close()
-        if engine is not None:
-            engine.close()
-    source, answers = extracted_answers(infos)
-
-    P = len(samples)
-    grid = [rewards[i * n:(i + 1) * n] for i in range(P)]  # [P][n]
-    agrid = [answers[i * n:(i + 1) * n] for i in range(P)] if answers is not None else None
-    output = Path(e.output or Path(run_dir) / "eval_samples.jsonl")
-    summary_path = output.with_name(output.stem + ".summary.json")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with output.open("w", encoding="utf-8") as f:
-        for j, (text, ids, fin, r, info) in enumerate(zip(ro.texts, ro.completion_ids, ro.finished, rewards, infos)):
-            s = samples[j // n]
-            rec = {"prompt_index": j // n, "sample_index": j % n,
-                   "prompt": s.prompt if s.messages is None else s.messages, "answer": s.answer,
-                   "completion": text, "reward": r, "correct": r >= 1.0, "finished": fin,
-                   "completion_tokens": len(ids), "info": info}
-            f.write(json.dumps(rec, default=str) + "\n")
-
-    summary = {
-        "model": str(m.path), "model_dir": model_dir, "task": cfg.task.get("name"),
-        "prompts": P, "samples": n, "temperature": temperature,
-        "max_new_tokens": cfg.rollout.max_new_tokens, "engine": cfg.rollout.engine, "seed": t.seed,
-        **summarize(grid, agrid),
-        "answers_from": source,
-        **{k: v for k, v in rmetrics.items() if k.startswith(("reward/", "verifier/"))},
-        "completion/len_mean": sum(len(c) for c in ro.completion_ids) / len(ro.completion_ids),
-        "completion/truncated_frac": 1.0 - sum(ro.finished) / len(ro.finished),
-        "time/generate_and_score": t2 - t0,
-        "output": str(output), "summary": str(summary_path),
-    }
-    summary_path.write_text(json.dumps(summary, indent=2) + "\n")
-    print(format_table(summary), flush=True)
-    return summary

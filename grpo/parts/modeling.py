@@ -47,6 +47,21 @@ def resolve_model_path(path: str) -> str:
     return path  # a hub id such as Qwen/Qwen2.5-0.5B-Instruct
 
 
+def resolve_model_dir(path: str) -> str:
+    """A model dir as is; a checkpoint dir (…/step_N) -> its model/; a run dir -> its newest checkpoint."""
+    p = Path(str(path)).expanduser()
+    if not p.is_dir() or (p / "config.json").exists():
+        return str(path)
+    if (p / "model" / "config.json").exists():
+        return str(p / "model")
+    latest = p / "checkpoints" / "latest"
+    if latest.exists():
+        model = latest.parent / latest.read_text().strip() / "model"
+        if (model / "config.json").exists():
+            return str(model)
+    return str(path)  # load_model explains what is missing
+
+
 def pick_device(name: str) -> str:
     """`auto` = cuda when available, else cpu."""
     if name == "auto":
@@ -70,6 +85,28 @@ def load_tokenizer(path: str):
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def eos_ids(tokenizer, model=None, path: str | None = None) -> list[int]:
+    """Every token id that ends a completion: the generation config's EOS ids (of `model`, or saved
+    with the model at `path`; Qwen-Instruct names two), then the tokenizer's. The engines stop on
+    each of them, and a reward model reads a completion ending in any of them as finished."""
+    config = getattr(model, "generation_config", None)
+    if config is None and path is not None:
+        from transformers import GenerationConfig
+
+        try:
+            config = GenerationConfig.from_pretrained(resolve_model_path(path))
+        except (OSError, ValueError):  # a model saved without one
+            config = None
+    gen_eos = getattr(config, "eos_token_id", None)
+    ids = []
+    for e in (gen_eos if isinstance(gen_eos, list) else [gen_eos]) + [tokenizer.eos_token_id]:
+        if e is not None and e not in ids:
+            ids.append(int(e))
+    if not ids:
+        raise ValueError("the tokenizer has no eos_token and the model's generation_config names none")
+    return ids
 
 
 def check_whole(what: str, src: str) -> None:

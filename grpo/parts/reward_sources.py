@@ -11,6 +11,10 @@ PPO penalises completions cut at max_new_tokens), not only the text.
   [0, 1] by `squash`: sigmoid(score / scale) (default; the stored normalisation puts the
   reference policy's completions at 0, i.e. reward 0.5) or clip(score / scale, 0, 1).
 - Mixture: clip(sum_k weight_k * reward_k, 0, 1) over several sources.
+
+Every source also gives `raw`: the same weighted sum with a reward model's normalised score in place
+of its squashed reward, and no clip. PPO optimises it (an unbounded score, as InstructGPT does), and
+best-of-N picks by it (a clipped reward ties every score above `scale`).
 """
 
 from __future__ import annotations
@@ -43,6 +47,11 @@ class Rewards:
     infos: list[dict[str, Any]]  # [N] per-source details (a verifier's label -> its info)
     metrics: dict[str, float] = field(default_factory=dict)
     scores: list[float] | None = None  # [N] a reward model's normalised scores, when one took part
+    raw: list[float] | None = None  # [N] the weighted sum with the reward model's score unsquashed, unclipped
+
+    def __post_init__(self) -> None:
+        if self.raw is None:  # a source without a reward model: its reward is its raw score
+            self.raw = list(self.rewards)
 
 
 class RewardSource(Protocol):
@@ -79,8 +88,9 @@ def squash(scores: torch.Tensor, how: str = "sigmoid", scale: float = 1.0) -> to
 
 class ModelRewards:
     def __init__(self, model, eos_id: int, pad_id: int, squash_fn: str = "sigmoid", scale: float = 1.0,
-                 batch_size: int = 64):
+                 batch_size: int = 64, eos_ids: Sequence[int] = ()):
         self.model, self.eos_id, self.pad_id = model, eos_id, pad_id
+        self.eos_ids = {eos_id, *eos_ids}  # every id that ends a completion (the engines stop on each)
         self.how, self.scale, self.batch_size = squash_fn, scale, batch_size
 
     @classmethod
@@ -102,16 +112,17 @@ class ModelRewards:
     def score(self, prompt_ids: Sequence[list[int]], completion_ids: Sequence[list[int]]) -> torch.Tensor:
         """Normalised scores [N] of prompt + completion + EOS, read at that EOS.
 
-        A reward model is trained on responses that end with EOS, so one is appended where a
-        completion lacks it (cut by a stop string, or at max_new_tokens: then the reward model
-        judges the cut text as a whole answer; PPO's missing-EOS penalty is the tool against it).
+        A reward model is trained on responses that end with EOS, so the tokenizer's EOS is appended
+        where a completion ends in none of the EOS ids the engines stop on (cut by a stop string, or
+        at max_new_tokens: then the reward model judges the cut text as a whole answer; PPO's
+        missing-EOS penalty is the tool against it).
         """
         from grpo.parts.reward_model import batch_sequences, sequence_scores
 
         device = next(self.model.parameters()).device
         out = []
-        eos = self.eos_id
-        seqs = [list(p) + list(c) + ([] if c and c[-1] == eos else [eos]) for p, c in zip(prompt_ids, completion_ids)]
+        seqs = [list(p) + list(c) + ([] if c and c[-1] in self.eos_ids else [self.eos_id])
+                for p, c in zip(prompt_ids, completion_ids)]
         for i in range(0, len(seqs), self.batch_size):
             ids, attn = batch_sequences(seqs[i:i + self.batch_size], self.pad_id)
             out.append(sequence_scores(self.model, ids.to(device), attn.to(device)).float().cpu())
@@ -123,7 +134,7 @@ class ModelRewards:
         metrics = {"rm/score/mean": float(scores.mean()), "rm/score/std": float(scores.std()) if len(scores) > 1 else 0.0,
                    "reward/rm/mean": float(rewards.mean())}
         infos = [{"rm": {"score": float(s)}} for s in scores]
-        return Rewards(rewards.tolist(), infos, metrics, scores.tolist())
+        return Rewards(rewards.tolist(), infos, metrics, scores.tolist(), scores.tolist())
 
     def close(self) -> None:
         pass
@@ -142,7 +153,8 @@ class Mixture:
         infos = [{k: v for _, o in outs for k, v in o.infos[i].items()} for i in range(n)]
         metrics = {k: v for _, o in outs for k, v in o.metrics.items()}
         scores = next((o.scores for _, o in outs if o.scores is not None), None)
-        return Rewards(total, infos, metrics, scores)
+        raw = [sum(w * o.raw[i] for w, o in outs) for i in range(n)]
+        return Rewards(total, infos, metrics, scores, raw)
 
     def close(self) -> None:
         for _, src in self.parts:
@@ -152,7 +164,8 @@ class Mixture:
 def build_rewards(verifier_specs: Sequence[Any] | None, fail_fast: bool, timeout: float, rm_path: str | None,
                   tokenizer, device: str, dtype: str = "float32", rm_weight: float = 1.0,
                   verifier_weight: float = 0.0, squash_fn: str = "sigmoid", scale: float = 1.0,
-                  batch_size: int = 64) -> tuple[Any, VerifierRewards | None, ModelRewards | None]:
+                  batch_size: int = 64, eos_ids: Sequence[int] = ()
+                  ) -> tuple[Any, VerifierRewards | None, ModelRewards | None]:
     """(training source, the task's verifiers, the reward model) from plain values.
 
     Without a reward model the training reward is the verifiers'. With one it is the reward
@@ -163,9 +176,25 @@ def build_rewards(verifier_specs: Sequence[Any] | None, fail_fast: bool, timeout
     rm = None
     if rm_path:
         rm = ModelRewards.load(rm_path, tokenizer, device, dtype, squash_fn=squash_fn, scale=scale,
-                               batch_size=batch_size)
+                               batch_size=batch_size, eos_ids=eos_ids)
     if rm is None:
         return verifiers, verifiers, None
     if verifiers is None or verifier_weight == 0:
         return (Mixture([(rm_weight, rm)]) if rm_weight != 1.0 else rm), verifiers, rm
     return Mixture([(rm_weight, rm), (verifier_weight, verifiers)]), verifiers, rm
+
+
+def build_rewards_from(task: Mapping[str, Any], verifier, reward_model, tokenizer, device: str,
+                       dtype: str = "float32", model_path: str | None = None):
+    """build_rewards from the config groups (the task's `verifiers`, a VerifierConfig, a
+    RewardModelConfig or None for no reward model): the config's edge for every command.
+    `model_path` is the policy's, whose generation config names the EOS ids its completions may
+    end with."""
+    from grpo.parts.modeling import eos_ids
+
+    if reward_model is None or not reward_model.path:
+        return build_rewards(task.get("verifiers"), verifier.fail_fast, verifier.timeout, None, tokenizer, device)
+    rm = reward_model
+    ends = eos_ids(tokenizer, path=model_path) if model_path else ()
+    return build_rewards(task.get("verifiers"), verifier.fail_fast, verifier.timeout, rm.path, tokenizer, device, dtype,
+                         rm.weight, rm.verifier_weight, rm.squash, rm.scale, rm.batch_size, ends)

@@ -19,6 +19,11 @@ def _clean(v: Any) -> Any:
     return None if isinstance(v, float) and not math.isfinite(v) else v
 
 
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl, in order."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
 def _step_of(line: str) -> int | None:
     try:
         return json.loads(line)["step"]
@@ -121,7 +126,7 @@ class Tracker:
     def past_evals(self, key: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
         """The first and the last record holding `key` already in metrics.jsonl: a resumed run's
         evaluations from before it stopped, so that its summary starts from the run's first one."""
-        found = [r for r in map(json.loads, self.logger.path.read_text().splitlines()) if key in r]
+        found = [r for r in read_metrics(self.logger.path) if key in r]
         return (found[0], found[-1]) if found else (None, None)
 
     def advance(self, postfix: dict[str, str]) -> None:

@@ -10,42 +10,43 @@ from grpo.parts.rollout.base import SamplingParams
 from grpo.tasks.base import Sample, render_prompt
 
 
-def build_engine(rollout, model, tokenizer, path: str, dtype: str = "float32", device: str = "auto",
-                 prompts: Callable[[], Iterable[Sample]] | None = None, system_prompt: str | None = None,
-                 par=None, wrapped=None):
-    """The engine named by `rollout.engine` (a config.Rollout) around the trainer's own model.
+def build_engine(engine: str, model, tokenizer, path: str, dtype: str = "float32", device: str = "auto", *,
+                 batch_size: int = 256, max_new_tokens: int = 16, prompts: Callable[[], Iterable[Sample]] | None = None,
+                 system_prompt: str | None = None, par=None, wrapped=None, **vllm_options: Any):
+    """The engine named `engine` ("hf" or "vllm") around the trainer's own model.
 
-    ``prompts`` gives the samples the engine will be asked to continue (called only for vLLM, when
-    `rollout.max_model_len` is null): vLLM reserves KV cache for its whole context, so the context
-    is sized from the longest of them rather than from the model's maximum (131072 positions for a
-    Llama-3 would need more cache than a CPU run has).
+    hf: `batch_size` completions per decoding batch. vllm: `vllm_options` are VLLMEngine's keyword
+    arguments (the sampling options that decide its log-prob mode, and the engine's own: context,
+    cache, seed, GPU share ...). ``prompts`` gives the samples the engine will be asked to continue
+    (called only for vLLM, when `max_model_len` is not given): vLLM reserves KV cache for its whole
+    context, so the context is sized from the longest of them plus `max_new_tokens` rather than from
+    the model's maximum (131072 positions for a Llama-3 would need more cache than a CPU run has).
 
     Under torchrun (`par`) every rank has an engine of its own. With parallel=fsdp2 the hf engine
     runs `wrapped` (the sharded model's wrapper) in lockstep with the other ranks; vLLM gets the
-    whole weights pushed (rollout.push_weights)."""
-    if rollout.engine == "hf":
+    whole weights pushed (push_weights)."""
+    if engine == "hf":
         from grpo.parts.rollout.hf import HFEngine
 
         if par is not None and par.sharded:
             from grpo.parts.distributed import Lockstep
 
-            return HFEngine(wrapped, tokenizer, batch_size=rollout.batch_size,
-                            lockstep=Lockstep(par, tokenizer.pad_token_id))
-        return HFEngine(model, tokenizer, batch_size=rollout.batch_size)
-    if rollout.engine == "vllm":
+            return HFEngine(wrapped, tokenizer, batch_size=batch_size, lockstep=Lockstep(par, tokenizer.pad_token_id))
+        return HFEngine(model, tokenizer, batch_size=batch_size)
+    if engine == "vllm":
         try:
             from grpo.parts.rollout.vllm import VLLMEngine  # the only place vllm is imported
         except ImportError as e:  # its message says how to install vLLM
             raise ConfigError(str(e)) from e
-        opts = rollout.engine_options()
+        opts = dict(vllm_options)
         limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
-        if not opts["max_model_len"] and prompts is not None:
+        if not opts.get("max_model_len") and prompts is not None:
             longest = max((len(p) for p in encode_prompts(tokenizer, prompts(), system_prompt)), default=0)
-            opts["max_model_len"] = context_length(longest, rollout.max_new_tokens, limit)
-        length = opts["max_model_len"] or limit
+            opts["max_model_len"] = context_length(longest, max_new_tokens, limit)
+        length = opts.get("max_model_len") or limit
         on_gpu = device != "cpu" and _cuda()
         if not on_gpu:
-            check_kv_cache(model.config, dtype, length, opts["kv_cache_gib"])
+            check_kv_cache(model.config, dtype, length, opts.get("kv_cache_gib", 0.25))
         try:
             return VLLMEngine(model, tokenizer, path, dtype, device, **opts)
         except RuntimeError as e:
@@ -54,7 +55,23 @@ def build_engine(rollout, model, tokenizer, path: str, dtype: str = "float32", d
             budget = "rollout.gpu_memory_utilization" if on_gpu else "rollout.kv_cache_gib"
             raise ConfigError(f"rollout=vllm: the engine did not start with rollout.max_model_len={length} (the "
                               f"reason is in vLLM's log above): lower rollout.max_model_len or raise {budget}") from e
-    raise ConfigError(f"rollout.engine={rollout.engine!r}: use hf or vllm")
+    raise ConfigError(f"rollout.engine={engine!r}: use hf or vllm")
+
+
+# The rollout group's keys that are not the vLLM engine's own options.
+_NOT_VLLM_OPTIONS = ("engine", "batch_size", "stop", "max_new_tokens")
+
+
+def build_engine_from(rollout, model, tokenizer, path: str, dtype: str = "float32", device: str = "auto",
+                      prompts: Callable[[], Iterable[Sample]] | None = None, system_prompt: str | None = None,
+                      par=None, wrapped=None):
+    """build_engine from the `rollout` config group (a RolloutConfig): the config's edge for every command."""
+    import dataclasses
+
+    options = {k: v for k, v in dataclasses.asdict(rollout).items() if k not in _NOT_VLLM_OPTIONS}
+    return build_engine(rollout.engine, model, tokenizer, path, dtype, device, batch_size=rollout.batch_size,
+                        max_new_tokens=rollout.max_new_tokens, prompts=prompts, system_prompt=system_prompt, par=par,
+                        wrapped=wrapped, **(options if rollout.engine == "vllm" else {}))
 
 
 def whole_parameters(model) -> Iterable[tuple[str, Any]]:

@@ -76,8 +76,9 @@ class HFEngine:
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
         self.lockstep = lockstep
         from grpo.parts.distributed import Forward
+        from grpo.parts.modeling import eos_ids
 
-        self.eos_ids = _eos_ids(model.model if isinstance(model, Forward) else model, tokenizer)
+        self.eos_ids = eos_ids(tokenizer, model.model if isinstance(model, Forward) else model)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
 
     @torch.no_grad()
@@ -169,14 +170,3 @@ def _stop_end(toks: list[int], stops: list[str], tokenizer) -> int | None:
         if any(s in tokenizer.decode(toks[:t], skip_special_tokens=True) for s in stops):
             return t
     return None
-
-
-def _eos_ids(model, tokenizer) -> list[int]:
-    ids = []
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for e in (gen_eos if isinstance(gen_eos, list) else [gen_eos]) + [tokenizer.eos_token_id]:
-        if e is not None and e not in ids:
-            ids.append(int(e))
-    if not ids:
-        raise ValueError("the tokenizer has no eos_token and the model's generation_config names none")
-    return ids

@@ -155,11 +155,10 @@ class VLLMEngine:
                  gpu_memory_utilization: float = 0.3, tensor_parallel_size: int = 1, sleep_level: int = 0):
         """`path` is the model's source (its config and tokenizer); the trainer's own weights are pushed
         right after the engine starts. The sampling options decide which log-probs vLLM reports."""
-        from grpo.parts.modeling import resolve_model_path
-        from grpo.parts.rollout.hf import _eos_ids
+        from grpo.parts.modeling import eos_ids, resolve_model_path
 
         self.tokenizer = tokenizer
-        self.eos_ids = _eos_ids(model, tokenizer)
+        self.eos_ids = eos_ids(tokenizer, model)
         path = resolve_model_path(path)
         self.on_gpu = torch.cuda.is_available() and device != "cpu"
         mode, exact = choose_logprobs_mode(float(temperature), float(top_p), int(top_k))

@@ -82,7 +82,7 @@ def test_next_save_removes_what_a_crash_left(tiny_model_dir, tmp_path):
 
 @pytest.mark.slow
 def test_training_resumes_from_the_last_whole_checkpoint(tiny_model_dir, tmp_path):
-    from tests.test_train_e2e import cfg_for, train
+    from tests.commands.test_train_e2e import cfg_for, train
 
     common = ["trainer.eval_every=0", "trainer.save_every=2", "optim.lr=1e-2"]
     train(cfg_for(tiny_model_dir, "trainer.max_steps=4", *common), tmp_path)

@@ -6,7 +6,7 @@ import torch
 
 from grpo.parts.batch import batch_logprobs, group_logprobs, pack, pack_groups, supports_shared_prompt
 from grpo.parts.modeling import load_model
-from grpo.commands.train import micro_batches
+from grpo.parts.batch import micro_batches
 
 G = 3
 
@@ -88,17 +88,21 @@ def test_micro_batches_by_rows_and_by_tokens():
 
 @pytest.mark.slow
 def test_a_training_step_is_the_same_in_both_layouts(tiny_model_dir, tmp_path):
+    from grpo.commands.train import build, train_step
     from grpo.parts import config as C
-    from grpo.commands.train import Trainer
-    from tests.test_train_e2e import cfg_for
+    from grpo.parts.run import Run
+    from tests.commands.test_train_e2e import cfg_for
 
     steps = {}
     for shared in (True, False):
         raw = cfg_for(tiny_model_dir, "trainer.max_steps=1", "algorithm.beta=0.1", "algorithm.epochs=2",
                       f"trainer.shared_prompt={shared}", "trainer.max_tokens_per_batch=64")
-        tr = Trainer(C.parse(C.TrainConfig, raw), tmp_path / str(shared), raw)
-        assert tr.shared_prompt is shared
-        steps[shared] = (tr.train_step(), torch.cat([p.detach().flatten() for p in tr.policy.parameters()]))
+        cfg = C.parse(C.TrainConfig, raw)
+        with Run.from_config("grpo", cfg, raw, tmp_path / str(shared)) as run:
+            grpo = build(cfg, run)
+            assert grpo.shared_prompt is shared
+            steps[shared] = (train_step(grpo, run),
+                             torch.cat([p.detach().flatten() for p in grpo.policy.model.parameters()]))
     (ma, wa), (mb, wb) = steps[True], steps[False]
     for key in ("loss", "kl", "entropy", "grad_norm", "clip/frac", "rollout/logprob_abs_diff/max"):
         assert ma[key] == pytest.approx(mb[key], abs=1e-5), key

@@ -7,7 +7,7 @@
 3. Number words as an explicit final answer ("The answer is three.", ``\\boxed{twenty-one}``).
 4. Absolute values and moduli that sympy evaluates exactly (``|3+4i|`` = 5).
 
-One verifier per mode serves the module; each table is scored as one batch.
+The session's verifiers (conftest, one per mode) serve the tests; each table is scored as one batch.
 """
 
 from __future__ import annotations
@@ -17,19 +17,7 @@ import pytest
 from grpo.verifiers.math import MathVerifier
 from grpo.verifiers.math_extract import extract, read_number_words
 from grpo.verifiers.registry import VerifierConfigError, build_verifier
-from tests.test_math_verifier import boxed, run
-
-
-@pytest.fixture(scope="module")
-def v():
-    with MathVerifier(timeout=10) as verifier:  # multiple_boxed="last" by default
-        yield verifier
-
-
-@pytest.fixture(scope="module")
-def strict():
-    with MathVerifier(timeout=10, multiple_boxed="reject", num_workers=1) as verifier:
-        yield verifier
+from tests.verifiers.math.tables import boxed, run
 
 
 # -- 1. self-correction: the final box is the answer -------------------------------------------

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 
 from grpo.verifiers.math import MathVerifier
+from tests.conftest import ROOT
 
-DATA = Path(__file__).resolve().parent / "data" / "math_equivalence_dev.jsonl"
+DATA = ROOT / "tests" / "data" / "math_equivalence_dev.jsonl"
 
 # index -> why our verdict is the opposite of `expected` (unambiguous rows)
 KNOWN_DISAGREEMENTS = {
@@ -113,13 +113,12 @@ def test_enough_rows_take_the_extraction_path():
     assert len(BOXABLE) >= 60  # guards the filter above against silently selecting nothing
 
 
-def test_dev_cases_extraction_path():
+def test_dev_cases_extraction_path(v):
     completions = [
         f"Let me work through it.\n\nAfter simplifying, the answer is $\\boxed{{{ROWS[i]['pred']}}}$."
         for i in BOXABLE
     ]
-    with MathVerifier(timeout=10) as v:
-        scores = v.score(completions, [{"answer": ROWS[i]["gold"]} for i in BOXABLE])
+    scores = v.score(completions, [{"answer": ROWS[i]["gold"]} for i in BOXABLE])
     wrong = []
     for i, s in zip(BOXABLE, scores):
         want = _wants(i, ROWS[i]) != (i in BOXED_DIFFERS)

@@ -1,6 +1,6 @@
 """Equivalence, extraction policy and anti-gaming rules of the `math` verifier.
 
-One verifier (and so one worker pool) serves the whole module; each table is scored as one batch.
+The session's verifiers (conftest) serve the tests; each table is scored as one batch.
 """
 
 from __future__ import annotations
@@ -9,32 +9,10 @@ import math
 
 import pytest
 
-from grpo.verifiers.base import check_scores
 from grpo.verifiers.math import MathVerifier
 from grpo.verifiers.math_extract import extract, find_boxes, plain_number
-
-
-@pytest.fixture(scope="module")
-def v():
-    with MathVerifier(timeout=10) as verifier:
-        yield verifier
-
-
-def boxed(answer: str) -> str:
-    return f"Working it out step by step.\n\nSo the answer is $\\boxed{{{answer}}}$."
-
-
-def run(v, table):
-    """table: (gold, completion, expected reward, expected reason or None). Returns the scores."""
-    scores = v.score([c for _, c, _, _ in table], [{"answer": g} for g, _, _, _ in table])
-    check_scores("math", scores, len(table))
-    bad = [
-        (g, c[-80:], want, why, s.reward, s.info)
-        for (g, c, want, why), s in zip(table, scores)
-        if s.reward != want or (why is not None and s.info["reason"] != why)
-    ]
-    assert not bad, "\n".join(map(repr, bad))
-    return scores
+from grpo.verifiers.base import check_scores
+from tests.verifiers.math.tables import boxed, run
 
 
 EQUIVALENT = [
@@ -111,7 +89,7 @@ GAMING = [
     ("3", "The final answer is 3 or 4. I hope it is correct.", 0.0, "hedged"),
     # several different boxes: by default (multiple_boxed="last") only the final box is graded, so
     # boxing extra candidates gains nothing. The strict "reject" rule these rows used to assert
-    # ("multiple_boxed" for all three) is tested in tests/test_math_verifier_classes.py.
+    # ("multiple_boxed" for all three) is tested in tests/verifiers/math/test_answer_classes.py.
     ("3", "\\boxed{3} or \\boxed{4}", 0.0, "wrong"),  # the final box, 4, is graded
     ("3", "First guess \\boxed{4}. Hmm, no: \\boxed{3}", 1.0, "correct"),  # a revision: the final box is 3
     ("3", "\\boxed{3}\\boxed{3}\\boxed{4}\\boxed{5}", 0.0, "wrong"),  # the final box is 5

@@ -18,14 +18,12 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
 from grpo.sandbox import Limits, Sandbox, reaper
-from tests.conftest import pids_with, proc_table
+from tests.conftest import ROOT, pids_with, proc_table
 
-ROOT = Path(__file__).resolve().parents[1]
 FAST = Limits(wall_time=1.5, cpu_time=1, memory_mb=256, max_procs=12)
 
 # A child that ignores SIGTERM and sleeps, as an argv literal for the programs below.
@@ -184,7 +182,7 @@ CHILD = r"""
 import ctypes, json, os, sys, time
 sys.path.insert(0, sys.argv[1])
 from tests.conftest import proc_table
-from tests.test_sandbox_reaping import descendants, run_batch
+from tests.sandbox.test_sandbox_reaping import descendants, run_batch
 from grpo.sandbox import Sandbox, reaper
 
 # Like PID 1 of a container: every orphan below us is re-parented to us.

@@ -16,13 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import proc_table
+from tests.conftest import ROOT, proc_table
 
 pytest.importorskip("vllm", reason="vllm is not installed: `make setup-vllm` installs it (CI does)")
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
 ENV = {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"}
 
 

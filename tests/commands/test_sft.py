@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from grpo.cli import compose_config
-from grpo.commands.sft import batch_tensors, encode_rows, run_sft
+from grpo.commands.sft import run_sft
+from grpo.parts.batch import batch_tensors, encode_rows
 from grpo.tasks.file import located_rows
 from grpo.parts.modeling import load_tokenizer
 from grpo.tasks.base import TaskError
@@ -39,7 +40,7 @@ def test_sft_learns_a_fixed_mapping(tiny_model_dir, tmp_path):
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = compose_config("sft", [f"model.path={tiny_model_dir}", f"data.path={data}", "trainer.max_steps=150",
                                  "trainer.batch_size=8", "trainer.log_every=10", "optim.lr=3e-3", "optim.warmup_steps=5"])
-    out = run_sft(cfg, tmp_path)
+    out = run_sft(cfg, tmp_path)["model"]
     losses = [json.loads(x)["loss"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     # A random model starts near ln(vocab ~ 102) = 4.6 nats; four fixed 4-token targets are memorised.
     assert losses[0] > 2.0 and losses[-1] < 0.3

@@ -40,7 +40,7 @@ def test_bon_with_verifiers_as_judge_is_monotone_and_writes_sft_rows(tiny_model_
     assert len(rows) == 12 and all(r["prompt"].startswith("What is") for r in rows)
     # Readable by grpo sft as prompt/completion rows.
     from grpo.parts.modeling import load_tokenizer
-    from grpo.commands.sft import encode_rows
+    from grpo.parts.batch import encode_rows
 
     nonempty = [("bon.jsonl", r) for r in rows if r["completion"]]
     assert encode_rows(load_tokenizer(str(tiny_model_dir)), nonempty, "prompt", "completion")
@@ -63,3 +63,21 @@ def test_bon_with_a_reward_model_reports_its_scores_and_the_true_score(tiny_mode
                                  "rollout.max_new_tokens=6"])
     mixed = run_bon(cfg, tmp_path / "run2")["by_k"]
     assert [e["judge/mean"] for e in mixed] == pytest.approx([e["true/mean"] for e in mixed])
+
+
+@pytest.mark.slow
+def test_bon_picks_by_the_reward_model_s_raw_score_whatever_the_squash(tiny_model_dir, tiny_rm_dir, tmp_path):
+    """With squash=clip and a small scale every score above it is reward 1: picking by that reward
+    would keep the earliest of the tied samples. Picking by the raw score keeps the reward model's
+    best, so the kept samples' rm/mean is the same under clip as under sigmoid (a monotone squash),
+    and it never drops as k grows. (Before the fix the clip run kept the earliest: lower rm/mean.)"""
+    common = [f"model.path={tiny_model_dir}", "task=arithmetic", TOY, f"reward_model.path={tiny_rm_dir}",
+              "bon.n=8", "bon.prompts=8", "rollout.max_new_tokens=6"]
+    sigmoid = run_bon(compose_config("bon", common), tmp_path / "sigmoid")["by_k"]
+    clip = run_bon(compose_config("bon", [*common, "reward_model.squash=clip", "reward_model.scale=1e-6"]),
+                   tmp_path / "clip")["by_k"]
+    # the same seed draws the same samples; the picks are the same, so are their scores
+    assert [e["rm/mean"] for e in clip] == pytest.approx([e["rm/mean"] for e in sigmoid])
+    assert all(a <= b + 1e-6 for a, b in zip([e["rm/mean"] for e in clip], [e["rm/mean"] for e in clip][1:]))
+    rows = [json.loads(x) for x in (tmp_path / "clip" / "best_of_n.jsonl").read_text().splitlines()]
+    assert {r["judge_reward"] for r in rows} <= {0.0, 1.0}  # the clipped rewards tie: raw scores break the tie

@@ -16,8 +16,8 @@ import pytest
 
 from grpo.verifiers.math import MathVerifier
 from grpo.verifiers.pool import WorkerPool
+from tests.conftest import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _alive(pid: int) -> bool:
@@ -43,7 +43,7 @@ def _wait_gone(pids, seconds=5.0) -> list[int]:
 
 
 def test_pool_kills_and_replaces_a_hanging_worker():
-    with WorkerPool("tests.test_math_verifier_pool_tasks:run", num_workers=2, timeout=1.0) as pool:
+    with WorkerPool("tests.verifiers.math.pool_tasks:run", num_workers=2, timeout=1.0) as pool:
         pool.map([("add", (1, 2))])  # started and warm
         before = set(pool.pids())
         t = time.monotonic()
@@ -61,7 +61,7 @@ def test_pool_kills_and_replaces_a_hanging_worker():
 
 
 def test_pool_survives_a_worker_killed_from_outside():
-    with WorkerPool("tests.test_math_verifier_pool_tasks:run", num_workers=1, timeout=5.0) as pool:
+    with WorkerPool("tests.verifiers.math.pool_tasks:run", num_workers=1, timeout=5.0) as pool:
         pool.map([("add", (1, 2))])
         os.kill(pool.pids()[0], signal.SIGKILL)
         out = pool.map([("add", (1, 2)), ("add", (3, 4))])
@@ -71,7 +71,7 @@ def test_pool_survives_a_worker_killed_from_outside():
 
 
 def test_pool_reports_task_errors_and_memory_blowups():
-    with WorkerPool("tests.test_math_verifier_pool_tasks:run", num_workers=1, timeout=10.0, memory_limit_mb=512) as pool:
+    with WorkerPool("tests.verifiers.math.pool_tasks:run", num_workers=1, timeout=10.0, memory_limit_mb=512) as pool:
         out = pool.map([("raise", "boom"), ("alloc_mb", 2048), ("add", (1, 1))])
         assert out[0] == ("error", "ValueError: boom")
         assert out[1][0] in ("error", "crashed")  # MemoryError under the address-space limit
@@ -86,7 +86,7 @@ def test_pool_gives_up_when_workers_cannot_start():
 
 
 def test_close_leaves_no_processes():
-    pool = WorkerPool("tests.test_math_verifier_pool_tasks:run", num_workers=2, timeout=5.0)
+    pool = WorkerPool("tests.verifiers.math.pool_tasks:run", num_workers=2, timeout=5.0)
     pool.map([("add", (1, 2))] * 4)
     pids = pool.pids()
     assert all(_alive(p) for p in pids)

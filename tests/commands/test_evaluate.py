@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from grpo.cli import compose_config
-from grpo.parts.evaluation import k_values, majority_index, pass_at_k, run_eval, summarize, vote_key
+from grpo.commands.eval import run_eval
+from grpo.parts.evaluation import k_values, majority_index, pass_at_k, summarize, vote_key
 from grpo.parts.modeling import EMBEDDED_MODEL_DIR
 from grpo.parts.config import ConfigError
 from tests.conftest import run_grpo
@@ -89,7 +90,7 @@ class HasDigit:
 
 
 TINY = ["task.eval_size=12", "eval.samples=4", "rollout.max_new_tokens=6"]
-HAS_DIGIT = "task.verifiers=[{_target_: tests.test_evaluate.HasDigit}]"
+HAS_DIGIT = "task.verifiers=[{_target_: tests.commands.test_evaluate.HasDigit}]"
 
 
 def eval_cfg(model, *overrides):

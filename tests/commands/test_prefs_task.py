@@ -5,7 +5,6 @@ import json
 import math
 import random
 import re
-from pathlib import Path
 
 import pytest
 
@@ -15,8 +14,8 @@ from grpo.tasks.preference_data import read_preferences
 from grpo.verifiers.base import check_scores
 from grpo.verifiers.prefs_rule import rule
 from grpo.verifiers.registry import build_verifier
+from tests.conftest import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 
 # completion, gold 85 -> (reward, reason); reward = 0.9 * max(0, 1 - stray / 16) + 0.1 / (1 + |n - 85|)
 RULE_CASES = [

@@ -114,3 +114,62 @@ def test_build_rewards_keeps_the_verifiers_out_of_a_reward_model_reward(tiny_rm)
         plain.close()
     finally:
         verifiers.close()
+
+
+def test_raw_is_the_weighted_sum_unsquashed_and_unclipped(tiny_rm):
+    """`raw` (PPO's score, best-of-N's pick): the same weights as the reward, the reward model's score
+    unsquashed, no clip."""
+    path, seqs = tiny_rm
+    tok = load_tokenizer(str(path))
+    rm = ModelRewards.load(str(path), tok, squash_fn="clip", scale=1e-3)
+    prompts, comps = [s[:1] for s in seqs], [s[1:] for s in seqs]
+    batch = RewardInputs(["a", "b", "c"], prompts, comps, [True] * 3, [{}] * 3)
+    alone = rm(batch)
+    assert alone.raw == alone.scores  # a reward model alone: its normalised score
+    # clip(score / 1e-3, 0, 1) saturates every score that is not tiny: the rewards tie, the raw scores do not
+    assert len(set(alone.raw)) == 3 and set(alone.rewards) <= {0.0, 1.0}
+    mixed = Mixture([(2.0, rm), (0.5, Const(1.0, "v"))])(batch)
+    # 2 x score + 0.5 x 1.0 per completion; the reward is clip(2 x clip(...) + 0.5, 0, 1)
+    assert mixed.raw == pytest.approx([2.0 * s + 0.5 for s in alone.scores])
+    assert Const(0.25, "v")(batch).raw == [0.25] * 3  # a verifier's raw score is its reward
+
+
+def test_a_completion_ending_in_any_eos_id_is_not_extended(tiny_rm):
+    """The engines stop on every EOS id of the generation config (Qwen-Instruct has two); a completion
+    ending in any of them is read where it ends, one ending in none gets the tokenizer's EOS."""
+    from grpo.parts.reward_model import sequence_scores
+
+    path, _ = tiny_rm
+    tok = load_tokenizer(str(path))
+    other = 7  # a second EOS id, as a generation config may name
+    prompts, comps = [[5, 6]], [[8, other]]
+    both = ModelRewards.load(str(path), tok, eos_ids=[tok.eos_token_id, other])
+    only_tokenizer_s = ModelRewards.load(str(path), tok)  # what the reward model read before: EOS appended
+    with torch.no_grad():
+        ids, attn = batch_sequences([[5, 6, 8, other]], tok.pad_token_id)
+        at_end = sequence_scores(both.model, ids, attn)  # read at the completion's own last token
+        ids, attn = batch_sequences([[5, 6, 8, other, tok.eos_token_id]], tok.pad_token_id)
+        appended = sequence_scores(both.model, ids, attn)
+    assert both.score(prompts, comps).tolist() == pytest.approx(at_end.tolist(), abs=1e-6)
+    assert only_tokenizer_s.score(prompts, comps).tolist() == pytest.approx(appended.tolist(), abs=1e-6)
+    assert abs(float(at_end - appended)) > 1e-4  # the two readings differ: the test can tell them apart
+    # without any EOS at the end, the tokenizer's is appended either way
+    assert both.score(prompts, [[8]]).tolist() == pytest.approx(only_tokenizer_s.score(prompts, [[8]]).tolist())
+
+
+def test_the_eos_ids_come_from_the_policy_s_generation_config(tiny_rm, tiny_model_dir, tmp_path):
+    import shutil
+
+    from transformers import GenerationConfig
+
+    from grpo.parts.config import RewardModelConfig, VerifierConfig
+    from grpo.parts.reward_sources import build_rewards_from
+
+    path, _ = tiny_rm
+    policy = tmp_path / "policy"
+    shutil.copytree(tiny_model_dir, policy)
+    tok = load_tokenizer(str(policy))
+    GenerationConfig(eos_token_id=[tok.eos_token_id, 7]).save_pretrained(policy)
+    train, _, rm = build_rewards_from({}, VerifierConfig(), RewardModelConfig(path=str(path)), tok, "cpu",
+                                      model_path=str(policy))
+    assert train is rm and rm.eos_ids == {tok.eos_token_id, 7}

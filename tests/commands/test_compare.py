@@ -36,7 +36,7 @@ def test_curves_of_a_run_and_of_a_best_of_n_summary(tmp_path):
 
 
 def test_inputs_it_cannot_plot_are_one_line_errors(tmp_path):
-    from grpo.cli import UserError
+    from grpo.parts.config import UserError
 
     run = write_run(tmp_path / "r", [{"step": 0, "eval/reward/mean": 0.3}])
     with pytest.raises(UserError, match="no evaluation records with eval/kl"):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from grpo.cli import verifiers_main, verify_main
+from grpo.commands.verify import verifiers_main, verify_main
 from tests.conftest import ROOT
 from grpo.verifiers.compose import RewardFunction
 from grpo.verifiers.registry import VerifierNotFound, available, discover
@@ -134,7 +134,7 @@ def test_grpo_verify_works_for_every_discovered_verifier(site, tmp_path, capsys)
 def test_grpo_verify_reports_failing_rows_and_keeps_going(tmp_path, capsys):
     rows = tmp_path / "rows.jsonl"
     rows.write_text('{"completion": "ok"}\n{"completion": "boom"}\n{"completion": "fine"}\n')
-    assert verify_main(["--verifier", "tests.test_compose:RaisesOn", str(rows)]) == 0
+    assert verify_main(["--verifier", "tests.verifiers.test_compose:RaisesOn", str(rows)]) == 0
     out, err = capsys.readouterr()
     assert [json.loads(x)["reward"] for x in out.splitlines()] == [1.0, 0.0, 1.0]
     assert "1 of 3 rows got 0 because verifier 'raises_on' failed on them" in err

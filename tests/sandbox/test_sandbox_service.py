@@ -16,7 +16,7 @@ from grpo.sandbox.client import SandboxClient, SandboxServiceError
 from grpo.sandbox.server import SandboxServer
 from grpo.verifiers.code import CodeVerifier
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = str(__import__("tests.conftest", fromlist=["ROOT"]).ROOT)
 
 
 @pytest.fixture(scope="module")

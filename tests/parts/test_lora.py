@@ -1,6 +1,8 @@
 """LoRA through peft (model.lora.*): only the adapters train, the reference is the base model with
 the adapters off, checkpoints hold the adapters (and merged weights on request), export merges."""
 
+import math
+
 import pytest
 import torch
 
@@ -8,7 +10,8 @@ from grpo.parts import config as C
 from grpo.parts.batch import batch_logprobs, pack
 from grpo.cli import compose_config
 from grpo.parts.modeling import AdaptersOff, load_model, load_tokenizer
-from grpo.commands.train import Trainer, train
+from grpo.commands.train import build, train, train_step
+from grpo.parts.run import Run
 from tests.conftest import run_interrupted
 from tests.dist_worker import fixed_batch
 
@@ -30,13 +33,17 @@ def test_lora_trains_only_adapters_against_the_base_model(tiny_model_dir, tmp_pa
     from grpo.commands.export import export
 
     raw = cfg_for(tiny_model_dir, "trainer.max_steps=2", "model.lora.save_merged=true")
-    tr = Trainer(C.parse(C.TrainConfig, raw), tmp_path / "run", raw)
-    trainable = [n for n, p in tr.policy.named_parameters() if p.requires_grad]
-    assert trainable and all("lora_" in n for n in trainable)
-    assert isinstance(tr.ref, AdaptersOff)  # the reference is the policy itself: no second copy is loaded
-    before = {n: p.detach().clone() for n, p in tr.policy.named_parameters()}
-    tr.fit()
-    changed = [n for n, p in tr.policy.named_parameters() if not torch.equal(before[n], p)]
+    cfg = C.parse(C.TrainConfig, raw)
+    with Run.from_config("grpo", cfg, raw, tmp_path / "run") as run:
+        grpo = build(cfg, run)
+        policy = grpo.policy
+        trainable = [n for n, p in policy.model.named_parameters() if p.requires_grad]
+        assert trainable and all("lora_" in n for n in trainable)
+        assert isinstance(policy.ref, AdaptersOff)  # the reference is the policy itself: no second copy is loaded
+        before = {n: p.detach().clone() for n, p in policy.model.named_parameters()}
+        for step in run.steps():
+            step.done(train_step(grpo, run))
+    changed = [n for n, p in policy.model.named_parameters() if not torch.equal(before[n], p)]
     assert changed and all("lora_B" in n or "lora_A" in n for n in changed)
 
     base = load_model(str(tiny_model_dir))
@@ -46,8 +53,8 @@ def test_lora_trains_only_adapters_against_the_base_model(tiny_model_dir, tmp_pa
     m = batch.mask
     with torch.no_grad():
         want = batch_logprobs(base, batch) * m
-        ref = tr.ref(batch, 1.0, fn=batch_logprobs) * m
-        pol = tr.fwd(batch, 1.0, fn=batch_logprobs) * m
+        ref = policy.ref(batch, 1.0, fn=batch_logprobs) * m
+        pol = policy.fwd(batch, 1.0, fn=batch_logprobs) * m
     assert torch.allclose(ref, want, atol=1e-6)  # the reference is the base model
     assert float((pol - want).abs().max()) > 1e-4  # the adapters have moved the policy
 
@@ -80,3 +87,28 @@ def test_lora_target_modules_that_match_nothing_is_one_line(tiny_model_dir, tmp_
                  "trainer.max_steps=1", "logger=jsonl", f"hydra.run.dir={tmp_path / 'r'}")
     assert p.returncode == 2 and "model.lora.target_modules" in p.stderr and p.stderr.strip().count("\n") == 0
     assert not (tmp_path / "r").exists()
+
+
+def test_dpo_takes_lora_through_the_shared_policy(tiny_model_dir, tmp_path):
+    """Every loop builds its policy with Run.policy, so model.lora works beyond grpo train: a DPO run
+    trains only the adapters, against the base model as its reference (the first step's DPO rewards
+    are 0: the policy with zero-initialised B is the base), and writes model/ merged (a plain model
+    whose log-probs are base + adapters)."""
+    from transformers import AutoModelForCausalLM
+
+    from grpo.commands.dpo import run_dpo
+    from tests.commands.test_dpo import cfg as dpo_cfg
+    from tests.commands.test_dpo import metrics
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(f'{{"prompt": "q{i}?", "chosen": "yes", "rejected": "no"}}\n' for i in range(8)))
+    run_dpo(dpo_cfg(tiny_model_dir, pairs, "trainer.max_steps=3", "model.lora.r=4", "model.lora.alpha=8"),
+            tmp_path / "dpo")
+    first = next(r for r in metrics(tmp_path / "dpo") if "loss" in r)
+    assert first["rewards/margins"] == 0.0 and first["loss"] == pytest.approx(math.log(2), abs=1e-6)  # -log sigmoid(0)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "dpo" / "model")
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    base = load_model(str(tiny_model_dir))
+    moved = {n for n, p in merged.named_parameters() if not torch.equal(p, base.get_parameter(n))}
+    # only the linear layers with adapters moved: the embeddings and norms are the base's
+    assert moved and all(n.endswith("proj.weight") for n in moved)

@@ -69,7 +69,7 @@ def test_ppo_resume_is_exact(tiny_model_dir, tiny_rm_dir, tmp_path):
 
 def test_ptx_keeps_the_lm_loss_on_the_ptx_data_lower(tiny_model_dir, tiny_rm_dir, tmp_path):
     from grpo.parts.modeling import load_tokenizer
-    from grpo.commands.sft import batch_tensors, encode_rows
+    from grpo.parts.batch import batch_tensors, encode_rows
     from transformers import AutoModelForCausalLM
 
     rows = [{"prompt": f"say {w}", "completion": w} for w in ("alpha", "beta", "gamma", "delta")]
@@ -111,3 +111,17 @@ def test_shared_value_head_trains_and_resumes_exactly(tiny_model_dir, tmp_path):
     assert not (ck / "value").exists()
     state = torch.load(ck / "state.pt", weights_only=False)
     assert state["value_head"]["weight"].shape[0] == 1 and state["value_head"]["weight"].abs().sum() > 0
+
+
+def test_ppo_optimises_the_configured_reward(tiny_model_dir, tiny_rm_dir, tmp_path):
+    """reward_model.weight and verifier_weight apply to PPO's score (unsquashed): weight 0 and
+    verifier_weight 1 make the score the verifier's reward, so the step's mean score is the mean
+    digit fraction it logs; with weight 2 alone the score is twice the reward model's score."""
+    run_ppo(cfg(tiny_model_dir, f"reward_model.path={tiny_rm_dir}", "reward_model.weight=0",
+                "reward_model.verifier_weight=1", "trainer.max_steps=2"), tmp_path / "verifier")
+    for r in [r for r in metrics(tmp_path / "verifier") if "objective/scores" in r]:
+        assert r["objective/scores"] == pytest.approx(r["reward/digit_fraction/mean"], abs=1e-6)
+    run_ppo(cfg(tiny_model_dir, f"reward_model.path={tiny_rm_dir}", "reward_model.weight=2", "trainer.max_steps=2"),
+            tmp_path / "double")
+    for r in [r for r in metrics(tmp_path / "double") if "objective/scores" in r]:
+        assert r["objective/scores"] == pytest.approx(2 * r["rm/score/mean"], abs=1e-5)

@@ -114,8 +114,8 @@ def test_two_entries_with_one_label_are_refused_with_a_hint():
     ({"name": "format", "_target_": "grpo.verifiers.format.FormatVerifier"}, r"give `name` or `_target_`, not both"),
     ({"weight": 1.0}, r"needs `name` or `_target_`"),
     ({"_target_": "tests.nowhere.Thing"}, r"cannot import module 'tests.nowhere'"),
-    ({"_target_": "tests.test_compose:Nothing"}, r"has no attribute 'Nothing'"),
-    ({"_target_": "tests.test_compose:SAMPLES"}, r"list is not a class or factory to call"),
+    ({"_target_": "tests.verifiers.test_compose:Nothing"}, r"has no attribute 'Nothing'"),
+    ({"_target_": "tests.verifiers.test_compose:SAMPLES"}, r"list is not a class or factory to call"),
     ({"_target_": "builtins:dict"}, r"verifier 'builtins:dict' \(dict\) has neither score\(completions, samples\) nor"),
 ])
 def test_bad_specs_fail_at_construction_naming_the_verifier(spec, message):
@@ -124,8 +124,8 @@ def test_bad_specs_fail_at_construction_naming_the_verifier(spec, message):
 
 
 def test_target_takes_dotted_and_colon_paths_and_labels_by_the_verifiers_own_name():
-    with RewardFunction([{"_target_": "tests.test_compose.Fixed", "key": "q"},
-                         {"_target_": "tests.test_compose:Fixed", "key": "r", "label": "r"}]) as rf:
+    with RewardFunction([{"_target_": "tests.verifiers.test_compose.Fixed", "key": "q"},
+                         {"_target_": "tests.verifiers.test_compose:Fixed", "key": "r", "label": "r"}]) as rf:
         _, _, m = rf(TEXTS, SAMPLES)
     assert rf.labels == ["fixed_q", "r"]
     assert "reward/r/mean" in m
