@@ -51,9 +51,14 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class GRPO:
-    """What a GRPO run is built from (plain parts; the loop is `train`)."""
+    """What a GRPO run is built from: its hyperparameters and parts (the loop is `train`)."""
 
-    cfg: C.TrainConfig
+    algorithm: C.GRPOAlgorithmConfig  # group size, beta, clip range, epochs, advantage scale, loss aggregation
+    prompts_per_step: int  # B
+    micro_batch_size: int  # rows per forward/backward (0 = all)
+    max_tokens_per_batch: int  # tokens per forward/backward (0 = no limit)
+    max_grad_norm: float
+    system_prompt: str | None
     task: Any
     rewards: Any  # the training reward source (grpo/parts/reward_sources.py)
     policy: Policy
@@ -95,19 +100,21 @@ def build(cfg: C.TrainConfig, run: Run) -> GRPO:
     progress = run.restore({"model": (policy.model, opt)}, {"scheduler": sched}, {"data_pos": 0})
     run.evaluate_policy(engine, policy, eval_set, cfg.rollout, trainer.system_prompt, verifiers or rewards,
                         reward_model, kl_batch_size=trainer.micro_batch_size or 256, log_samples=trainer.log_samples)
-    return GRPO(cfg, task, rewards, policy, engine, opt, sched, sampling_params(cfg.rollout), shared_prompt, progress)
+    return GRPO(algorithm, trainer.prompts_per_step, trainer.micro_batch_size, trainer.max_tokens_per_batch,
+                cfg.optim.max_grad_norm, trainer.system_prompt, task, rewards, policy, engine, opt, sched,
+                sampling_params(cfg.rollout), shared_prompt, progress)
 
 
 def train_step(grpo: GRPO, run: Run) -> dict[str, float]:
     """One GRPO step: this rank's share of the step's B prompts, G completions each, scored; then
     `update` on them."""
     t0 = time.time()
-    par, G, B = run.par, grpo.cfg.algorithm.group_size, grpo.cfg.trainer.prompts_per_step
+    par, G, B = run.par, grpo.algorithm.group_size, grpo.prompts_per_step
     first, last = shard(B, par.rank, par.world)  # this rank's prompts of the step's B
     start = grpo.progress["data_pos"]
     samples = [grpo.task.train_sample(start + i) for i in range(first, last)]
     grpo.progress["data_pos"] += B
-    ro = grpo.engine.generate(encode_prompts(run.tok, samples, grpo.cfg.trainer.system_prompt), G, grpo.sampling)
+    ro = grpo.engine.generate(encode_prompts(run.tok, samples, grpo.system_prompt), G, grpo.sampling)
     t1 = time.time()
     fields = [s.fields() for s in samples for _ in range(G)]  # [n] prompt-major, like ro
     scored = grpo.rewards(RewardInputs.from_rollout(ro, fields))
@@ -131,7 +138,7 @@ def train_step(grpo: GRPO, run: Run) -> dict[str, float]:
 def update(grpo: GRPO, run: Run, ro, rewards: torch.Tensor, offset: int) -> dict[str, float]:
     """The optimizer step(s) on this rank's completions `ro`, rows offset .. offset + n of the
     step's batch, whose N rewards [N] every rank holds; the weights then go to the engine."""
-    algorithm, trainer = grpo.cfg.algorithm, grpo.cfg.trainer
+    algorithm = grpo.algorithm
     par, device, policy = run.par, run.device, grpo.policy
     W, G = par.world, algorithm.group_size
     t2 = time.time()
@@ -151,7 +158,7 @@ def update(grpo: GRPO, run: Run, ro, rewards: torch.Tensor, offset: int) -> dict
     tokens, rows = par.sum([float(mask.sum()), float(n)])
     tokens = max(tokens, 1.0)
     # (slice, weight) per micro-batch, as many on every rank; padding ones have weight 0.
-    mbs = par.pad_micro_batches(micro_batches(lengths, unit, trainer.micro_batch_size, trainer.max_tokens_per_batch))
+    mbs = par.pad_micro_batches(micro_batches(lengths, unit, grpo.micro_batch_size, grpo.max_tokens_per_batch))
     temp = grpo.sampling.temperature or 1.0
     clock = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}
 
@@ -201,7 +208,7 @@ def update(grpo: GRPO, run: Run, ro, rewards: torch.Tensor, offset: int) -> dict
                 acc["entropy"] = acc.get("entropy", 0.0) + float((ent * mask[s]).sum()) / tokens
                 acc["loss"] = acc.get("loss", 0.0) + float(loss.detach()) / W  # the ranks' shares add up
         to = time.time()
-        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(policy.fwd.parameters(), grpo.cfg.optim.max_grad_norm))
+        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(policy.fwd.parameters(), grpo.max_grad_norm))
         lr = grpo.sched.get_last_lr()[0]  # the rate this step uses
         grpo.opt.step()
         grpo.sched.step()
