@@ -136,10 +136,14 @@ class Run:
         if self._closed:
             return
         self._closed = True
-        if self.tracker is not None:
-            self.tracker.close()
-        for part in self._parts:
-            part.close()
+        failed = None
+        for part in ([self.tracker] if self.tracker is not None else []) + self._parts:
+            try:  # every part gets closed (an engine's processes, a verifier's workers) even if one fails
+                part.close()
+            except Exception as e:  # noqa: BLE001 - re-raised below, after the others
+                failed = failed or e
+        if failed is not None:
+            raise failed
 
     # ---- shared parts ----------------------------------------------------------------------------
     def require(self, n: int, what: str, error: type[Exception] | None = None) -> None:

@@ -97,3 +97,18 @@ def test_steps_need_what_the_checkpoints_hold(tmp_path):
     with Run("toy", tmp_path, {}, max_steps=1, seed=0, resume=False, logger=LoggerConfig()) as run:
         with pytest.raises(RuntimeError, match="restore"):
             next(run.steps())
+
+
+def test_a_part_that_fails_to_close_does_not_keep_the_others_open(tiny_model_dir, tmp_path):
+    class Broken(Part):
+        def close(self):
+            super().close()
+            raise OSError("cannot close")
+
+    first, broken, last = Part(), Broken(), Part()
+    run, _ = toy_run(tiny_model_dir, tmp_path, 1, evals=[], parts=(first, broken, last))
+    with pytest.raises(OSError, match="cannot close"):
+        run.close()
+    assert (first.closed, broken.closed, last.closed) == (1, 1, 1)
+    run.close()  # once only
+    assert last.closed == 1
