@@ -1,4 +1,4 @@
-"""The ``prefs_rule`` verifier: the hidden rule behind the built-in preference data (grpo/prefs.py).
+"""The ``prefs_rule`` verifier: the hidden rule behind the built-in preference data (grpo/commands/prefs.py).
 
 Simulated labellers rank the answers of the preference task's policy (the embedded chat model,
 `embedded-chat`, which answers "What is a + b?" in several styles) by this rule plus noise; a reward

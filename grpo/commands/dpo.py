@@ -83,6 +83,8 @@ def reference_cache(ref, pairs: list[Pair], pad_id: int, device, run_dir: Path, 
     """Reference sums [n_pairs, 2] (chosen, rejected), computed once and cached by weights + data."""
     h = hashlib.sha256()
     for name, t in sorted(ref.state_dict().items()):
+        if "lora_" in name:  # with LoRA the reference is the base: its adapters are off
+            continue
         t = full_tensor(t)  # whole under fsdp2 (every rank hashes the same weights)
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())

@@ -119,7 +119,7 @@ def chat_sft_rows(n: int, seed: int) -> list[dict]:
     """Chat: the arithmetic answer (right half of the time, else a near miss) in one of several
     styles, from the terse `\\boxed{N}` to chatty or unboxed ones, so that the model's samples vary
     in what people's preferences are about: format, length and correctness (the built-in
-    preference task, grpo/prefs.py)."""
+    preference task, grpo/commands/prefs.py)."""
     task = ArithmeticTask(seed=seed + 2000)  # another stream than any training run's, same split
     rng = random.Random(seed)
     rows = []

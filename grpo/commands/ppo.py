@@ -48,6 +48,7 @@ from grpo.parts import checkpoint
 from grpo.parts import config as C
 from grpo.parts.batch import RolloutBatch, batch_logprobs, batch_tensors, encode_rows, engine_logprobs, pack
 from grpo.parts.distributed import call, full_tensor, shard
+from grpo.parts.modeling import backbone
 from grpo.parts.reward_model import init_reward_model, load_reward_model
 from grpo.parts.reward_sources import RewardInputs
 from grpo.parts.rollout import encode_prompts, push_weights, sampling_params, task_prompts
@@ -65,7 +66,7 @@ class SharedValue(torch.nn.Module):
     def __init__(self, policy):
         super().__init__()
         self.base_model_prefix = "trunk"
-        object.__setattr__(self, "trunk", getattr(policy, policy.base_model_prefix))  # shared, not registered
+        object.__setattr__(self, "trunk", backbone(policy))  # shared, not registered (under LoRA's adapters too)
         self.score = torch.nn.Linear(policy.config.hidden_size, 1, bias=False)
         torch.nn.init.zeros_(self.score.weight)  # values start at 0
         self.score.to(next(policy.parameters()).device)

@@ -169,6 +169,9 @@ def run_rm(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     with Run.from_config("rm", cfg, raw, run_dir) as run:
         par, device = run.par, run.device
         run.require(trainer.batch_size, f"trainer.batch_size={trainer.batch_size}")
+        if model.lora.r:
+            raise C.ConfigError("model.lora: grpo rm trains the whole reward model (its new head with its trunk); "
+                                "set model.lora.r=0")
         tok = run.tokenizer(model.path)
         kind, records = read_preferences(data.path, data.split, data.config)
         eval_path = data.eval_path or ("embedded-prefs-eval" if data.path == "embedded-prefs" else None)
@@ -195,7 +198,8 @@ def run_rm(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
         run.restore({"model": (scorer, opt)}, {"scheduler": sched})
         pad = tok.pad_token_id
         run.evaluate_with(lambda: (evaluate(fwd, held_out, kind, pad, device, hp.eval_batch_size) if held_out else {}, []),
-                          key="eval/mse" if kind == "scores" else "eval/accuracy", label="acc")
+                          key="eval/mse" if kind == "scores" else "eval/accuracy",
+                          label="mse" if kind == "scores" else "acc")
 
         for step in run.steps():
             rng = random.Random(f"{trainer.seed}:{step.index}")  # step s draws the same prompts after a resume

@@ -148,13 +148,20 @@ class TrainerConfig:
 
 @dataclass
 class RLTrainerConfig(TrainerConfig):
-    """The RL loops' (grpo ppo; grpo train adds its batching): prompts per step, evaluation."""
+    """The RL loops' (grpo ppo, grpo train): prompts per step, evaluation."""
 
     prompts_per_step: int = num(16, ge=1)
     eval_every: int = num(20, ge=0)
     eval_size: int = num(128, ge=1)
     system_prompt: str | None = None
     log_samples: int = num(8, ge=0)
+
+
+@dataclass
+class PPOTrainerConfig(RLTrainerConfig):
+    max_steps: int = num(100, ge=0)
+    save_every: int = num(0, ge=0)
+    prompts_per_step: int = num(32, ge=1)
 
 
 @dataclass
@@ -321,7 +328,7 @@ class PPOConfig:
     rollout: RolloutConfig = group(RolloutConfig)
     reward_model: RewardModelConfig = group(RewardModelConfig)
     ppo: PPOAlgorithmConfig = group(PPOAlgorithmConfig)
-    trainer: RLTrainerConfig = group(RLTrainerConfig)
+    trainer: PPOTrainerConfig = group(PPOTrainerConfig)
     optim: OptimConfig = group(OptimConfig)
     logger: LoggerConfig = group(LoggerConfig)
     verifier: VerifierConfig = group(VerifierConfig)

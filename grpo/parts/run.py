@@ -122,8 +122,13 @@ class Run:
     def __enter__(self) -> Run:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+    def __exit__(self, kind, error, tb) -> None:
+        try:
+            self.close()
+        except Exception:
+            if error is None:
+                raise
+            log.exception("closing the run after %s", kind.__name__)  # the loop's own error is the one to see
 
     def own(self, *parts: Any) -> Any:
         """Parts (engines, reward sources) the run closes when it ends, each once; returns the first."""
@@ -171,7 +176,7 @@ class Run:
     def policy(self, model: Any, reference: bool, keep_dropout: bool = False) -> Policy:
         """The policy from `model` (a ModelConfig: path, dtype, gradient checkpointing, LoRA), loaded
         from the checkpoint a resumed run continues, and with `reference` a frozen copy of the starting
-        model. Dropout is off (the engine samples without it) unless `keep_dropout` (supervised loops)."""
+        model. Dropout is off (the engine samples without it) unless `keep_dropout` (grpo sft)."""
         lora = model.lora
         if lora.r and self.par.sharded:
             raise ConfigError("model.lora with parallel=fsdp2 is not supported yet: use parallel=ddp")
@@ -336,15 +341,15 @@ class Run:
     # ---- the end ---------------------------------------------------------------------------------
     def finish(self, headline: Callable[[dict[str, Any], dict[str, Any]], list[str]] | None = None,
                model: torch.nn.Module | None = None, **extra: Any) -> dict[str, Any]:
-        """Close the run; with `model`, write it as one Hugging Face folder, <run dir>/model (LoRA's
-        adapters merged in); print the summary on rank 0: where everything is, and `headline(first,
+        """With `model`, write it as one Hugging Face folder, <run dir>/model (LoRA's adapters merged
+        in); close the run; print the summary on rank 0: where everything is, and `headline(first,
         last)` (the loop's figures from its first and last evaluation, when there are both). Every
         rank calls it; returns the summary."""
-        self.close()
         out = None
-        if model is not None:
+        if model is not None:  # first: every rank takes part, whatever closing does after
             out = checkpoint.save_final(self.par, plain_copy(model) if is_lora(model) else model, self.tok,
                                         self.run_dir / "model")
+        self.close()
         summary = {"run_dir": str(self.run_dir), "metrics": str(self.run_dir / "metrics.jsonl"),
                    "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
                    "model": str(out) if out else None, "steps": self.step,

@@ -1,5 +1,5 @@
 """The built-in preference task: the hidden rule (verifiers/prefs_rule.py), the simulated labellers
-and the data they write (grpo/prefs.py), and the shipped files in grpo/data."""
+and the data they write (grpo/commands/prefs.py), and the shipped files in grpo/data."""
 
 import json
 import math

@@ -112,3 +112,25 @@ def test_dpo_takes_lora_through_the_shared_policy(tiny_model_dir, tmp_path):
     moved = {n for n, p in merged.named_parameters() if not torch.equal(p, base.get_parameter(n))}
     # only the linear layers with adapters moved: the embeddings and norms are the base's
     assert moved and all(n.endswith("proj.weight") for n in moved)
+
+
+def test_ppo_takes_lora_with_its_value_head_on_the_shared_trunk(tiny_model_dir, tiny_rm_dir, tmp_path):
+    """ppo.value=shared puts the value head on the decoder stack under the LM head, a peft policy's too."""
+    from grpo.commands.ppo import run_ppo
+    from tests.commands.test_ppo import cfg as ppo_cfg
+    from tests.commands.test_ppo import metrics
+
+    run_ppo(ppo_cfg(tiny_model_dir, f"reward_model.path={tiny_rm_dir}", "model.lora.r=4", "ppo.value=shared",
+                    "trainer.max_steps=2"), tmp_path)
+    steps = [r for r in metrics(tmp_path) if "loss/value" in r]
+    assert len(steps) == 2 and all(r["policy/first_ratio"] == pytest.approx(1.0, abs=1e-5) for r in steps)
+    ckpt = tmp_path / "checkpoints" / "step_000002"
+    assert (ckpt / "model" / "adapter_config.json").exists() and not (ckpt / "value").exists()
+
+
+def test_rm_refuses_lora_in_one_line(tiny_model_dir, tmp_path):
+    from grpo.commands.rm import run_rm
+    from grpo.parts.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^model.lora: grpo rm trains the whole reward model"):
+        run_rm(compose_config("rm", [f"model.path={tiny_model_dir}", "model.lora.r=4", "logger=jsonl"]), tmp_path)

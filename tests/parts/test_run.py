@@ -112,3 +112,16 @@ def test_a_part_that_fails_to_close_does_not_keep_the_others_open(tiny_model_dir
     assert (first.closed, broken.closed, last.closed) == (1, 1, 1)
     run.close()  # once only
     assert last.closed == 1
+
+
+def test_the_loop_s_own_error_is_not_hidden_by_a_part_that_fails_to_close(tiny_model_dir, tmp_path, caplog):
+    class Broken(Part):
+        def close(self):
+            super().close()
+            raise OSError("cannot close")
+
+    run, _ = toy_run(tiny_model_dir, tmp_path, 1, evals=[], parts=(Broken(),))
+    with pytest.raises(ZeroDivisionError):  # not the OSError: that one is logged
+        with run:
+            1 / 0
+    assert "cannot close" in caplog.text

@@ -1,5 +1,5 @@
 """vLLM's processes end with the trainer, also when the trainer is killed (SIGTERM or SIGKILL: no
-`close()`, no atexit), not only when it closes the engine. See EngineWatchdog in grpo/rollout/vllm.py.
+`close()`, no atexit), not only when it closes the engine. See EngineWatchdog in grpo/parts/rollout/vllm.py.
 
 Two real engine starts (about 20 s each on CPU) plus a check of the watchdog on stand-in processes.
 """

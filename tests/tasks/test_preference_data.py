@@ -1,4 +1,4 @@
-"""Reading preference data (tasks/preference.py): pairs, rankings and scores, their forms and errors."""
+"""Reading preference data (tasks/preference_data.py): pairs, rankings and scores, their forms and errors."""
 
 import json
 
