@@ -59,10 +59,11 @@ def torchrun(world: int, *args: str, timeout: int = 600):
     """Run `torchrun --standalone --nproc_per_node world ARGS` (gloo on the CPU); asserts it exits 0."""
     import subprocess
 
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    # faulthandler: a rank that aborts prints where every thread of it was
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", *args]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
-    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.returncode == 0, p.stderr[-8000:]
     return p
 
 

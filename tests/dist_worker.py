@@ -75,7 +75,7 @@ def main() -> None:
         got = par.reduce_metrics(mine, [8, 24][par.rank])
         if par.main:
             torch.save(got, out)
-        return finish(par)
+        return par
     if mode == "generate":
         from grpo.parts.distributed import Lockstep, Parallel
         from grpo.parts.modeling import load_model, load_tokenizer
@@ -90,7 +90,7 @@ def main() -> None:
         everyone = par.gather(ro.completion_ids)
         if par.main:
             torch.save(everyone, out)
-        return finish(par)
+        return par
     raw = compose_config("train", [f"model.path={model_dir}", "logger=jsonl", "trainer.eval_size=4",
                                    "task.eval_size=4", "rollout.max_new_tokens=6", *overrides])
     cfg = C.parse(C.TrainConfig, raw)
@@ -117,7 +117,7 @@ def main() -> None:
     if par.main:
         result["world"] = par.world
         torch.save(result, out)
-    finish(par)
+    return par
 
 
 def finish(par) -> None:
@@ -129,4 +129,4 @@ def finish(par) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    finish(main())  # main's models are released before the process group is left (distributed.close)

@@ -147,6 +147,9 @@ class Run:
                 part.close()
             except Exception as e:  # noqa: BLE001 - re-raised below, after the others
                 failed = failed or e
+        # Let go of the models now: the evaluation closure refers back to the run, and a cycle would
+        # keep a sharded model (and the process group it holds) alive past the group's end.
+        self._evaluate, self._policy, self._models, self._stateful, self._parts = None, None, {}, {}, []
         if failed is not None:
             raise failed
 

@@ -125,3 +125,22 @@ def test_the_loop_s_own_error_is_not_hidden_by_a_part_that_fails_to_close(tiny_m
         with run:
             1 / 0
     assert "cannot close" in caplog.text
+
+
+def test_a_closed_run_lets_go_of_its_models(tiny_model_dir, tmp_path):
+    """The evaluation closure refers back to the run (a reference cycle): closing must let go of the
+    models, or a sharded one would outlive the process group it holds until interpreter exit."""
+    import gc
+    import weakref
+
+    gc.disable()  # only reference counting frees anything here: a cycle would keep the model
+    try:
+        run, _ = toy_run(tiny_model_dir, tmp_path, 1, evals=[])
+        model = weakref.ref(run._models["model"][0])
+        with run:
+            for step in run.steps():
+                step.done({"loss": 0.0})
+        del run
+        assert model() is None
+    finally:
+        gc.enable()
