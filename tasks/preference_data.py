@@ -43,13 +43,18 @@ SHAPES = {"pairs": ("chosen", "rejected"), "rankings": ("responses",), "scores":
 SHIPPED = {"embedded-prefs": "prefs_train.jsonl", "embedded-prefs-eval": "prefs_eval.jsonl"}
 
 
+def shipped_file(name: str) -> Path:
+    """Where the built-in file `name` (a key of SHIPPED) lives in the package: grpo/data."""
+    import grpo
+
+    return Path(grpo.__file__).resolve().parent / "data" / SHIPPED[name]
+
+
 def resolve_data(path: str) -> str:
     """`embedded-prefs` / `embedded-prefs-eval` name the built-in task's files; anything else as is."""
     if path not in SHIPPED:
         return path
-    import grpo
-
-    shipped = Path(grpo.__file__).resolve().parent / "data" / SHIPPED[path]
+    shipped = shipped_file(path)
     if not shipped.exists():
         raise TaskError(f"{shipped} is missing: rebuild it with `grpo prefs --ship`")
     return str(shipped)

@@ -41,11 +41,10 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-from grpo.parts.modeling import DATA_DIR
-from grpo.tasks.preference_data import K_MAX, K_MIN
+from grpo.tasks.preference_data import K_MAX, K_MIN, shipped_file
 from grpo.verifiers.prefs_rule import rule
 
-SHIPPED_TRAIN, SHIPPED_EVAL = DATA_DIR / "prefs_train.jsonl", DATA_DIR / "prefs_eval.jsonl"
+SHIPPED_TRAIN, SHIPPED_EVAL = shipped_file("embedded-prefs"), shipped_file("embedded-prefs-eval")
 NOISE = 0.15  # Gumbel scale: flips 13.9% of all pairs with different true scores, 29.1% of adjacent ones
 PER_ROUND, MAX_ROUNDS = 8, 8  # samples per prompt per round; a prompt with few distinct answers stops at 64
 SCORE_BINS = (("1", 1.0, 1.0), ("[0.5, 1)", 0.5, 1.0), ("[0.25, 0.5)", 0.25, 0.5), ("[0.1, 0.25)", 0.1, 0.25),
@@ -209,7 +208,7 @@ def prefs_main(argv: list[str]) -> int:
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--ship", action="store_true",
-                    help=f"also copy the files to {SHIPPED_TRAIN.name} and {SHIPPED_EVAL.name} in {DATA_DIR}")
+                    help=f"also copy the files to {SHIPPED_TRAIN.name} and {SHIPPED_EVAL.name} in {SHIPPED_TRAIN.parent}")
     a = ap.parse_args(argv)
     try:
         check_options(a.train_prompts, a.eval_prompts, a.k_min, a.k_max, a.noise, a.temperature, a.max_new_tokens)
@@ -227,7 +226,7 @@ def prefs_main(argv: list[str]) -> int:
           + ", ".join(f"{k} {v:.1%}" for k, v in tr["score_bins"].items()))
     print(f"written to {a.out}/train.jsonl and {a.out}/eval.jsonl in {stats['seconds']} s")
     if a.ship:
-        DATA_DIR.mkdir(exist_ok=True)
+        SHIPPED_TRAIN.parent.mkdir(exist_ok=True)
         shutil.copyfile(Path(a.out) / "train.jsonl", SHIPPED_TRAIN)
         shutil.copyfile(Path(a.out) / "eval.jsonl", SHIPPED_EVAL)
         print(f"copied to {SHIPPED_TRAIN} and {SHIPPED_EVAL}")
