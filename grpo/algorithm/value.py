@@ -40,7 +40,9 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
         returns = A + V   (before any whitening of A)
 
     rewards, values, mask: [N, T]. Returns (advantages [N, T], returns [N, T]), 0 on padding.
-    A reverse scan over T, vectorised over the N rows.
+    Masked slots are not steps: t+1 is the next real token, so a mask with holes (a multi-turn
+    rollout's tool results, which the model did not choose) gives the GAE of its real tokens alone,
+    and a mask that is a prefix of ones is plain GAE. A reverse scan over T, vectorised over the N rows.
     """
     m = mask.to(values.dtype)  # [N, T]
     v = values * m  # [N, T] padding values never leak in
@@ -52,7 +54,8 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
         delta = rewards[:, t] * m[:, t] + gamma * next_v - v[:, t]  # [N]
         a = (delta + gamma * lam * next_a) * m[:, t]  # [N]
         adv[:, t] = a
-        next_v, next_a = v[:, t], a  # a padding slot carries V = 0 and A = 0 back to the last real token
+        real = m[:, t] > 0  # [N]; a masked slot passes the next real token's V and A through (0 after the last)
+        next_v, next_a = torch.where(real, v[:, t], next_v), torch.where(real, a, next_a)
     return adv, (adv + v) * m
 
 

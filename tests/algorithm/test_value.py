@@ -64,6 +64,23 @@ def test_gae_matches_a_loop_on_random_ragged_rows():
             assert ret[i, :n].tolist() == pytest.approx([a + v for a, v in zip(ref, values[i, :n].tolist())])
 
 
+def test_gae_skips_masked_slots_inside_a_row():
+    # A multi-turn row: model tokens at t = 0, 1 and 4, a tool result at t = 2, 3 (mask 0), padding at 5.
+    # Its GAE is that of the three real tokens alone, [r0, r1, r4] = [0, 0, 1] with values [0.5, 0.2, 0.4]:
+    #   gamma 1, lam 0.5: delta4 = 1 + 0 - 0.4 = 0.6; delta1 = 0 + 0.4 - 0.2 = 0.2; delta0 = 0 + 0.2 - 0.5 = -0.3
+    #   A4 = 0.6, A1 = 0.2 + 0.5 * 0.6 = 0.5, A0 = -0.3 + 0.5 * 0.5 = -0.05; returns = A + V = [0.45, 0.7, 1.0]
+    # The masked slots' junk values (9) and rewards (7) never enter, and they get A = returns = 0.
+    rewards = torch.tensor([[0.0, 0.0, 7.0, 7.0, 1.0, 7.0]])
+    values = torch.tensor([[0.5, 0.2, 9.0, 9.0, 0.4, 9.0]])
+    mask = torch.tensor([[1, 1, 0, 0, 1, 0]])
+    adv, ret = gae(rewards, values, mask, gamma=1.0, lam=0.5)
+    assert adv[0].tolist() == pytest.approx([-0.05, 0.5, 0.0, 0.0, 0.6, 0.0])
+    assert ret[0].tolist() == pytest.approx([0.45, 0.7, 0.0, 0.0, 1.0, 0.0])
+    # the same numbers as the compacted row
+    a2, r2 = gae(torch.tensor([[0.0, 0.0, 1.0]]), torch.tensor([[0.5, 0.2, 0.4]]), torch.ones(1, 3), 1.0, 0.5)
+    assert adv[0, [0, 1, 4]].tolist() == pytest.approx(a2[0].tolist())
+
+
 def test_whiten():
     # real tokens 1, 2, 3 (the 100 is padding): mean 2, unbiased var ((1 + 0 + 1) / 2) = 1
     x = torch.tensor([[1.0, 2.0], [3.0, 100.0]])
