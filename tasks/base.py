@@ -57,10 +57,12 @@ def distinct_draws(draw, n: int, max_tries: int | None = None) -> list[Sample]:
     return out
 
 
-def render_prompt(tokenizer: Any, sample: Sample, system_prompt: str | None = None) -> str:
-    """The text the model continues: the chat template when the tokenizer has one, else the raw prompt."""
+def render_prompt(tokenizer: Any, sample: Sample, system_prompt: str | None = None, tools: list | None = None) -> str:
+    """The text the model continues: the chat template (given the tools' JSON schemas, if any) when the
+    tokenizer has one, else the raw prompt."""
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(sample.chat(system_prompt), add_generation_prompt=True, tokenize=False)
+        return tokenizer.apply_chat_template(sample.chat(system_prompt), tools=tools or None, add_generation_prompt=True,
+                                             tokenize=False)
     if sample.prompt is None:
         return "\n".join(m["content"] for m in sample.chat(system_prompt)) + "\n"
     return (system_prompt + "\n\n" if system_prompt else "") + sample.prompt
@@ -72,6 +74,7 @@ def build_task(cfg: Mapping[str, Any], seed: int = 0) -> Any:
     target = cfg.pop("_target_", None)
     name = cfg.pop("name", None) or target
     cfg.pop("verifiers", None)  # read by the trainer, not the task
+    cfg.pop("env", None)  # the multi-turn environment, read by the rollout (grpo/envs)
     if not target or ":" not in target and "." not in target:
         raise TaskError(f"task {name!r}: config needs _target_ (module.Class), got {target!r}")
     module_name, _, cls_name = target.replace(":", ".").rpartition(".")

@@ -81,14 +81,16 @@ def _import(target: str, what: str) -> Any:
     return obj
 
 
-def discover() -> dict[str, list[Found]]:
-    """Every name that can be used, with every place it comes from (built-in first).
+def discover(group: str = ENTRY_POINT_GROUP, builtins: Mapping[str, str] | None = None) -> dict[str, list[Found]]:
+    """Every name that can be used, with every place it comes from (built-in first): the verifiers
+    by default; the environments (grpo/envs) with their own group and built-ins.
 
     Only reads package metadata; nothing is imported.
     """
-    found: dict[str, list[Found]] = {n: [Found(n, t, "builtin")] for n, t in BUILTINS.items()}
+    builtins = BUILTINS if builtins is None else builtins
+    found: dict[str, list[Found]] = {n: [Found(n, t, "builtin")] for n, t in builtins.items()}
     seen: set[tuple[str, str, str]] = set()
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
+    for ep in entry_points(group=group):
         dist = getattr(ep, "dist", None)
         dist_name = getattr(dist, "name", None) or "?"
         key = (ep.name, ep.value, dist_name)

@@ -10,6 +10,7 @@ completion and a summary JSON next to it, and prints a table.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -19,9 +20,10 @@ from grpo.parts import config as C
 from grpo.parts.seeding import seed_everything
 from grpo.parts.config import ConfigError
 from grpo.parts.evaluation import k_values, sample_and_score, summarize
-from grpo.parts.modeling import load_model, load_tokenizer, pick_device, resolve_model_dir
+from grpo.parts.modeling import eos_ids, load_model, load_tokenizer, pick_device, resolve_model_dir
 from grpo.parts.reward_sources import build_rewards_from
-from grpo.parts.rollout import build_engine_from, encode_prompts, sampling_params
+from grpo.parts.rollout import build_engine_from, encode_prompts, sampling_params, tools_of
+from grpo.parts.rollout.multiturn import context_tokens, conversation_metrics, with_env
 from grpo.tasks.base import TaskError, build_task
 
 
@@ -79,12 +81,15 @@ def run_eval(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     engine = None
     try:
         model = load_model(model_dir, model_cfg.dtype, device=device).eval()
-        engine = build_engine_from(cfg.rollout, model, tok, model_dir, model_cfg.dtype, model_cfg.device,
+        env = cfg.task.get("env")
+        sized = dataclasses.replace(cfg.rollout, max_new_tokens=context_tokens(env, cfg.rollout.max_new_tokens))
+        engine = build_engine_from(sized, model, tok, model_dir, model_cfg.dtype, model_cfg.device,
                                    lambda: samples, trainer.system_prompt)
+        engine = with_env(engine, env, tok, eos_ids(tok, model), trainer.system_prompt)  # multi-turn: conversations
         sp = sampling_params(cfg.rollout, greedy=temperature <= 0)
         t0 = time.time()
         seed_everything(trainer.seed)  # the samples depend on the seed, not on what loading drew
-        prompts = encode_prompts(tok, samples, trainer.system_prompt)
+        prompts = encode_prompts(tok, samples, trainer.system_prompt, tools_of(engine))
         ro, scored = sample_and_score(engine, prompts, samples, n, sp, verifiers)
         rewards, infos, rmetrics = scored.rewards, scored.infos, scored.metrics
         t2 = time.time()
@@ -92,6 +97,8 @@ def run_eval(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
         verifiers.close()
         if engine is not None:
             engine.close()
+            if hasattr(engine, "env"):  # a multi-turn engine: then the engine it holds conversations through
+                engine.engine.close()
     source, answers = extracted_answers(infos)
 
     P = len(samples)
@@ -107,6 +114,10 @@ def run_eval(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
                    "prompt": s.prompt if s.messages is None else s.messages, "answer": s.answer,
                    "completion": text, "reward": r, "correct": r >= 1.0, "finished": fin,
                    "completion_tokens": len(ids), "info": info}
+            if ro.conversations is not None:  # the whole conversation, and why it ended
+                conv = ro.conversations[j]
+                rec.update(conversation=conv["messages"][len(s.chat(trainer.system_prompt)):], end=conv["reason"],
+                           turns=conv["turns"], tool_calls=conv["tool_calls"])
             f.write(json.dumps(rec, default=str) + "\n")
 
     summary = {
@@ -118,6 +129,7 @@ def run_eval(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
         **{k: v for k, v in rmetrics.items() if k.startswith(("reward/", "verifier/"))},
         "completion/len_mean": sum(len(c) for c in ro.completion_ids) / len(ro.completion_ids),
         "completion/truncated_frac": 1.0 - sum(ro.finished) / len(ro.finished),
+        **(conversation_metrics(ro.conversations) if ro.conversations is not None else {}),
         "time/generate_and_score": t2 - t0,
         "output": str(output), "summary": str(summary_path),
     }

@@ -50,8 +50,9 @@ from grpo.parts.batch import RolloutBatch, batch_logprobs, batch_tensors, encode
 from grpo.parts.distributed import call, full_tensor, shard
 from grpo.parts.modeling import backbone
 from grpo.parts.reward_model import init_reward_model, load_reward_model
-from grpo.parts.reward_sources import RewardInputs
-from grpo.parts.rollout import encode_prompts, push_weights, sampling_params, task_prompts
+from grpo.parts.reward_sources import score_rollout
+from grpo.parts.rollout import encode_prompts, push_weights, sampling_params, task_prompts, tools_of
+from grpo.parts.rollout.multiturn import conversation_metrics, generate
 from grpo.parts.run import Run
 from grpo.tasks.base import TaskError, build_task
 from grpo.tasks.file import located_rows
@@ -157,7 +158,8 @@ def run_ppo(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
         cwd = par.wrap(critic) if hp.value == "separate" else critic  # DDP / FSDP2 hook into the wrapper
 
         ptx = ptx_rows(hp.ptx_path, tok, trainer.system_prompt) if hp.ptx_coef > 0 else None
-        engine = run.engine(cfg.rollout, policy, model, lambda: task_prompts(task), trainer.system_prompt)
+        engine = run.engine(cfg.rollout, policy, model, lambda: task_prompts(task), trainer.system_prompt,
+                            cfg.task.get("env"))
         updates = trainer.max_steps * hp.epochs * hp.minibatches  # optimizer steps
         opt, sched = run.optimizer(policy.fwd.parameters(), optim, updates)
         vopt, vsched = run.optimizer(cwd.parameters(), optim, updates, lr=hp.value_lr)
@@ -178,9 +180,10 @@ def run_ppo(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
             first, last = shard(B, par.rank, W)  # this rank's prompts of the step's B
             samples = [task.train_sample(progress["data_pos"] + i) for i in range(first, last)]
             progress["data_pos"] += B
-            ro = engine.generate(encode_prompts(tok, samples, trainer.system_prompt), hp.samples, sampling)
+            prompts = encode_prompts(tok, samples, trainer.system_prompt, tools_of(engine))
+            ro = generate(engine, prompts, hp.samples, sampling, samples)  # one completion, or a conversation, each
             fields = [s.fields() for s in samples for _ in range(hp.samples)]
-            scored = rewards(RewardInputs.from_rollout(ro, fields))
+            scored = score_rollout(rewards, ro, fields)
             score = torch.tensor(scored.raw, device=device)  # [n] the configured score (see the docstring)
             finished = torch.tensor(ro.finished, device=device)  # [n]
             if hp.missing_eos_penalty:
@@ -188,7 +191,9 @@ def run_ppo(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
             if hp.score_clip:
                 score = score.clamp(-hp.score_clip, hp.score_clip)
 
-            batch = pack(ro.prompt_ids, ro.completion_ids, pad).to(device)
+            # a conversation's mask holds the model's tokens only: tool results are no actions (no
+            # loss, KL or value target; GAE skips them)
+            batch = pack(ro.prompt_ids, ro.completion_ids, pad, ro.model_mask).to(device)
             mask = batch.mask  # [n, T] this rank's rows: offset .. offset + n of the step's N
             n, T = mask.shape
             offset = first * hp.samples
@@ -302,6 +307,7 @@ def run_ppo(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
                 "completion/len_mean": totals["len"] / N,
                 "completion/no_eos_frac": 1.0 - totals["done"] / N,
                 **par.reduce_metrics({k: v for k, v in scored.metrics.items() if k.startswith(("reward/", "rm/"))}, n),
+                **(par.reduce_metrics(conversation_metrics(ro.conversations), n) if ro.conversations else {}),
                 "time/step": time.time() - t0,
             }
             step.done(metrics, bar={"score": f"{metrics['objective/scores']:.3f}"})

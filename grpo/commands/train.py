@@ -41,8 +41,9 @@ from grpo.parts import config as C
 from grpo.parts.batch import (batch_logprobs, engine_logprobs, group_logprobs, micro_batches, pack, pack_groups,
                               supports_shared_prompt)
 from grpo.parts.distributed import full_tensor, shard
-from grpo.parts.reward_sources import RewardInputs
-from grpo.parts.rollout import SamplingParams, encode_prompts, push_weights, sampling_params, task_prompts
+from grpo.parts.reward_sources import score_rollout
+from grpo.parts.rollout import SamplingParams, encode_prompts, push_weights, sampling_params, task_prompts, tools_of
+from grpo.parts.rollout.multiturn import conversation_metrics, generate
 from grpo.parts.run import Policy, Run
 from grpo.tasks.base import build_task
 
@@ -94,7 +95,7 @@ def build(cfg: C.TrainConfig, run: Run) -> GRPO:
     if grouped and not shared_prompt:
         log.info("trainer.shared_prompt: %s attention takes no custom mask; using one padded row per completion",
                  policy.model.config._attn_implementation)
-    engine = run.engine(cfg.rollout, policy, model, lambda: task_prompts(task), trainer.system_prompt)
+    engine = run.engine(cfg.rollout, policy, model, lambda: task_prompts(task), trainer.system_prompt, cfg.task.get("env"))
     # One optimizer step per epoch over a batch: the schedule (and its warm-up) counts optimizer steps.
     opt, sched = run.optimizer(policy.fwd.parameters(), cfg.optim, trainer.max_steps * algorithm.epochs)
     progress = run.restore({"model": (policy.model, opt)}, {"scheduler": sched}, {"data_pos": 0})
@@ -114,10 +115,11 @@ def train_step(grpo: GRPO, run: Run) -> dict[str, float]:
     start = grpo.progress["data_pos"]
     samples = [grpo.task.train_sample(start + i) for i in range(first, last)]
     grpo.progress["data_pos"] += B
-    ro = grpo.engine.generate(encode_prompts(run.tok, samples, grpo.system_prompt), G, grpo.sampling)
+    prompts = encode_prompts(run.tok, samples, grpo.system_prompt, tools_of(grpo.engine))
+    ro = generate(grpo.engine, prompts, G, grpo.sampling, samples)  # one completion, or a conversation, each
     t1 = time.time()
     fields = [s.fields() for s in samples for _ in range(G)]  # [n] prompt-major, like ro
-    scored = grpo.rewards(RewardInputs.from_rollout(ro, fields))
+    scored = score_rollout(grpo.rewards, ro, fields)
     # Every rank gets the step's N rewards (rank-major = prompt-major): the advantages and the
     # reward metrics are those of the whole batch, whatever the process count.
     rewards = torch.tensor([x for part in par.gather(scored.rewards) for x in part])  # [N]
@@ -129,6 +131,7 @@ def train_step(grpo: GRPO, run: Run) -> dict[str, float]:
         "reward/mean": float(rewards.mean()),
         "reward/std": float(rewards.std()) if N > 1 else 0.0,
         **par.reduce_metrics(scored.metrics, len(ro.completion_ids)),
+        **(par.reduce_metrics(conversation_metrics(ro.conversations), len(ro.conversations)) if ro.conversations else {}),
         "groups/zero_std_frac": float((groups.std(1) == 0).float().mean()) if G > 1 else 1.0,
         **metrics,
         "time/rollout": t1 - t0, "time/reward": t2 - t1, "time/update": t3 - t2, "time/step": t3 - t0,
@@ -146,10 +149,10 @@ def update(grpo: GRPO, run: Run, ro, rewards: torch.Tensor, offset: int) -> dict
     adv = group_advantages(rewards, G, algorithm.adv_scale, algorithm.adv_eps)[offset:offset + n].to(device)  # [n]
     pad = run.tok.pad_token_id
     if grpo.shared_prompt:  # one row per group: its prompt once, then its G completions
-        batch = pack_groups(ro.prompt_ids, ro.completion_ids, G, pad).to(device)
+        batch = pack_groups(ro.prompt_ids, ro.completion_ids, G, pad, ro.model_mask).to(device)
         logprobs, unit, lengths = group_logprobs, G, batch.lengths.tolist()
     else:  # one padded row per completion
-        batch = pack(ro.prompt_ids, ro.completion_ids, pad).to(device)
+        batch = pack(ro.prompt_ids, ro.completion_ids, pad, ro.model_mask).to(device)
         logprobs, unit, lengths = batch_logprobs, 1, [batch.input_ids.shape[1]] * n
     mask = batch.mask  # [n, T]
     T = mask.shape[1]

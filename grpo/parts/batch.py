@@ -47,11 +47,13 @@ class RolloutBatch(_Tensors):
         return RolloutBatch(**{f.name: getattr(self, f.name)[rows] for f in fields(self)})
 
 
-def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> RolloutBatch:
+def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int,
+         model_mask: list[list[int]] | None = None) -> RolloutBatch:
     """Left-pad prompts and right-pad completions so every completion starts at column P.
 
     Positions count real tokens only, as generate() does with left padding, so both compute the
-    same log-probs.
+    same log-probs. `model_mask` (a multi-turn Rollout's): the mask is 0 on the tokens the model did
+    not sample (tool results, template), which then get no loss, KL, entropy or gradient.
     """
     P = max(len(p) for p in prompts)
     T = max(1, max(len(c) for c in completions))
@@ -65,7 +67,15 @@ def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int) ->
             ids[i, P:P + len(c)] = torch.tensor(c, dtype=torch.long)
             attn[i, P:P + len(c)] = 1
     pos = (attn.cumsum(dim=1) - 1).clamp(min=0)  # [N, P+T]
-    return RolloutBatch(ids, attn, pos, ids[:, P:], attn[:, P:].clone())
+    return RolloutBatch(ids, attn, pos, ids[:, P:], learned(attn[:, P:].clone(), model_mask))
+
+
+def learned(mask: torch.Tensor, model_mask: list[list[int]] | None) -> torch.Tensor:
+    """mask [N, T] (1 on real completion tokens) times a ragged model mask, 0 where the model did not sample."""
+    if model_mask is not None:
+        for i, m in enumerate(model_mask):
+            mask[i, :len(m)] *= torch.tensor(m, dtype=mask.dtype)
+    return mask
 
 
 def token_logprobs(model, input_ids, attention_mask, position_ids, T: int, temperature: float = 1.0,
@@ -163,9 +173,10 @@ class GroupBatch(_Tensors):
         return bias.masked_fill_(~allowed.unsqueeze(1), torch.finfo(dtype).min)
 
 
-def pack_groups(prompts: list[list[int]], completions: list[list[int]], G: int, pad_id: int) -> GroupBatch:
+def pack_groups(prompts: list[list[int]], completions: list[list[int]], G: int, pad_id: int,
+                model_mask: list[list[int]] | None = None) -> GroupBatch:
     """The rollout (N = B * G rows, prompt-major: rows b*G .. b*G+G-1 share prompts[b*G]) in the
-    shared-prompt layout."""
+    shared-prompt layout; `model_mask` as in pack."""
     N = len(completions)
     if N % G:
         raise ValueError(f"{N} completions are not whole groups of {G}")
@@ -202,7 +213,7 @@ def pack_groups(prompts: list[list[int]], completions: list[list[int]], G: int, 
             start += n
     prompt_lens = torch.tensor([len(p) for p in group_prompts])
     comp_lens = torch.tensor([[len(c) for c in completions[b * G:(b + 1) * G]] for b in range(B)])
-    return GroupBatch(ids, pos, prompt_lens, comp_lens, torch.tensor(lengths), index, comp, mask)
+    return GroupBatch(ids, pos, prompt_lens, comp_lens, torch.tensor(lengths), index, comp, learned(mask, model_mask))
 
 
 def supports_shared_prompt(model) -> bool:
@@ -257,30 +268,49 @@ def micro_batches(lengths: list[int], unit: int, size: int = 0, budget: int = 0)
 
 # ---- prompt/completion rows (grpo sft, PPO-ptx) ----------------------------------------------
 def encode_rows(tokenizer, rows: list[tuple[str, dict[str, Any]]], prompt_field: str, completion_field: str,
-                system_prompt: str | None = None) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, completion ids + EOS) per row; ``rows`` are (where, row) from `located_rows`, so a
-    bad row's error names its file and line."""
+                system_prompt: str | None = None) -> list[tuple[list[int], list[int], list[int] | None]]:
+    """(prompt ids, completion ids, which completion ids learn) per row; ``rows`` are (where, row) from
+    `located_rows`, so a bad row's error names its file and line. A completion is a string (its ids
+    and EOS all learn) or a multi-turn demonstration, a list of messages that starts and ends with
+    the assistant's (tool results between them): its ids are built as a rollout builds them
+    (grpo/parts/rollout/multiturn.py, conversation_ids) and only the assistant's tokens learn."""
+    from grpo.parts.rollout.multiturn import NotExtension, conversation_ids
+
     eos = tokenizer.eos_token_id
     out = []
     for where, row in rows:
         sample: Sample = to_sample(row, where, prompt_field, None)
-        if not isinstance(row.get(completion_field), str) or not row[completion_field]:
-            raise TaskError(f"{where}: missing field {completion_field!r}")
+        target = row.get(completion_field)
         p = tokenizer(render_prompt(tokenizer, sample, system_prompt), add_special_tokens=False)["input_ids"]
-        c = tokenizer(row[completion_field], add_special_tokens=False)["input_ids"] + [eos]
-        out.append((p, c))
+        if isinstance(target, list) and target:
+            if not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                       for m in target):
+                raise TaskError(f"{where}: field {completion_field!r} must be a string or a list of {{role, content}} messages")
+            try:
+                c, learn = conversation_ids(tokenizer, sample.chat(system_prompt), target, eos)
+            except (ValueError, NotExtension) as e:
+                raise TaskError(f"{where}: field {completion_field!r}: {e}") from None
+            out.append((p, c, learn))
+            continue
+        if not isinstance(target, str) or not target:
+            raise TaskError(f"{where}: missing field {completion_field!r}")
+        out.append((p, tokenizer(target, add_special_tokens=False)["input_ids"] + [eos], None))
     return out
 
 
-def batch_tensors(pairs: list[tuple[list[int], list[int]]], pad_id: int):
-    """Right-padded input_ids [B, L], attention_mask [B, L], labels [B, L] (-100 off the completion)."""
-    L = max(len(p) + len(c) for p, c in pairs)
-    ids = torch.full((len(pairs), L), pad_id, dtype=torch.long)
+def batch_tensors(rows: list[tuple[list[int], list[int], list[int] | None]], pad_id: int):
+    """Right-padded input_ids [B, L], attention_mask [B, L], labels [B, L] (-100 off the completion's
+    learnt tokens) from encode_rows' (prompt, completion, learn mask or None = all) rows."""
+    L = max(len(p) + len(c) for p, c, _ in rows)
+    ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
     attn = torch.zeros_like(ids)
     labels = torch.full_like(ids, -100)
-    for i, (p, c) in enumerate(pairs):
+    for i, (p, c, learn) in enumerate(rows):
         seq = torch.tensor(p + c, dtype=torch.long)
         ids[i, :len(seq)] = seq
         attn[i, :len(seq)] = 1
-        labels[i, len(p):len(seq)] = seq[len(p):]
+        target = seq[len(p):].clone()
+        if learn is not None:
+            target[torch.tensor(learn) == 0] = -100
+        labels[i, len(p):len(seq)] = target
     return ids, attn, labels

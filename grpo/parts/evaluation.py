@@ -26,7 +26,8 @@ from typing import Any
 
 import torch
 
-from grpo.parts.reward_sources import RewardInputs, Rewards
+from grpo.parts.reward_sources import Rewards, score_rollout
+from grpo.parts.rollout.multiturn import conversation_metrics, conversation_text, generate
 from grpo.parts.rollout.base import Rollout, SamplingParams
 from grpo.verifiers.math_extract import plain_number
 
@@ -105,13 +106,13 @@ def sample_and_score(engine, prompt_ids: list[list[int]], samples: list[Any], n:
     never changes what training draws.
     """
     if seed is None:
-        ro = engine.generate(prompt_ids, n, sampling)
+        ro = generate(engine, prompt_ids, n, sampling, samples)
     else:
         with torch.random.fork_rng(devices=list(range(torch.cuda.device_count()))):
             torch.manual_seed(seed)
-            ro = engine.generate(prompt_ids, n, sampling)
+            ro = generate(engine, prompt_ids, n, sampling, samples)
     fields = [s.fields() for s in samples for _ in range(n)]  # [P * n] prompt-major, like ro
-    return ro, source(RewardInputs.from_rollout(ro, fields))
+    return ro, score_rollout(source, ro, fields)
 
 
 @torch.no_grad()
@@ -123,7 +124,8 @@ def sequence_kl(policy, ref, ro: Rollout, pad_id: int, temperature: float = 1.0,
     device = next(policy.parameters()).device
     total, n = 0.0, len(ro.completion_ids)
     for i in range(0, n, batch_size):
-        batch = pack(ro.prompt_ids[i:i + batch_size], ro.completion_ids[i:i + batch_size], pad_id).to(device)
+        mm = ro.model_mask[i:i + batch_size] if ro.model_mask is not None else None
+        batch = pack(ro.prompt_ids[i:i + batch_size], ro.completion_ids[i:i + batch_size], pad_id, mm).to(device)
         diff = batch_logprobs(policy, batch, temperature) - batch_logprobs(ref, batch, temperature)  # [n, T]
         total += float((diff * batch.mask).sum())
     return total / max(1, n)
@@ -166,7 +168,11 @@ def policy_eval(engine, prompt_ids: list[list[int]], samples: list[Any], samplin
         metrics["eval/rm_score"] = float(rm.score(sampled.prompt_ids, sampled.completion_ids).mean())
     if kl_models is not None and sampling.temperature > 0 and sampling.top_p >= 1.0 and sampling.top_k == 0:
         metrics["eval/kl"] = sequence_kl(*kl_models, sampled, pad_id, sampling.temperature, kl_batch_size)
+    texts = sampled.texts
+    if sampled.conversations is not None:  # a multi-turn rollout: its metrics, and whole conversations in the table
+        metrics.update({f"eval/{k}": v for k, v in conversation_metrics(sampled.conversations).items()})
+        texts = [conversation_text(c) for c in sampled.conversations]
     table = [{"prompt": s.prompt or str(s.messages), "answer": str(s.answer if s.answer is not None else s.tests),
               "completion": c, "reward": r}
-             for s, c, r in list(zip(samples, sampled.texts, rs.rewards))[:log_samples]]
+             for s, c, r in list(zip(samples, texts, rs.rewards))[:log_samples]]
     return metrics, table

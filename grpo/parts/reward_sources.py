@@ -38,6 +38,10 @@ class RewardInputs:
 
     @classmethod
     def from_rollout(cls, ro, samples: Sequence[Mapping[str, Any]]) -> RewardInputs:
+        """A multi-turn rollout's texts are its final assistant messages; its verifiers also see the
+        whole conversation as the field `conversation` (the list of messages)."""
+        if ro.conversations is not None:
+            samples = [{**s, "conversation": c["messages"]} for s, c in zip(samples, ro.conversations)]
         return cls(ro.texts, ro.prompt_ids, ro.completion_ids, ro.finished, list(samples))
 
 
@@ -52,6 +56,17 @@ class Rewards:
     def __post_init__(self) -> None:
         if self.raw is None:  # a source without a reward model: its reward is its raw score
             self.raw = list(self.rewards)
+
+
+def score_rollout(source, ro, samples: Sequence[Mapping[str, Any]]) -> Rewards:
+    """`source`'s rewards for a rollout; a multi-turn rollout's environment terms are added to each
+    conversation's reward (and raw score), the sum is not clipped."""
+    scored = source(RewardInputs.from_rollout(ro, samples))
+    if ro.conversations is not None and any(c["rewards"] for c in ro.conversations):
+        extra = [sum(c["rewards"].values()) for c in ro.conversations]
+        scored.rewards = [r + e for r, e in zip(scored.rewards, extra)]
+        scored.raw = [r + e for r, e in zip(scored.raw, extra)]
+    return scored
 
 
 class RewardSource(Protocol):

@@ -216,12 +216,22 @@ class Run:
         opt = build_optimizer(params, optim.lr if lr is None else lr, optim.betas, optim.weight_decay, optim.name)
         return opt, build_scheduler(opt, optim.schedule, optim.warmup_steps, updates, optim.min_lr_rate)
 
-    def engine(self, rollout: Any, policy: Policy, model: Any, prompts: Callable[[], list], system_prompt: str | None):
-        """The rollout engine of `rollout` (a RolloutConfig) on the policy; the run closes it."""
-        from grpo.parts.rollout import build_engine_from
+    def engine(self, rollout: Any, policy: Policy, model: Any, prompts: Callable[[], list], system_prompt: str | None,
+               env: Any = None):
+        """The rollout engine of `rollout` (a RolloutConfig) on the policy; the run closes it. With a
+        task's multi-turn environment (`env`, the task.env spec; grpo/envs), the engine holds
+        conversations with it (grpo/parts/rollout/multiturn.py)."""
+        import dataclasses
 
-        return self.own(build_engine_from(rollout, policy.model, self.tok, model.path, model.dtype, model.device,
-                                          prompts, system_prompt, self.par, policy.fwd))
+        from grpo.parts.modeling import eos_ids
+        from grpo.parts.rollout import build_engine_from
+        from grpo.parts.rollout.multiturn import context_tokens, with_env
+
+        # vLLM sizes its context for whole conversations
+        sized = dataclasses.replace(rollout, max_new_tokens=context_tokens(env, rollout.max_new_tokens))
+        engine = self.own(build_engine_from(sized, policy.model, self.tok, model.path, model.dtype, model.device,
+                                            prompts, system_prompt, self.par, policy.fwd))
+        return self.own(with_env(engine, env, self.tok, eos_ids(self.tok, policy.model), system_prompt))
 
     def rewards(self, task: dict[str, Any], verifier: Any, reward_model: Any = None, model: Any = None):
         """(training reward, the task's verifiers, the reward model) from the task's verifiers and the
@@ -288,9 +298,9 @@ class Run:
         sampled and one greedy completion per held-out prompt, scored by the task's verifiers, with
         the reward model's score and the KL from the reference where there are ones."""
         from grpo.parts.evaluation import policy_eval
-        from grpo.parts.rollout import encode_prompts, sampling_params
+        from grpo.parts.rollout import encode_prompts, sampling_params, tools_of
 
-        prompts = encode_prompts(self.tok, eval_set, system_prompt)
+        prompts = encode_prompts(self.tok, eval_set, system_prompt, tools_of(engine))
         sampling, greedy = sampling_params(rollout), sampling_params(rollout, greedy=True)
 
         def fn():

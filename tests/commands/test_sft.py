@@ -17,7 +17,7 @@ def test_labels_cover_only_the_completion_and_eos(tiny_model_dir):
     pairs = encode_rows(tok, [("x.jsonl", {"prompt": "1+1", "completion": "2"}),
                               ("x.jsonl", {"prompt": "10+10", "completion": "20"})], "prompt", "completion")
     # "<|user|>1+1<|end|><|assistant|>" = 1 + 3 + 2 tokens; completion "2" + EOS = 2 tokens
-    assert [len(p) for p, _ in pairs] == [6, 8] and [len(c) for _, c in pairs] == [2, 3]
+    assert [len(p) for p, _, _ in pairs] == [6, 8] and [len(c) for _, c, _ in pairs] == [2, 3]
     ids, attn, labels = batch_tensors(pairs, tok.pad_token_id)
     assert ids.shape == (2, 11)  # the longer row: 8 + 3
     assert labels[0].tolist() == [-100] * 6 + [tok.convert_tokens_to_ids("2"), tok.eos_token_id] + [-100] * 3

@@ -92,6 +92,7 @@ def push_weights(engine, model) -> None:
     nothing to send."""
     from grpo.parts.rollout.hf import HFEngine
 
+    engine = getattr(engine, "engine", engine)  # a multi-turn engine's own
     if not isinstance(engine, HFEngine):
         engine.update_weights(whole_parameters(model))
 
@@ -147,7 +148,13 @@ def sampling_params(rollout, greedy: bool = False) -> SamplingParams:
                           top_k=int(rollout.top_k), max_new_tokens=int(rollout.max_new_tokens), stop=list(rollout.stop))
 
 
-def encode_prompts(tokenizer, samples, system_prompt: str | None = None) -> list[list[int]]:
-    """Prompt token ids as the engines see them: chat template applied, no extra special tokens."""
-    return [tokenizer(render_prompt(tokenizer, s, system_prompt), add_special_tokens=False)["input_ids"]
+def encode_prompts(tokenizer, samples, system_prompt: str | None = None, tools: list | None = None) -> list[list[int]]:
+    """Prompt token ids as the engines see them: chat template applied (with the tools' schemas, for
+    an engine that holds conversations with tools: `tools_of(engine)`), no extra special tokens."""
+    return [tokenizer(render_prompt(tokenizer, s, system_prompt, tools), add_special_tokens=False)["input_ids"]
             for s in samples]
+
+
+def tools_of(engine) -> list | None:
+    """The JSON schemas of the tools a multi-turn engine's environment offers (None: no tools)."""
+    return getattr(engine, "tools", None)

@@ -45,6 +45,9 @@ class Rollout:
     texts: list[str]  # [N] decoded completions, special tokens skipped
     logprobs: list[list[float]]  # [N] ragged, same lengths as completion_ids
     finished: list[bool]  # [N] stopped by EOS or a stop string (not by max_new_tokens)
+    # Multi-turn rollouts (grpo/parts/rollout/multiturn.py) only; None for one prompt, one completion:
+    model_mask: list[list[int]] | None = None  # [N] ragged like completion_ids: 1 where the model sampled the token
+    conversations: list[dict] | None = None  # [N] messages, turns, tool calls, the reason it ended
 
 
 class RolloutEngine(Protocol):
