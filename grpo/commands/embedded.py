@@ -36,7 +36,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from grpo.parts.modeling import EMBEDDED_CHAT_MODEL_DIR, EMBEDDED_CODE_MODEL_DIR, EMBEDDED_MODEL_DIR, EMBEDDED_RM_DIR
+from grpo.parts.modeling import (EMBEDDED_CHAT_MODEL_DIR, EMBEDDED_CODE_MODEL_DIR, EMBEDDED_MODEL_DIR, EMBEDDED_RM_DIR,
+                                 EMBEDDED_TOOLS_MODEL_DIR)
 from grpo.tasks.arithmetic import ArithmeticTask
 
 SPECIAL_TOKENS = ["<|pad|>", "<|end|>", "<|user|>", "<|assistant|>", "<|system|>", "<|unk|>"]
@@ -137,11 +138,48 @@ CHAT_STYLES = ("{box}", "Sure! {box}", "{a}+{b}={v}. {box}", "The answer is {box
                "{v}", "answer: {v}")
 
 
+# The tools model's demonstrations: a right call of the python tool, a wrong call, or a guess without it.
+P_TOOL_RIGHT, P_TOOL_WRONG = 0.35, 0.3
+PRODUCTS = {"ops": ["*"], "min_operand": 10, "max_operand": 999}  # the task of +experiment=tools
+
+
+def tools_sft_rows(n: int, seed: int) -> list[dict]:
+    """Tools: products of two- and three-digit numbers, which the model cannot work out itself, as
+    multi-turn demonstrations (grpo sft learns the assistant's turns only). With probability
+    P_TOOL_RIGHT the model calls the python tool with the right program and copies its result into
+    the box; with P_TOOL_WRONG it calls it with a wrong program (a sum, an operand off by one or
+    ten) and copies that; else it guesses: the product with one digit changed. The tool results are
+    what the sandbox prints for each program (computed here the same way)."""
+    task = ArithmeticTask(seed=seed + 3000, **PRODUCTS)  # another stream than any training run's, same split
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        s = task.train_sample(i)
+        a, b = s.meta["a"], s.meta["b"]
+        u = rng.random()
+        if u < P_TOOL_RIGHT + P_TOOL_WRONG:
+            x, y, op = a, b, "*"
+            if u >= P_TOOL_RIGHT:
+                x, y, op = rng.choice([(a, b, "+"), (a + 1, b, "*"), (a, b - 1, "*"), (a, b + 10, "*")])
+            value = x * y if op == "*" else x + y
+            turns = [{"role": "assistant", "content": f"```python\nprint({x}{op}{y})\n```"},
+                     {"role": "tool", "content": f"{value}\n"},
+                     {"role": "assistant", "content": completion(value)}]
+        else:
+            digits = list(str(a * b))
+            k = rng.randrange(len(digits))
+            digits[k] = str((int(digits[k]) + rng.randint(1, 9)) % 10) if k or len(digits) == 1 else str(rng.randint(1, 9))
+            turns = [{"role": "assistant", "content": completion(int("".join(digits)))}]
+        rows.append({"prompt": s.prompt, "completion": turns})
+    return rows
+
+
 # task -> (output dir, SFT rows, SFT steps, SFT batch size, start from); the code data is learnt in
-# less; the chat model starts from the arithmetic one, which already knows the sums.
+# less; the chat and tools models start from the arithmetic one, which already knows the format.
 TASKS = {"arithmetic": (EMBEDDED_MODEL_DIR, sft_rows, 3000, 64, None),
          "code": (EMBEDDED_CODE_MODEL_DIR, code_sft_rows, 1500, 32, None),
-         "chat": (EMBEDDED_CHAT_MODEL_DIR, chat_sft_rows, 1000, 64, EMBEDDED_MODEL_DIR)}
+         "chat": (EMBEDDED_CHAT_MODEL_DIR, chat_sft_rows, 1000, 64, EMBEDDED_MODEL_DIR),
+         "tools": (EMBEDDED_TOOLS_MODEL_DIR, tools_sft_rows, 1500, 64, EMBEDDED_MODEL_DIR)}
 
 
 def build(out_dir: Path, steps: int, rows: int, seed: int, extra: list[str], make_rows=sft_rows,

@@ -11,6 +11,7 @@ EMBEDDED_MODEL_DIR = DATA_DIR / "embedded_model"
 EMBEDDED_CODE_MODEL_DIR = DATA_DIR / "embedded_code_model"  # warm-started on task=code
 EMBEDDED_CHAT_MODEL_DIR = DATA_DIR / "embedded_chat_model"  # the preference task's policy
 EMBEDDED_RM_DIR = DATA_DIR / "embedded_rm"  # `grpo rm` on the built-in preference task
+EMBEDDED_TOOLS_MODEL_DIR = DATA_DIR / "embedded_tools_model"  # calls the python tool (+experiment=tools)
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
 
@@ -25,6 +26,7 @@ EMBEDDED = {
     "embedded-code": (EMBEDDED_CODE_MODEL_DIR, "python -m grpo.commands.embedded --task code"),
     "embedded-chat": (EMBEDDED_CHAT_MODEL_DIR, "python -m grpo.commands.embedded --task chat"),
     "embedded-rm": (EMBEDDED_RM_DIR, "make embedded-rm"),
+    "embedded-tools": (EMBEDDED_TOOLS_MODEL_DIR, "python -m grpo.commands.embedded --task tools"),
 }
 
 
