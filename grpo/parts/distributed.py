@@ -286,13 +286,14 @@ class Lockstep:
     def __init__(self, par: Parallel, pad_id: int):
         self.par, self.pad_id = par, pad_id
 
-    def _anyone(self, working: bool) -> bool:
+    def anyone(self, working: bool) -> bool:
+        """Whether any rank is working (one all-reduce, which every rank must call)."""
         return self.par.sum([1.0 if working else 0.0])[0] > 0
 
     def before_forward(self) -> None:
-        self._anyone(True)
+        self.anyone(True)
 
     def drain(self, model, device) -> None:
         ids = torch.full((1, 1), self.pad_id, dtype=torch.long, device=device)
-        while self._anyone(False):
+        while self.anyone(False):
             model(input_ids=ids, use_cache=False)

@@ -13,7 +13,7 @@ from grpo.commands.ppo import run_ppo
 from grpo.commands.train import train
 from grpo.parts.batch import batch_tensors, encode_rows
 from grpo.parts.modeling import EMBEDDED_TOOLS_MODEL_DIR, load_tokenizer
-from tests.conftest import run_interrupted
+from tests.conftest import run_interrupted, torchrun
 
 SMALL = ["logger=jsonl", "trainer.prompts_per_step=4", "algorithm.group_size=4", "trainer.eval_size=8",
          "task.eval_size=8"]
@@ -55,6 +55,19 @@ def test_resume_in_the_middle_of_a_multi_turn_run_is_exact(tmp_path):
     wa = load_file(full / "checkpoints/step_000004/model/model.safetensors")
     wb = load_file(part / "checkpoints/step_000004/model/model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.slow
+def test_fsdp2_ranks_taking_different_numbers_of_turns_stay_in_step(tmp_path):
+    # rank 0's conversations last 1 turn, rank 1's 2: the sharded model's forwards stay paired
+    torchrun(2, "-m", "grpo", "train", "model.path=embedded-tools", "rollout.max_new_tokens=32", *SMALL,
+             "parallel=fsdp2", "trainer.max_steps=2", "trainer.eval_every=0", "trainer.save_every=0",
+             "+task.env={_target_: tests.envs.sample_tools:RankTurns}",
+             f"hydra.run.dir={tmp_path}", timeout=300)
+    steps = records(tmp_path, "loss")
+    assert [r["step"] for r in steps] == [1, 2]
+    # the metrics are the two ranks' means: half the conversations took 1 turn, half 2
+    assert all(r["env/turns_mean"] == 1.5 for r in steps)
 
 
 @pytest.mark.slow

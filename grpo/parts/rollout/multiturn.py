@@ -91,8 +91,11 @@ def render_turn(tokenizer, messages: list[dict], new: list[dict], tools: list[di
     """The token ids that follow an assistant message the model ended with token `last_id`: what the
     template writes after the model's end-of-turn token, then `new` messages and the next assistant
     header. `messages` ends with that assistant message. Raises NotExtension (see the module)."""
-    before = chat_text(tokenizer, messages, tools, False)
-    after = chat_text(tokenizer, messages + new, tools, True)
+    try:
+        before = chat_text(tokenizer, messages, tools, False)
+        after = chat_text(tokenizer, messages + new, tools, True)
+    except Exception as e:  # noqa: BLE001 - a template that refuses the conversation (e.g. wants structured tool_calls)
+        raise NotExtension(f"the chat template failed on the conversation ({type(e).__name__}: {e})") from None
     if not after.startswith(before):
         raise NotExtension("the chat template's render of the conversation with the new messages does not start "
                            "with its render without them")
@@ -161,7 +164,10 @@ class Conversations:
             if c.state is _FAILED:
                 c.reason = "env_error"
         first = True
-        while live:
+        # A sharded model's every forward is a collective (the hf engine's Lockstep): all ranks take as
+        # many turns, a rank whose conversations have ended with an empty batch.
+        lock = getattr(self.engine, "lockstep", None)
+        while (lock.anyone(bool(live)) if lock is not None else live):
             if first and all(c.state is not _FAILED for c in convs):  # the n samples of a prompt share its prefill
                 ro = self.engine.generate(prompt_ids, n, sampling)
             else:
@@ -248,13 +254,15 @@ _FAILED = object()
 
 
 def conversation_metrics(conversations: list[dict]) -> dict[str, float]:
-    """Means over the conversations of a batch: env/turns_mean, tool/calls_mean, tool/errors (failed
-    calls per call), tool/time (seconds of tool runs per conversation), env/end/<reason>_frac, and
-    env/reward/<name> for an environment's own reward terms."""
+    """Means over the conversations of a batch: env/turns_mean, tool/calls_mean, tool/called_frac (the
+    conversations that called a tool at least once), tool/errors (failed calls per call), tool/time
+    (seconds of tool runs per conversation), env/end/<reason>_frac, and env/reward/<name> for an
+    environment's own reward terms."""
     n = max(1, len(conversations))
     calls = sum(c["tool_calls"] for c in conversations)
     out = {"env/turns_mean": sum(c["turns"] for c in conversations) / n,
            "tool/calls_mean": calls / n,
+           "tool/called_frac": sum(c["tool_calls"] > 0 for c in conversations) / n,
            "tool/errors": sum(c["tool_errors"] for c in conversations) / max(1, calls),
            "tool/time": sum(c["tool_time"] for c in conversations) / n}
     reasons = sorted(set(REASONS) | {c["reason"] for c in conversations})
