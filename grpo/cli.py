@@ -86,6 +86,9 @@ def _hydra_message(e: Exception, config_name: str, overrides: list[str]) -> str:
             for part in filter(None, parent.split(".")):
                 node = node[part]
             close = difflib.get_close_matches(leaf, [str(k) for k in node], n=1)
+            if close == [leaf]:  # the key is there: a mapping value is merged into it and cannot add keys
+                return (f"{key}: a mapping merges into the existing {key} and cannot add keys to it; set them "
+                        f"one by one ({key}.<name>=...) or replace it whole: ~{key} +{given}")
             if close:
                 hint = f"did you mean {parent + '.' if parent else ''}{close[0]}? ({hint})"
         except Exception:

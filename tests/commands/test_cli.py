@@ -54,13 +54,21 @@ def test_unknown_command_and_help(capsys):
     assert code == 0 and "grpo [-v] <command>" in out
 
 
+def test_a_mapping_that_would_add_keys_to_an_existing_one_says_how_to_replace_it(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(capsys, "train", "task=tools", "task.env={_target_: m:Env}")
+    assert code == 2 and err.strip() == ("grpo train: error: task.env: a mapping merges into the existing task.env and "
+                                         "cannot add keys to it; set them one by one (task.env.<name>=...) or replace "
+                                         "it whole: ~task.env +task.env={_target_: m:Env}")
+
+
 @pytest.mark.parametrize("override, message", [
     # a typo'd key: the one beside it is suggested
     ("trainer.max_step=3", "trainer.max_step: no such key; did you mean trainer.max_steps? "
                            "(a new key needs a +: +trainer.max_step=3)"),
     ("nosuchkey=1", "nosuchkey: no such key; a new key needs a +: +nosuchkey=1"),
     # a group option that does not exist: the ones that do are listed
-    ("task=nosuch", "task=nosuch: no such option; task is one of arithmetic, code, file, gsm8k, math, prefs"),
+    ("task=nosuch", "task=nosuch: no such option; task is one of arithmetic, code, file, gsm8k, math, prefs, tools"),
     ("task.path", "task.path: not a valid override (missing EQUAL at '<EOF>')"),
 ])
 def test_hydra_errors_are_one_line_with_exit_2_and_leave_no_run_dir(tmp_path, capsys, monkeypatch, override, message):
