@@ -20,6 +20,9 @@ def plot(run_dir: Path, out: Path, title: str | None = None) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
     ax.plot([r["step"] for r in train], [r["reward/mean"] for r in train], color="#9ab", lw=1, label="train reward (batch mean)")
     ax.plot([r["step"] for r in evals], [r["eval/reward/mean"] for r in evals], "o-", color="#c33", label="held-out reward (sampled)")
+    if evals and "eval/tool/called_frac" in evals[0]:  # a tool-using run: how often it calls the tool
+        ax.plot([r["step"] for r in evals], [r["eval/tool/called_frac"] for r in evals], "^-", color="#2a7",
+                label="held-out conversations that call the tool")
     if evals and "eval/pass@1" in evals[0]:
         ax.plot([r["step"] for r in evals], [r["eval/pass@1"] for r in evals], "s--", color="#36c", label="held-out pass@1 (greedy)")
     elapsed = sum(r.get("time/step", 0) + r.get("time/eval", 0) for r in recs)
