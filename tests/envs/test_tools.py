@@ -168,3 +168,26 @@ def test_sigkill_during_a_tool_call_leaves_no_sandbox_process():
     finally:
         if p.poll() is None:
             p.kill()
+
+
+def test_tools_run_on_the_sandbox_service(tmp_path):
+    """`sandbox: URL` sends the python tool's and sandboxed functions' runs to `grpo sandbox serve`."""
+    import threading
+
+    from grpo.sandbox.server import SandboxServer
+
+    srv = SandboxServer("127.0.0.1", 0, workers=2, max_queue=4, max_body=64 << 10)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        env = build_env({"name": "tools", "sandbox": srv.url,
+                         "tools": ["python", {"_target_": "tests.envs.sample_tools:multiply"}]})
+        state = env.reset(None)
+        assert env.step(state, fenced("print(6 * 7)")).messages[0]["content"] == "42\n"
+        turn = env.step(state, hermes({"name": "multiply", "arguments": {"a": 5, "b": 6}}))
+        assert turn.messages[0]["content"] == "30\n" and turn.tool_errors == 0
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    # a service that no longer answers: the call is an error message, not a crash
+    failed = env.step(state, fenced("print(1)"))
+    assert failed.tool_errors == 1 and failed.messages[0]["content"].startswith("error: the tool failed")
