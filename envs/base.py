@@ -6,6 +6,7 @@ on from there. The rollout loop (grpo/parts/rollout/multiturn.py) owns the token
 concurrency; an environment only sees and returns messages:
 
     tools: list[dict]                       JSON schemas of its tools, rendered by the chat template
+    reward_names: list[str]                 (optional) its per-turn reward terms, logged one by one
     reset(sample) -> state                  a fresh conversation about one task sample
     step(state, message) -> Turn            the model's message {"role": "assistant", "content": ...}
     close() -> None
@@ -20,7 +21,8 @@ environment's options and the loop's caps (grpo.parts.rollout.multiturn.CAPS). N
 `single`) is today's single-turn rollout, untouched. The verifiers still give the reward: they
 judge the final assistant message, and see the whole conversation as the sample field
 `conversation`; an environment may add per-turn terms (`Turn.rewards`), which are added to the
-reward and logged one by one as env/reward/<name>.
+reward, logged summed as env/reward and, for the names it declares in `reward_names`, one by one
+as env/reward/<name>.
 """
 
 from __future__ import annotations

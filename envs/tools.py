@@ -92,7 +92,8 @@ def _sandbox(where: Any):
         return sb
     from grpo.sandbox.client import SandboxClient
 
-    return SandboxClient([where] if isinstance(where, str) else [str(u) for u in where])
+    # a service that stalls costs a call about a minute (two tries of 30 s), not the client's 10 default minutes
+    return SandboxClient([where] if isinstance(where, str) else [str(u) for u in where], timeout=30.0, retries=1)
 
 
 def _limits(time_s: float, memory_mb: int, output_bytes: int):

@@ -52,6 +52,9 @@ def run_bon(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
         raise ConfigError("rollout.temperature=0 gives N identical samples: use a temperature > 0")
     if not cfg.task.get("verifiers") and not cfg.reward_model.path:
         raise ConfigError("best-of-N needs a judge: set reward_model.path or task.verifiers")
+    if cfg.task.get("env"):
+        raise ConfigError("grpo bon samples one completion per prompt: a task with task.env (multi-turn) is not "
+                          "supported yet; use grpo eval or grpo train on it")
     seed_everything(trainer.seed)
     task = build_task(cfg.task, seed=trainer.seed)
     if opts.split == "eval":

@@ -23,7 +23,7 @@ from grpo.parts.evaluation import k_values, sample_and_score, summarize
 from grpo.parts.modeling import eos_ids, load_model, load_tokenizer, pick_device, resolve_model_dir
 from grpo.parts.reward_sources import build_rewards_from
 from grpo.parts.rollout import build_engine_from, encode_prompts, sampling_params, tools_of
-from grpo.parts.rollout.multiturn import context_tokens, conversation_metrics, with_env
+from grpo.parts.rollout.multiturn import context_tokens, conversation_metrics, environment, with_env
 from grpo.tasks.base import TaskError, build_task
 
 
@@ -81,11 +81,11 @@ def run_eval(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     engine = None
     try:
         model = load_model(model_dir, model_cfg.dtype, device=device).eval()
-        env = cfg.task.get("env")
-        sized = dataclasses.replace(cfg.rollout, max_new_tokens=context_tokens(env, cfg.rollout.max_new_tokens))
+        env, caps = environment(cfg.task.get("env"))
+        sized = dataclasses.replace(cfg.rollout, max_new_tokens=context_tokens(env, caps, cfg.rollout.max_new_tokens))
         engine = build_engine_from(sized, model, tok, model_dir, model_cfg.dtype, model_cfg.device,
-                                   lambda: samples, trainer.system_prompt)
-        engine = with_env(engine, env, tok, eos_ids(tok, model), trainer.system_prompt)  # multi-turn: conversations
+                                   lambda: samples, trainer.system_prompt, tools=getattr(env, "tools", None))
+        engine = with_env(engine, env, caps, tok, eos_ids(tok, model), trainer.system_prompt)  # multi-turn: conversations
         sp = sampling_params(cfg.rollout, greedy=temperature <= 0)
         t0 = time.time()
         seed_everything(trainer.seed)  # the samples depend on the seed, not on what loading drew

@@ -62,8 +62,8 @@ def score_rollout(source, ro, samples: Sequence[Mapping[str, Any]]) -> Rewards:
     """`source`'s rewards for a rollout; a multi-turn rollout's environment terms are added to each
     conversation's reward (and raw score), the sum is not clipped."""
     scored = source(RewardInputs.from_rollout(ro, samples))
-    if ro.conversations is not None and any(c["rewards"] for c in ro.conversations):
-        extra = [sum(c["rewards"].values()) for c in ro.conversations]
+    if ro.conversations is not None and any(c["env_reward"] for c in ro.conversations):
+        extra = [c["env_reward"] for c in ro.conversations]
         scored.rewards = [r + e for r, e in zip(scored.rewards, extra)]
         scored.raw = [r + e for r, e in zip(scored.raw, extra)]
     return scored

@@ -225,13 +225,15 @@ class Run:
 
         from grpo.parts.modeling import eos_ids
         from grpo.parts.rollout import build_engine_from
-        from grpo.parts.rollout.multiturn import context_tokens, with_env
+        from grpo.parts.rollout.multiturn import context_tokens, environment, with_env
 
-        # vLLM sizes its context for whole conversations
-        sized = dataclasses.replace(rollout, max_new_tokens=context_tokens(env, rollout.max_new_tokens))
+        environ, caps = environment(env)
+        # vLLM sizes its context for whole conversations, their prompts rendered with the tools
+        sized = dataclasses.replace(rollout, max_new_tokens=context_tokens(environ, caps, rollout.max_new_tokens))
         engine = self.own(build_engine_from(sized, policy.model, self.tok, model.path, model.dtype, model.device,
-                                            prompts, system_prompt, self.par, policy.fwd))
-        return self.own(with_env(engine, env, self.tok, eos_ids(self.tok, policy.model), system_prompt))
+                                            prompts, system_prompt, self.par, policy.fwd,
+                                            tools=getattr(environ, "tools", None)))
+        return self.own(with_env(engine, environ, caps, self.tok, eos_ids(self.tok, policy.model), system_prompt))
 
     def rewards(self, task: dict[str, Any], verifier: Any, reward_model: Any = None, model: Any = None):
         """(training reward, the task's verifiers, the reward model) from the task's verifiers and the

@@ -33,7 +33,7 @@ def test_grpo_trains_on_conversations_and_logs_them(tmp_path):
     steps = records(tmp_path, "loss")
     assert [r["step"] for r in steps] == [1, 2]
     for r in steps:
-        assert r["tool/calls_mean"] > 0 and r["env/turns_mean"] > 1 and r["tool/errors"] == 0
+        assert r["tool/calls_mean"] > 0 and r["env/turns_mean"] > 1 and r["tool/error_frac"] == 0
         assert r["tool/time"] > 0 and r["env/end/answered_frac"] == 1.0 and r["env/end/tool_cap_frac"] == 0
         # the engine samples from the trainer's own module: the gap over the model's tokens is float noise
         assert r["rollout/logprob_abs_diff/max"] < 1e-4

@@ -29,6 +29,7 @@ class Again:
     ("again", or `text`). It makes every conversation run to the caps."""
 
     tools: list = []
+    reward_names = ["step"]
 
     def __init__(self, text: str = "again"):
         self.text = text
@@ -77,21 +78,24 @@ def converse(tok, model, env, caps=Caps(), n=2, k=4, engine=None, seed=0):
 
 
 def check_token_in_token_out(ro, calls):
-    """Every turn's input is a prefix of the conversation the trainer scores, and each turn's sampled
-    ids sit right after it, marked as the model's; everything between turns is marked not the model's."""
+    """Each turn of each conversation is one engine call's row: its input is a prefix of the ids the
+    trainer scores and its sampled ids follow it unchanged, marked as the model's; everything else
+    after the prompt is marked not the model's. (Rows are found by content, so conversations that
+    ended earlier and left the batch are checked too.)"""
     for i, (prompt, ids, mask) in enumerate(zip(ro.prompt_ids, ro.completion_ids, ro.model_mask)):
         full = prompt + ids
         sampled = [0] * len(ids)
+        turns = 0
         for inputs, outputs in calls:
-            if i >= len(inputs):
+            rows = [(x, y) for x, y in zip(inputs, outputs) if full[:len(x)] == x and len(x) >= len(prompt)
+                    and full[len(x):len(x) + len(y)] == y and mask[len(x) - len(prompt):][:1] == [1]]
+            if not rows:
                 continue
-            x, y = inputs[i], outputs[i]
-            assert full[:len(x)] == x  # the turn continued the exact ids so far
+            x, y = rows[0]
             start = len(x) - len(prompt)
-            assert ids[start:start + len(y)] == y  # then the engine's own ids, unchanged
-            for t in range(start, start + len(y)):
-                sampled[t] = 1
-        assert mask == sampled
+            sampled[start:start + len(y)] = [1] * len(y)
+            turns += 1
+        assert mask == sampled and turns == ro.conversations[i]["turns"], i
 
 
 def test_three_turns_token_in_token_out_on_the_hf_engine(tools_model):
@@ -107,6 +111,30 @@ def test_three_turns_token_in_token_out_on_the_hf_engine(tools_model):
     assert text.count("<|tool|>again<|end|><|assistant|>") == 2
     # the environment's per-turn terms, summed over the two steps that continued and the last one
     assert ro.conversations[0]["rewards"] == {"step": 0.75}
+
+
+class Varied(Again):
+    """Conversations that last 1, 2 or 3 turns, by their first operand: some leave the batch early."""
+
+    def reset(self, sample):
+        return {"left": int(sample.meta["a"]) % 3}
+
+    def step(self, state, message):
+        if state["left"] == 0:
+            return Turn(done=True, reason="answered")
+        state["left"] -= 1
+        return super().step(state, message)
+
+
+def test_conversations_that_end_early_keep_the_rest_aligned(tools_model):
+    tok, model = tools_model
+    rec = Recording(HFEngine(model, tok))
+    s = samples(6)
+    ro = converse(tok, model, Varied(), Caps(max_turns=3, max_tokens=200), k=6, engine=rec)
+    want = [1 + int(x.meta["a"]) % 3 for x in s for _ in range(2)]  # prompt-major, 2 samples each
+    assert [c["turns"] for c in ro.conversations] == want and len(set(want)) == 3
+    assert [len(inputs) for inputs, _ in rec.calls] == [12, sum(w > 1 for w in want), sum(w > 2 for w in want)]
+    check_token_in_token_out(ro, rec.calls)
 
 
 def test_engine_and_trainer_log_probs_agree_on_the_models_tokens(tools_model):
@@ -152,14 +180,18 @@ def test_caps_end_conversations_with_their_reason(tools_model):
     assert {c["reason"] for c in ro.conversations} == {"turns"} and {c["turns"] for c in ro.conversations} == {2}
     # 12 tokens after the prompt: an answer of ~12 characters or the room for the next turn runs out
     ro = converse(tok, model, Again(), Caps(max_turns=5, max_tokens=12))
-    assert {c["reason"] for c in ro.conversations} == {"length"}
+    assert {c["reason"] for c in ro.conversations} == {"length"} and not any(ro.finished)
     assert max(len(c) for c in ro.completion_ids) <= 12
+    for text, ids, c in zip(ro.texts, ro.completion_ids, ro.conversations):
+        if c["turns"] == 1:  # a first turn cut at the cap: its text is what was kept, nothing beyond
+            assert text == tok.decode(ids, skip_special_tokens=True)
     # a long tool result is cut at 5 tokens (one character each here), with a marker
     ro = converse(tok, model, Again("0123456789" * 3), Caps(max_turns=2, max_tool_tokens=5))
     tool = [m for m in ro.conversations[0]["messages"] if m["role"] == "tool"][0]["content"]
     assert tool == "01234\n[cut: 25 more tokens]"
     m = conversation_metrics(ro.conversations)
     assert m["env/end/turns_frac"] == 1.0 and m["env/turns_mean"] == 2.0 and m["env/reward/step"] == 0.5
+    assert m["env/reward"] == 0.5 and m["env/end/other_frac"] == 0.0
 
 
 def test_the_tools_model_calls_the_sandbox_and_the_tool_cap_ends_it(tools_model):

@@ -12,12 +12,14 @@ from grpo.tasks.base import Sample, render_prompt
 
 def build_engine(engine: str, model, tokenizer, path: str, dtype: str = "float32", device: str = "auto", *,
                  batch_size: int = 256, max_new_tokens: int = 16, prompts: Callable[[], Iterable[Sample]] | None = None,
-                 system_prompt: str | None = None, par=None, wrapped=None, **vllm_options: Any):
+                 system_prompt: str | None = None, par=None, wrapped=None, tools: list | None = None,
+                 **vllm_options: Any):
     """The engine named `engine` ("hf" or "vllm") around the trainer's own model.
 
     hf: `batch_size` completions per decoding batch. vllm: `vllm_options` are VLLMEngine's keyword
     arguments (the sampling options that decide its log-prob mode, and the engine's own: context,
-    cache, seed, GPU share ...). ``prompts`` gives the samples the engine will be asked to continue
+    cache, seed, GPU share ...). ``prompts`` gives the samples (rendered with `tools`, a multi-turn
+    environment's) the engine will be asked to continue
     (called only for vLLM, when `max_model_len` is not given): vLLM reserves KV cache for its whole
     context, so the context is sized from the longest of them plus `max_new_tokens` rather than from
     the model's maximum (131072 positions for a Llama-3 would need more cache than a CPU run has).
@@ -41,7 +43,7 @@ def build_engine(engine: str, model, tokenizer, path: str, dtype: str = "float32
         opts = dict(vllm_options)
         limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
         if not opts.get("max_model_len") and prompts is not None:
-            longest = max((len(p) for p in encode_prompts(tokenizer, prompts(), system_prompt)), default=0)
+            longest = max((len(p) for p in encode_prompts(tokenizer, prompts(), system_prompt, tools)), default=0)
             opts["max_model_len"] = context_length(longest, max_new_tokens, limit)
         length = opts.get("max_model_len") or limit
         on_gpu = device != "cpu" and _cuda()
@@ -64,14 +66,14 @@ _NOT_VLLM_OPTIONS = ("engine", "batch_size", "stop", "max_new_tokens")
 
 def build_engine_from(rollout, model, tokenizer, path: str, dtype: str = "float32", device: str = "auto",
                       prompts: Callable[[], Iterable[Sample]] | None = None, system_prompt: str | None = None,
-                      par=None, wrapped=None):
+                      par=None, wrapped=None, tools: list | None = None):
     """build_engine from the `rollout` config group (a RolloutConfig): the config's edge for every command."""
     import dataclasses
 
     options = {k: v for k, v in dataclasses.asdict(rollout).items() if k not in _NOT_VLLM_OPTIONS}
     return build_engine(rollout.engine, model, tokenizer, path, dtype, device, batch_size=rollout.batch_size,
                         max_new_tokens=rollout.max_new_tokens, prompts=prompts, system_prompt=system_prompt, par=par,
-                        wrapped=wrapped, **(options if rollout.engine == "vllm" else {}))
+                        wrapped=wrapped, tools=tools, **(options if rollout.engine == "vllm" else {}))
 
 
 def whole_parameters(model) -> Iterable[tuple[str, Any]]:

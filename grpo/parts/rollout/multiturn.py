@@ -30,7 +30,8 @@ import os
 import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 from typing import Any
 
 from grpo.parts.rollout.base import Rollout, SamplingParams
@@ -48,20 +49,24 @@ class Caps:
     parallelism: int = 0  # concurrent environment steps (tool calls); 0 = the CPU count
 
 
-def with_env(engine, spec: Any, tokenizer, eos_ids: list[int], system_prompt: str | None = None):
-    """`engine` itself for a single-turn task (no `task.env`, or `single`), else Conversations with the
-    environment that `spec` (the task.env value) builds."""
+def environment(spec: Any) -> tuple[Any, Caps]:
+    """(the environment, the loop's caps) of a `task.env` value; None for a single-turn task (no
+    `task.env`, or `single`). Built before the engine, whose context is sized with its tools."""
     from grpo.envs.base import build_env
 
     env_spec, caps = split_spec(spec)
-    env = build_env(env_spec) if env_spec is not None else None
+    return (build_env(env_spec) if env_spec is not None else None), caps
+
+
+def context_tokens(env: Any, caps: Caps, max_new_tokens: int) -> int:
+    """Tokens after the prompt that the engine's context must hold: a turn, or a whole conversation
+    (no turn asks for more than the conversation has left)."""
+    return max_new_tokens if env is None else caps.max_tokens
+
+
+def with_env(engine, env: Any, caps: Caps, tokenizer, eos_ids: list[int], system_prompt: str | None = None):
+    """`engine` itself for a single-turn task, else Conversations with `env` around it."""
     return engine if env is None else Conversations(engine, env, tokenizer, caps, eos_ids, system_prompt)
-
-
-def context_tokens(spec: Any, max_new_tokens: int) -> int:
-    """Tokens after the prompt that the engine's context must hold: a turn, or a whole conversation."""
-    env_spec, caps = split_spec(spec)
-    return max_new_tokens if env_spec in (None, "single") else max(max_new_tokens, caps.max_tokens)
 
 
 def split_spec(spec: Any) -> tuple[Any, Caps]:
@@ -94,21 +99,23 @@ def render_turn(tokenizer, messages: list[dict], new: list[dict], tools: list[di
     try:
         before = chat_text(tokenizer, messages, tools, False)
         after = chat_text(tokenizer, messages + new, tools, True)
+        # what the template writes after an assistant message's content: its end-of-turn, and after it
+        marked = chat_text(tokenizer, messages[:-1] + [dict(messages[-1], content=_SENTINEL)], tools, False)
     except Exception as e:  # noqa: BLE001 - a template that refuses the conversation (e.g. wants structured tool_calls)
         raise NotExtension(f"the chat template failed on the conversation ({type(e).__name__}: {e})") from None
     if not after.startswith(before):
         raise NotExtension("the chat template's render of the conversation with the new messages does not start "
                            "with its render without them")
-    if last_id is not None and last_id in eos_ids:
-        end = tokenizer.decode([last_id])  # the end-of-turn token's text, as the template writes it
-        at = before.rfind(end) if end else -1
-        trailer = before[at + len(end):] if at >= 0 else ""
-    else:  # the turn ended without the end token (a stop string): the template's end follows
-        end = tokenizer.decode([eos_ids[0]])
-        at = before.rfind(end)
-        trailer = before[at:] if at >= 0 else ""
-    text = trailer + after[len(before):]
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    at = marked.rfind(_SENTINEL)
+    tail = marked[at + len(_SENTINEL):] if at >= 0 else ""
+    if last_id is not None and last_id in eos_ids:  # the model wrote the end-of-turn token itself
+        end = tokenizer.decode([last_id])
+        if end and tail.startswith(end):
+            tail = tail[len(end):]
+    return tokenizer(tail + after[len(before):], add_special_tokens=False)["input_ids"]
+
+
+_SENTINEL = "\u2063grpo:content\u2063"  # stands for an assistant message's content in a render
 
 
 def cut_tool_text(tokenizer, text: str, cap: int) -> str:
@@ -133,7 +140,8 @@ class _Conversation:
     tool_errors: int = 0
     tool_time: float = 0.0
     reason: str | None = None
-    rewards: dict[str, float] | None = None
+    rewards: dict[str, float] = field(default_factory=dict)  # the environment's declared terms, summed
+    env_reward: float = 0.0  # all its terms, summed
     text: str = ""  # the last assistant message
 
 
@@ -149,13 +157,15 @@ class Conversations:
         self.engine, self.env, self.tok, self.caps = engine, env, tokenizer, caps
         self.eos_ids, self.system_prompt = list(eos_ids), system_prompt
         self.tools = list(getattr(env, "tools", None) or []) or None
+        self.reward_names = list(getattr(env, "reward_names", None) or [])
         self.pool = ThreadPoolExecutor(caps.parallelism or max(2, os.cpu_count() or 2))
         self._warned = False
 
     def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingParams, samples=None) -> Rollout:
         if samples is None or len(samples) != len(prompt_ids):
             raise ValueError("a multi-turn rollout needs the samples its prompts were rendered from")
-        convs = [_Conversation(s, None, s.chat(self.system_prompt), list(p), [], [], [])
+        convs = [_Conversation(s, None, s.chat(self.system_prompt), list(p), [], [], [],
+                               rewards=dict.fromkeys(self.reward_names, 0.0))
                  for s, p in zip(samples, prompt_ids) for _ in range(n)]
         for c, state in zip(convs, self.pool.map(self._reset, [c.sample for c in convs])):
             c.state = state
@@ -163,25 +173,49 @@ class Conversations:
         for c in convs:
             if c.state is _FAILED:
                 c.reason = "env_error"
-        first = True
         # A sharded model's every forward is a collective (the hf engine's Lockstep): all ranks take as
         # many turns, a rank whose conversations have ended with an empty batch.
         lock = getattr(self.engine, "lockstep", None)
+        hold = hasattr(self.engine, "hold_awake")  # vLLM's sleep mode: not between the turns of a conversation
+        if hold:
+            self.engine.hold_awake = True
+        try:
+            self._turns(convs, live, prompt_ids, n, sampling, lock)
+        finally:
+            if hold:
+                self.engine.hold_awake = False
+                self.engine.rest()
+        return Rollout(prompt_ids=[c.prompt for c in convs], completion_ids=[c.ids for c in convs],
+                       texts=[c.text for c in convs], logprobs=[c.logprobs for c in convs],
+                       finished=[c.reason != "length" for c in convs], model_mask=[c.mask for c in convs],
+                       conversations=[{"messages": c.messages, "turns": c.turns, "tool_calls": c.tool_calls,
+                                       "tool_errors": c.tool_errors, "tool_time": c.tool_time, "reason": c.reason,
+                                       "rewards": c.rewards, "env_reward": c.env_reward} for c in convs])
+
+    def _turns(self, convs, live, prompt_ids, n, sampling, lock) -> None:
+        first = True
         while (lock.anyone(bool(live)) if lock is not None else live):
+            # no turn asks for more tokens than the roomiest conversation has left (the engine's context
+            # is sized for the prompt plus max_tokens)
+            room = max((self.caps.max_tokens - len(c.ids) for c in live), default=1)
+            sp = sampling if room >= sampling.max_new_tokens else dataclasses.replace(sampling, max_new_tokens=room)
             if first and all(c.state is not _FAILED for c in convs):  # the n samples of a prompt share its prefill
-                ro = self.engine.generate(prompt_ids, n, sampling)
+                ro = self.engine.generate(prompt_ids, n, sp)
             else:
-                ro = self.engine.generate([c.prompt + c.ids for c in live], 1, sampling)
+                ro = self.engine.generate([c.prompt + c.ids for c in live], 1, sp)
             first = False
             for c, ids, lps, text, done in zip(live, ro.completion_ids, ro.logprobs, ro.texts, ro.finished):
                 room = self.caps.max_tokens - len(c.ids)
-                c.ids += ids[:room]
-                c.mask += [1] * len(ids[:room])
-                c.logprobs += lps[:room]
+                if len(ids) > room:  # cut at the cap: the text is what is kept
+                    ids, lps, done = ids[:room], lps[:room], False
+                    text = self.tok.decode(ids, skip_special_tokens=True)
+                c.ids += ids
+                c.mask += [1] * len(ids)
+                c.logprobs += lps
                 c.turns += 1
                 c.text = text
                 c.messages.append({"role": "assistant", "content": text})
-                if not done or len(ids) > room:
+                if not done:
                     c.reason = "length"
             going = [c for c in live if c.reason is None]
             for c, turn in zip(going, self.pool.map(self._step, going)):
@@ -192,8 +226,9 @@ class Conversations:
                 c.tool_errors += turn.tool_errors
                 c.tool_time += turn.tool_time
                 for k, v in turn.rewards.items():
-                    c.rewards = c.rewards or {}
-                    c.rewards[k] = c.rewards.get(k, 0.0) + float(v)
+                    c.env_reward += float(v)
+                    if k in c.rewards:  # the terms the environment declares are logged one by one
+                        c.rewards[k] += float(v)
                 new = [dict(m, content=cut_tool_text(self.tok, m["content"], self.caps.max_tool_tokens))
                        if m.get("role") == "tool" and isinstance(m.get("content"), str) else m for m in turn.messages]
                 if turn.done:
@@ -204,12 +239,6 @@ class Conversations:
                     self._extend(c, new)
                 c.messages += new
             live = [c for c in live if c.reason is None]
-        return Rollout(prompt_ids=[c.prompt for c in convs], completion_ids=[c.ids for c in convs],
-                       texts=[c.text for c in convs], logprobs=[c.logprobs for c in convs],
-                       finished=[c.reason == "answered" for c in convs], model_mask=[c.mask for c in convs],
-                       conversations=[{"messages": c.messages, "turns": c.turns, "tool_calls": c.tool_calls,
-                                       "tool_errors": c.tool_errors, "tool_time": c.tool_time, "reason": c.reason,
-                                       "rewards": c.rewards or {}} for c in convs])
 
     def _extend(self, c: _Conversation, new: list[dict]) -> None:
         """The ids of the environment's messages and the next assistant header after c's last turn."""
@@ -255,20 +284,23 @@ _FAILED = object()
 
 def conversation_metrics(conversations: list[dict]) -> dict[str, float]:
     """Means over the conversations of a batch: env/turns_mean, tool/calls_mean, tool/called_frac (the
-    conversations that called a tool at least once), tool/errors (failed calls per call), tool/time
-    (seconds of tool runs per conversation), env/end/<reason>_frac, and env/reward/<name> for an
-    environment's own reward terms."""
+    conversations that called a tool at least once), tool/error_frac (failed calls per call), tool/time
+    (seconds of tool runs per conversation), env/end/<reason>_frac (an environment's own reasons
+    count as `other`), env/reward (its reward terms summed) and env/reward/<name> for the terms it
+    declares (`reward_names`). The keys depend on nothing but the environment: every rank of a
+    torchrun job has the same ones, which the all-reduce of the metrics needs."""
     n = max(1, len(conversations))
     calls = sum(c["tool_calls"] for c in conversations)
     out = {"env/turns_mean": sum(c["turns"] for c in conversations) / n,
            "tool/calls_mean": calls / n,
            "tool/called_frac": sum(c["tool_calls"] > 0 for c in conversations) / n,
-           "tool/errors": sum(c["tool_errors"] for c in conversations) / max(1, calls),
-           "tool/time": sum(c["tool_time"] for c in conversations) / n}
-    reasons = sorted(set(REASONS) | {c["reason"] for c in conversations})
-    out.update({f"env/end/{r}_frac": sum(c["reason"] == r for c in conversations) / n for r in reasons})
-    names = sorted({k for c in conversations for k in c["rewards"]})
-    out.update({f"env/reward/{k}": sum(c["rewards"].get(k, 0.0) for c in conversations) / n for k in names})
+           "tool/error_frac": sum(c["tool_errors"] for c in conversations) / max(1, calls),
+           "tool/time": sum(c["tool_time"] for c in conversations) / n,
+           "env/reward": sum(c["env_reward"] for c in conversations) / n}
+    out.update({f"env/end/{r}_frac": sum(c["reason"] == r for c in conversations) / n for r in REASONS})
+    out["env/end/other_frac"] = sum(c["reason"] not in REASONS for c in conversations) / n
+    names = conversations[0]["rewards"] if conversations else {}
+    out.update({f"env/reward/{k}": sum(c["rewards"][k] for c in conversations) / n for k in names})
     return out
 
 

@@ -197,6 +197,7 @@ class VLLMEngine:
         self._dir = Path(tempfile.mkdtemp(prefix="grpo-weights-", dir=_weights_dir(model)))
         # The trainer's weights may not be the files' (a resumed checkpoint, an SFT'd module): push them now.
         self._asleep: set[str] = set()  # sleep-mode memory pools now released ("weights", "kv_cache")
+        self.hold_awake = False  # True while a multi-turn rollout runs (rest)
         self.update_weights(whole_parameters(model))
 
     # ---- generation ----------------------------------------------------------------------
@@ -223,10 +224,17 @@ class VLLMEngine:
                 # Decode with the trainer's tokenizer, as the hf engine does, so texts match byte for byte.
                 ro.texts.append(self.tokenizer.decode(toks, skip_special_tokens=True))
                 ro.finished.append(c.finish_reason == "stop")
-        if self.sleep_level:
-            self.llm.sleep(level=self.sleep_level)  # free weights + KV cache for the training step
-            self._asleep = {"weights", "kv_cache"}
+        if not self.hold_awake:
+            self.rest()
         return ro
+
+    def rest(self) -> None:
+        """With sleep mode on: free the weights and KV cache for the training step (pushed back
+        before the next rollout). A multi-turn rollout holds the engine awake (`hold_awake`) until
+        its conversations have ended: at level 2 a later turn would run on discarded weights."""
+        if self.sleep_level and not self._asleep:
+            self.llm.sleep(level=self.sleep_level)
+            self._asleep = {"weights", "kv_cache"}
 
     @staticmethod
     def _seeds(k: int, seed: int | None) -> list[int]:
