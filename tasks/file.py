@@ -36,7 +36,7 @@ def read_rows(path: str, split: str = "train", config: str | None = None) -> lis
     p = Path(path).expanduser()
     if _is_json_array(p):
         try:  # a JSON array of row objects
-            rows = json.loads(p.read_text(encoding="utf-8"))
+            rows = json.loads(utf8(p.read_bytes(), path))
         except json.JSONDecodeError as e:
             raise TaskError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
         for i, row in enumerate(rows, start=1):
@@ -71,7 +71,7 @@ def _is_json_array(p: Path) -> bool:
     .json file is read as JSON lines. Reads only up to that character."""
     if p.suffix != ".json" or not p.is_file():
         return False
-    with p.open(encoding="utf-8") as f:
+    with p.open(encoding="utf-8", errors="replace") as f:  # a peek: bad bytes are reported where the rows are read
         while chunk := f.read(4096):
             if chunk.strip():
                 return chunk.lstrip().startswith("[")
@@ -99,8 +99,9 @@ def jsonl_lines(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
     p = Path(path).expanduser()
     if not p.exists():
         raise TaskError(f"{path}: file not found")
-    with p.open(encoding="utf-8") as f:
-        for i, line in enumerate(f, start=1):
+    with p.open("rb") as f:
+        for i, raw in enumerate(f, start=1):
+            line = utf8(raw, path, i)
             if not line.strip():
                 continue
             try:
@@ -110,6 +111,19 @@ def jsonl_lines(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
             if not isinstance(row, dict):
                 raise TaskError(f"{path}: line {i}: expected a JSON object, got {type(row).__name__}")
             yield i, row
+
+
+def utf8(data: bytes, path: str, line: int | None = None) -> str:
+    """`data` (a file, or its 1-based `line`) as text; bytes that are not UTF-8 are one TaskError that
+    names the file, the line and the column."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        before = data[:e.start]
+        n = line if line is not None else before.count(b"\n") + 1
+        col = e.start - (before.rfind(b"\n") + 1) + 1
+        raise TaskError(f"{path}: line {n}: not UTF-8 text (byte {data[e.start]:#04x} at column {col}); "
+                        "save the file as UTF-8") from None
 
 
 def to_sample(row: dict[str, Any], where: str, prompt_field: str, answer_field: str | None) -> Sample:

@@ -137,3 +137,31 @@ def test_file_task_reads_a_json_array(tmp_path):
     p.write_text('[{"prompt": "a", "answer": "1"}, 3]')
     with pytest.raises(TaskError, match=r"d.json: row 2 \(1-based\): expected a JSON object"):
         FileTask(path=str(p))
+
+
+def test_bytes_that_are_not_utf8_are_one_line_naming_file_line_and_column(tmp_path):
+    from grpo.tasks.file import located_rows, read_rows
+
+    # line 1 fine, line 2 blank, line 3 holds a Latin-1 e-acute (0xe9) as its 16th byte
+    lines = tmp_path / "rows.jsonl"
+    lines.write_bytes(b'{"prompt": "a"}\n\n{"prompt": "caf\xe9"}\n')
+    with pytest.raises(TaskError, match=r"rows.jsonl: line 3: not UTF-8 text \(byte 0xe9 at column 16\)"):
+        located_rows(str(lines))
+    # a JSON array: the line is counted in the whole file
+    array = tmp_path / "rows.json"
+    array.write_bytes(b'[{"prompt": "a"},\n {"prompt": "\xff"}]')
+    with pytest.raises(TaskError, match=r"rows.json: line 2: not UTF-8 text \(byte 0xff at column 14\)"):
+        read_rows(str(array))
+
+
+@pytest.mark.parametrize("command", ["sft", "rm", "dpo"])
+def test_a_non_utf8_data_file_stops_a_command_with_one_line_and_exit_2(tmp_path, command):
+    from tests.conftest import run_grpo
+
+    data = tmp_path / "d.jsonl"
+    # the 0xe9 is byte 16 of the line: `{"prompt": "caf` is 15 bytes
+    data.write_bytes(b'{"prompt": "caf\xe9", "completion": "x", "chosen": "a", "rejected": "b"}\n')
+    p = run_grpo(command, f"data.path={data}", f"hydra.run.dir={tmp_path / 'run'}", "logger=jsonl", timeout=120)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert p.stderr.strip().splitlines()[-1] == (f"grpo {command}: error: {data}: line 1: not UTF-8 text "
+                                                 "(byte 0xe9 at column 16); save the file as UTF-8")
