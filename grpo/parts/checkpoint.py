@@ -60,6 +60,7 @@ def _write_atomic(path: Path, text: str) -> None:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 -> what open() would have made
     os.replace(tmp, path)
 
 
@@ -178,11 +179,22 @@ def _save_config(model, tokenizer, folder: Path) -> None:
 
 
 def make_readable(folder: Path) -> None:
-    """mkdtemp makes its directory private (0700); a checkpoint or an export is read by others
-    (other users on a shared file system, a serving job): give it the umask's usual mode."""
+    """mkdtemp makes its directory private (0700), and safetensors files come out 0600; a checkpoint
+    or an export is read by others (other users on a shared file system, a serving job): give the
+    folder, everything below it, the modes a plain mkdir and open would (the umask's)."""
+    umask = _umask()
+    os.chmod(folder, 0o777 & ~umask)
+    for root, dirs, files in os.walk(folder):
+        for d in dirs:
+            os.chmod(os.path.join(root, d), 0o777 & ~umask)
+        for f in files:
+            os.chmod(os.path.join(root, f), 0o666 & ~umask)
+
+
+def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(folder, 0o777 & ~umask)
+    return umask
 
 
 def restore_sharded(ckpt: Path, models: Mapping[str, tuple[Any, Any]], stateful: Mapping[str, Any],
@@ -396,6 +408,7 @@ def save_final(par, model, tokenizer, out: Path) -> Path:
     if par.main:
         model.save_pretrained(out, state_dict=state)
         tokenizer.save_pretrained(out)
+        make_readable(Path(out))
     par.barrier()
     return Path(out)
 

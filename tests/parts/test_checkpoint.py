@@ -94,3 +94,30 @@ def test_training_resumes_from_the_last_whole_checkpoint(tiny_model_dir, tmp_pat
     assert [r["step"] for r in recs if "loss" in r] == [1, 2, 3, 4, 5]
     assert [r["step"] for r in recs if "eval/reward/mean" in r] == [0, 5]
     assert summary["steps"] == 5 and checkpoint.damaged_file(tmp_path / "checkpoints" / "step_000005") is None
+
+
+def test_checkpoints_and_the_final_model_get_the_umasks_modes(tiny_model_dir, tmp_path):
+    """Under umask 022 a plain open() makes 0644 files and mkdir 0755 folders: a checkpoint, its
+    `latest` pointer and the final model folder must be readable by another user the same way
+    (mkstemp and mkdtemp make 0600 / 0700, and safetensors files came out 0600)."""
+    import os
+    import stat
+
+    from grpo.parts.distributed import Parallel
+    from grpo.parts.modeling import load_tokenizer
+
+    model, tok = load_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
+    old = os.umask(0o022)
+    try:
+        final = checkpoint.save(tmp_path, 1, {"model": model}, tok, {}, keep=2)
+        out = checkpoint.save_final(Parallel(), model, tok, tmp_path / "model")  # one process
+    finally:
+        os.umask(old)
+    modes = {}
+    for folder in (final, out):
+        for p in [folder, *folder.rglob("*")]:
+            modes[str(p.relative_to(tmp_path))] = stat.S_IMODE(p.stat().st_mode)
+    modes["checkpoints/latest"] = stat.S_IMODE((tmp_path / "checkpoints" / "latest").stat().st_mode)
+    assert "checkpoints/step_000001/model/model.safetensors" in modes and "model/model.safetensors" in modes
+    wrong = {k: oct(m) for k, m in modes.items() if m != (0o755 if (tmp_path / k).is_dir() else 0o644)}
+    assert wrong == {}
