@@ -13,9 +13,12 @@ to the checkout's folders; nothing else in the checkout becomes importable as gr
 # use, so that `import grpo.verifiers...` (the math verifier's worker processes) does not pay for torch.
 # Each is documented in the README's "The algorithm, as functions" (tests/algorithm/test_public_api.py checks both).
 _PUBLIC = {
-    "group_advantages": "grpo.algorithm.advantages",
+    "group_advantages": "grpo.algorithm.advantages", "rloo_advantages": "grpo.algorithm.advantages",
+    "reinforce_pp_advantages": "grpo.algorithm.advantages", "varied_groups": "grpo.algorithm.advantages",
+    "overlong_penalty": "grpo.algorithm.advantages",
     "kl_penalty": "grpo.algorithm.kl",
     "aggregate": "grpo.algorithm.losses", "policy_loss": "grpo.algorithm.losses",
+    "sequence_ratio": "grpo.algorithm.losses", "mismatch_mask": "grpo.algorithm.losses",
     "last_index": "grpo.algorithm.value", "ppo_rewards": "grpo.algorithm.value", "gae": "grpo.algorithm.value",
     "whiten": "grpo.algorithm.value", "value_loss": "grpo.algorithm.value", "AdaptiveKL": "grpo.algorithm.value",
     "pairwise_loss": "grpo.algorithm.preference_losses", "ranking_loss": "grpo.algorithm.preference_losses",

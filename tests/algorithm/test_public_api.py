@@ -28,7 +28,7 @@ def algorithm_functions() -> dict[str, object]:
 
 def test_every_algorithm_function_is_importable_from_grpo_and_in_all():
     found = algorithm_functions()
-    assert len(found) == 14  # 1 advantage, 1 KL, 2 policy-loss, 6 PPO, 4 preference functions
+    assert len(found) == 20  # 5 advantage (grpo, rloo, reinforce++, DAPO's two), 1 KL, 4 policy-loss, 6 PPO, 4 preference
     assert sorted(found) == grpo.__all__
     for name, obj in found.items():
         assert getattr(grpo, name) is obj, name
