@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from grpo.parts.chunked import chunked_logprobs
 from grpo.parts.modeling import backbone
 from grpo.tasks.base import Sample, TaskError, render_prompt
 from grpo.tasks.file import to_sample
@@ -83,8 +84,20 @@ def token_logprobs(model, input_ids, attention_mask, position_ids, T: int, tempe
     """Log-probs of the last T tokens of each row under logits / temperature.
 
     input_ids, attention_mask, position_ids: [N, P+T]. Returns logp [N, T] (and entropy [N, T]).
-    Only the T+1 last positions go through the LM head, which keeps memory at [N, T, V].
+    Only the T+1 last positions go through the LM head, which keeps memory at [N, T, V]; with a
+    logprob chunk set on the model (set_logprob_chunk), at [chunk, V] (grpo/parts/chunked.py).
     """
+    chunk = logprob_chunk(model)
+    if chunk and not hasattr(model, "get_output_embeddings"):
+        # A wrapper (DDP, FSDP2, the reference on the CPU, adapters off): the backbone and the head are
+        # called separately, so go inside its forward, where its hooks see the pass (and FSDP2 has
+        # gathered the head's weight).
+        return model(input_ids, attention_mask, position_ids, T, temperature, with_entropy, fn=token_logprobs)
+    if chunk and chunkable(model):
+        hidden = backbone(model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                 use_cache=False).last_hidden_state[:, -T - 1:-1]  # [N, T, H]; t predicts t+1
+        head = model.get_output_embeddings()
+        return chunked_logprobs(hidden, head.weight, head.bias, input_ids[:, -T:], temperature, chunk, with_entropy)
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                 logits_to_keep=T + 1, use_cache=False)
     logits = out.logits[:, :-1].float() / temperature  # [N, T, V]; position t predicts token t+1
@@ -216,29 +229,67 @@ def pack_groups(prompts: list[list[int]], completions: list[list[int]], G: int, 
     return GroupBatch(ids, pos, prompt_lens, comp_lens, torch.tensor(lengths), index, comp, learned(mask, model_mask))
 
 
+def head_is_last(model) -> bool:
+    """Whether the model's logits are its LM head applied to the backbone's last hidden state, with no
+    final soft-capping (Gemma 2) or scaling (Cohere's logit_scale, Granite's logits_scaling) after it:
+    then the head may be called apart from the model's forward."""
+    config = model.config
+    head = model.get_output_embeddings()
+    base = getattr(model, "base_model", None) and backbone(model)
+    return (head is not None and base is not None and base is not model
+            and not getattr(config.get_text_config(), "final_logit_softcapping", None)
+            and getattr(config, "logit_scale", None) in (None, 1, 1.0)
+            and getattr(config, "logits_scaling", None) in (None, 1, 1.0))
+
+
 def supports_shared_prompt(model) -> bool:
     """Whether the shared-prompt layout gives this model the padded layout's log-probs: it needs a
     custom 4D attention mask (eager or sdpa attention; flash attention takes none) and logits that
-    are the LM head of the last hidden state (no final soft-capping or scaling after it)."""
-    config = model.config
-    impl = getattr(config, "_attn_implementation", None) or "eager"
-    head = model.get_output_embeddings()
-    base = getattr(model, "base_model", None) and backbone(model)
-    return (impl in ("eager", "sdpa") and head is not None and base is not None and base is not model
-            and not getattr(config.get_text_config(), "final_logit_softcapping", None)
-            and getattr(config, "logit_scale", None) in (None, 1, 1.0))
+    are the LM head of the last hidden state (head_is_last)."""
+    impl = getattr(model.config, "_attn_implementation", None) or "eager"
+    return impl in ("eager", "sdpa") and head_is_last(model)
+
+
+# ---- chunked log-probs: the LM head a chunk of tokens at a time ------------------------------------
+def set_logprob_chunk(model, tokens: int) -> None:
+    """Have token_logprobs and group_logprobs run `model`'s LM head and log-softmax `tokens` tokens at a
+    time (trainer.logprob_chunk; 0 = all at once), in the forward and the backward, where the model
+    allows it (chunkable). Set on the bare model; the wrappers around it find it there."""
+    model.logprob_chunk = int(tokens)
+
+
+def logprob_chunk(model) -> int:
+    """The chunk set_logprob_chunk put on `model` or on the model inside its wrappers (0 = none)."""
+    for _ in range(8):  # DDP(.module) -> Forward(.model) -> the model; OnDevice(.model); AdaptersOff(.wrapped)
+        if hasattr(model, "get_output_embeddings"):
+            return int(getattr(model, "logprob_chunk", 0) or 0)
+        inner = [m for m in (getattr(model, k, None) for k in ("module", "model", "wrapped"))
+                 if isinstance(m, torch.nn.Module)]
+        if not inner:
+            return 0
+        model = inner[0]
+    return 0
+
+
+def chunkable(model) -> bool:
+    """Whether chunked_logprobs gives `model`'s log-probs: its logits are a plain linear head of the last
+    hidden state (a LoRA-adapted head, or soft-capped / scaled logits, take the whole-logits path)."""
+    return head_is_last(model) and isinstance(model.get_output_embeddings(), torch.nn.Linear)
 
 
 def group_logprobs(model, batch: GroupBatch, temperature: float = 1.0, with_entropy: bool = False):
     """token_logprobs for a GroupBatch: logp [N, T] (and entropy [N, T]), each completion token's
     log-prob under logits / temperature. Only the [N, T] positions that predict a completion token
-    go through the LM head, as in the padded path."""
+    go through the LM head, as in the padded path (a chunk at a time with set_logprob_chunk)."""
     head = model.get_output_embeddings()
     dtype = head.weight.dtype
     hidden = backbone(model)(input_ids=batch.input_ids, attention_mask=batch.attention_bias(dtype),
                               position_ids=batch.position_ids, use_cache=False).last_hidden_state  # [B, L, H]
     rows = torch.arange(batch.index.shape[0], device=hidden.device) // batch.G  # [N] group of each completion
     h = hidden[rows.unsqueeze(1), batch.index]  # [N, T, H]
+    chunk = logprob_chunk(model)
+    if chunk and isinstance(head, torch.nn.Linear):
+        return chunked_logprobs(h, head.weight, head.bias, batch.completion_ids, temperature, chunk, with_entropy)
     logits = head(h).float() / temperature  # [N, T, V]
     logp_all = torch.log_softmax(logits, dim=-1)
     logp = logp_all.gather(-1, batch.completion_ids.unsqueeze(-1)).squeeze(-1)  # [N, T]

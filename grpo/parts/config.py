@@ -155,6 +155,7 @@ class RLTrainerConfig(TrainerConfig):
     eval_size: int = num(128, ge=1)
     system_prompt: str | None = None
     log_samples: int = num(8, ge=0)
+    logprob_chunk: int = num(0, ge=0)  # tokens per LM-head chunk of the log-probs (memory [chunk, V]); 0 = all at once
 
 
 @dataclass
@@ -194,6 +195,7 @@ class DPOTrainerConfig(SupervisedTrainerConfig):
     eval_size: int = num(128, ge=1)
     log_samples: int = num(8, ge=0)
     system_prompt: str | None = None  # for the evaluation prompts, as in training
+    logprob_chunk: int = num(0, ge=0)  # tokens per LM-head chunk of the log-probs (memory [chunk, V]); 0 = all at once
 
 
 @dataclass

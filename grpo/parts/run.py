@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from grpo.parts import checkpoint
+from grpo.parts.batch import set_logprob_chunk
 from grpo.parts.config import ConfigError
 from grpo.parts.distributed import OnDevice, Parallel
 from grpo.parts.modeling import (AdaptersOff, apply_lora, disable_dropout, is_lora, load_model, load_tokenizer,
@@ -82,12 +83,13 @@ class Run:
     def __init__(self, command: str, run_dir: Path, raw: dict[str, Any], *, max_steps: int, seed: int, resume: Any,
                  eval_every: int = 0, save_every: int = 0, keep_checkpoints: int = 2, log_every: int = 1,
                  log_first: bool = False, strategy: str = "ddp", mixed_precision: str = "auto", device: str = "auto",
-                 ref_on_cpu: bool = False, logger: Any = None):
+                 ref_on_cpu: bool = False, logger: Any = None, logprob_chunk: int = 0):
         self.command, self.run_dir, self.raw = command, Path(run_dir), raw
         self.max_steps, self.seed = max_steps, seed
         self.eval_every, self.save_every, self.keep = eval_every, save_every, keep_checkpoints
         self.log_every, self.log_first = log_every, log_first
         self.ref_on_cpu, self.logger_cfg = ref_on_cpu, logger
+        self.logprob_chunk = logprob_chunk  # tokens per LM-head chunk of the models' log-probs (0 = all)
         self.par = Parallel(strategy, pick_device(device), mixed_precision)
         self.device = self.par.device
         # Every rank seeds its own stream (rank_seed) and looks at the run dir before rank 0 writes to it.
@@ -116,7 +118,8 @@ class Run:
                    eval_every=getattr(trainer, "eval_every", 0), save_every=trainer.save_every,
                    keep_checkpoints=trainer.keep_checkpoints, log_every=getattr(trainer, "log_every", 1),
                    log_first=log_first, strategy=parallel.strategy, mixed_precision=parallel.mixed_precision,
-                   device=cfg.model.device, ref_on_cpu=parallel.ref_on_cpu, logger=cfg.logger)
+                   device=cfg.model.device, ref_on_cpu=parallel.ref_on_cpu, logger=cfg.logger,
+                   logprob_chunk=getattr(trainer, "logprob_chunk", 0))
 
     # ---- what the run closes -----------------------------------------------------------------
     def __enter__(self) -> Run:
@@ -193,6 +196,7 @@ class Run:
         policy = apply_lora(policy, lora.r, lora.alpha, lora.dropout, lora.target_modules,
                             adapter=str(self.ckpt / "model") if whole and lora.r else None)
         policy.train()
+        set_logprob_chunk(policy, self.logprob_chunk)
         if lora.r and lora.save_merged and self.par.world > 1:
             log.warning("model.lora.save_merged: a run on several processes writes sharded checkpoints, with no "
                         "merged/ folder: `grpo export CKPT OUT` writes the merged model")
@@ -200,6 +204,7 @@ class Run:
         if reference and not lora.r:
             ref = load_model(model.path, model.dtype, device=self.frozen_device)
             ref.eval().requires_grad_(False)
+            set_logprob_chunk(ref, self.logprob_chunk)
         fwd = self.par.wrap(policy)  # every pass goes through the wrapper, where DDP and FSDP2 hook in
         if reference and lora.r:
             ref = AdaptersOff(fwd, policy)
