@@ -209,7 +209,7 @@ NOT_IN_OURS = [
     ("entropy_coef", "entropy bonus (static or adaptive)"),
     ("multi_objective_aggregation='normalize_then_sum'", "GDPO: normalise each reward function, then sum"),
     ("RLOOTrainer's loss", "one ratio per sequence exp(sum_t(logp - old)), the product of token ratios (ours: "
-                           "GSPO's geometric mean); only its advantages are compared below"),
+                           "GSPO's geometric mean); only its advantages are compared (above)"),
     ("vllm_importance_sampling_correction", "TRL computes it from vLLM's log-probs only (ours: tis_cap, "
                                             "mismatch_mask): not reachable without vLLM, not compared"),
 ]
