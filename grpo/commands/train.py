@@ -19,6 +19,11 @@ Where this differs from the DeepSeekMath GRPO paper (Shao et al., 2024), and why
 - Each of the `epochs` passes over a batch is one optimizer step on the whole batch (gradient
   accumulation over micro-batches), rather than shuffled mini-batches.
 - Log-probs are taken at the sampling temperature (logits / T), matching what the engine sampled.
+- The advantage estimator is an option (`algorithm.adv_estimator`): RLOO's leave-one-out baseline,
+  or REINFORCE++'s KL-in-the-reward returns whitened over the whole step (its loss then has no KL
+  term). The importance ratio may be taken per sequence (`is_level`, GSPO), the loss may be CISPO's,
+  engine/trainer mismatches may be masked (`mismatch`), and DAPO's overlong penalty, cut-completion
+  filter and dynamic sampling are switches. The README's "The estimator pack" lists each with its paper.
 
 `train` is the command. `build` makes a run's GRPO parts and `train_step` takes one step on them, so a
 caller that times steps one by one (bench/bench_vs_trl.py) or checks one update (tests) runs exactly
@@ -35,8 +40,9 @@ from typing import Any
 
 import torch
 
-from grpo.algorithm.advantages import group_advantages
-from grpo.algorithm.losses import policy_loss
+from grpo.algorithm.advantages import group_advantages, overlong_penalty, reinforce_pp_advantages, rloo_advantages
+from grpo.algorithm.kl import kl_penalty
+from grpo.algorithm.losses import mismatch_mask, policy_loss
 from grpo.parts import config as C
 from grpo.parts.batch import (batch_logprobs, engine_logprobs, group_logprobs, micro_batches, pack, pack_groups,
                               supports_shared_prompt)
@@ -82,6 +88,7 @@ def build(cfg: C.TrainConfig, run: Run) -> GRPO:
         raise C.ConfigError("task.verifiers is not set: name at least one verifier, e.g. task.verifiers=[math], "
                             "or give a reward model (reward_model.path)")
     run.require(trainer.prompts_per_step, f"trainer.prompts_per_step={trainer.prompts_per_step}")
+    check_algorithm(algorithm, cfg.rollout.max_new_tokens)
     # Every rank reads the same prompt order (the task's seed) and samples its own stream.
     task = build_task(cfg.task, seed=trainer.seed)
     eval_set = run.held_out(task, trainer.eval_size)
@@ -106,6 +113,33 @@ def build(cfg: C.TrainConfig, run: Run) -> GRPO:
                 sampling_params(cfg.rollout), shared_prompt, progress)
 
 
+def check_algorithm(algorithm: C.GRPOAlgorithmConfig, max_new_tokens: int) -> None:
+    """The combinations of algorithm keys that make no sense fail before the first step."""
+    if algorithm.adv_estimator != "grpo" and algorithm.adv_scale is not None:
+        # RLOO and REINFORCE++ have no std division of their own; dividing RLOO's leave-one-out
+        # differences by a group std gave advantages of 1e6 elsewhere (NeMo-RL #1518).
+        raise C.ConfigError(f"algorithm.adv_scale={algorithm.adv_scale} applies to adv_estimator=grpo only "
+                            f"({algorithm.adv_estimator} does not divide by a standard deviation): leave it null")
+    if algorithm.loss == "cispo" and algorithm.is_level != "token":
+        raise C.ConfigError("algorithm.loss=cispo weights tokens: use it with algorithm.is_level=token")
+    if algorithm.overlong_cache > max_new_tokens:
+        raise C.ConfigError(f"algorithm.overlong_cache={algorithm.overlong_cache} is more than the budget "
+                            f"rollout.max_new_tokens={max_new_tokens}")
+    if algorithm.mismatch != "none" and algorithm.mismatch_low >= algorithm.mismatch_high:
+        raise C.ConfigError(f"algorithm.mismatch_low={algorithm.mismatch_low} must be below "
+                            f"algorithm.mismatch_high={algorithm.mismatch_high}")
+
+
+def shaped_rewards(grpo: GRPO, run: Run, ro, rewards: torch.Tensor) -> torch.Tensor:
+    """The step's N rewards [N] the advantages see: the verifiers' plus DAPO's overlong penalty
+    (algorithm.overlong_cache > 0) on every rank's completion lengths."""
+    cache = grpo.algorithm.overlong_cache
+    if not cache:
+        return rewards
+    lengths = torch.tensor([x for part in run.par.gather([len(c) for c in ro.completion_ids]) for x in part])  # [N]
+    return rewards + overlong_penalty(lengths, grpo.sampling.max_new_tokens, cache)
+
+
 def train_step(grpo: GRPO, run: Run) -> dict[str, float]:
     """One GRPO step: this rank's share of the step's B prompts, G completions each, scored; then
     `update` on them."""
@@ -124,7 +158,10 @@ def train_step(grpo: GRPO, run: Run) -> dict[str, float]:
     # reward metrics are those of the whole batch, whatever the process count.
     rewards = torch.tensor([x for part in par.gather(scored.rewards) for x in part])  # [N]
     t2 = time.time()
-    metrics = update(grpo, run, ro, rewards, first * G)
+    shaped = shaped_rewards(grpo, run, ro, rewards)  # [N]
+    metrics = update(grpo, run, ro, shaped, first * G)
+    if grpo.algorithm.overlong_cache:
+        metrics["reward/overlong_mean"] = float((shaped - rewards).mean())
     t3 = time.time()
     N, groups = len(rewards), rewards.view(-1, G)
     return {
@@ -146,7 +183,12 @@ def update(grpo: GRPO, run: Run, ro, rewards: torch.Tensor, offset: int) -> dict
     W, G = par.world, algorithm.group_size
     t2 = time.time()
     n = len(ro.completion_ids)
-    adv = group_advantages(rewards, G, algorithm.adv_scale, algorithm.adv_eps)[offset:offset + n].to(device)  # [n]
+    estimator = algorithm.adv_estimator
+    if estimator == "grpo":
+        adv = group_advantages(rewards, G, algorithm.adv_scale or "group", algorithm.adv_eps)  # [N]
+    elif estimator == "rloo":
+        adv = rloo_advantages(rewards, G)  # [N]
+    adv = adv[offset:offset + n].to(device) if estimator in ("grpo", "rloo") else None  # [n]; reinforce_pp below
     pad = run.tok.pad_token_id
     if grpo.shared_prompt:  # one row per group: its prompt once, then its G completions
         batch = pack_groups(ro.prompt_ids, ro.completion_ids, G, pad, ro.model_mask).to(device)
@@ -155,6 +197,8 @@ def update(grpo: GRPO, run: Run, ro, rewards: torch.Tensor, offset: int) -> dict
         batch = pack(ro.prompt_ids, ro.completion_ids, pad, ro.model_mask).to(device)
         logprobs, unit, lengths = batch_logprobs, 1, [batch.input_ids.shape[1]] * n
     mask = batch.mask  # [n, T]
+    if algorithm.overlong_filter:  # completions cut at the budget get no loss (they still count as rows)
+        mask = mask * torch.tensor([float(f) for f in ro.finished], device=device).unsqueeze(1).to(mask.dtype)
     T = mask.shape[1]
     # The normaliser is global: the step's real tokens (and rows) on all ranks. DDP and FSDP2
     # average gradients over the W ranks, so each rank divides its sum by N_global / W.
@@ -169,16 +213,28 @@ def update(grpo: GRPO, run: Run, ro, rewards: torch.Tensor, offset: int) -> dict
         outs = [(w, model(batch[s], temp, fn=logprobs)) for s, w in mbs]
         return torch.cat([o.to(device) for w, o in outs if w])
 
+    reinforce = estimator.startswith("reinforce_pp")
     with torch.no_grad():
-        old_logp = frozen(policy.fwd) if algorithm.epochs > 1 else None
+        # REINFORCE++ puts the KL into the reward: it needs the sampling policy's log-probs up front.
+        need_old = algorithm.epochs > 1 or (reinforce and policy.ref is not None)
+        old_logp = frozen(policy.fwd) if need_old else None
         ref_logp = frozen(policy.ref) if policy.ref is not None else None
+    if reinforce:
+        kl = (kl_penalty(old_logp, ref_logp, algorithm.kl_estimator) if ref_logp is not None
+              else torch.zeros(n, T, device=device))  # [n, T]
+        adv = reinforce_pp_advantages(rewards[offset:offset + n].to(device), kl, mask, algorithm.beta, algorithm.gamma,
+                                      G if estimator == "reinforce_pp_baseline" else None, reduce=par.sum)  # [n, T]
+    loss_beta = 0.0 if reinforce else algorithm.beta  # REINFORCE++'s KL is in its reward, not its loss
+    token_level = algorithm.is_level == "token"
+    clip_low, clip_high = ((algorithm.clip_low, algorithm.clip_high) if token_level
+                           else (algorithm.seq_clip_low, algorithm.seq_clip_high))
     t_ref = time.time()
 
     # The engine's sampling log-probs of the sampled tokens, [n, T] like the trainer's.
     eng = engine_logprobs(ro.logprobs, T, device)  # [n, T]
 
     first_logp = torch.zeros(n, T, device=device)
-    acc: dict[str, float] = {}
+    acc: dict[str, float] = {"mismatch/masked_frac": 0.0} if algorithm.mismatch != "none" else {}
     for epoch in range(algorithm.epochs):
         grpo.opt.zero_grad(set_to_none=True)
         for i, (s, weight) in enumerate(mbs):
@@ -189,11 +245,18 @@ def update(grpo: GRPO, run: Run, ro, rewards: torch.Tensor, offset: int) -> dict
                 # Truncated importance sampling: reweight tokens the engine sampled with a slightly
                 # different distribution than the trainer's (off when tis_cap = 0).
                 tis = (old - eng[s]).exp().clamp(max=algorithm.tis_cap) if algorithm.tis_cap > 0 else None
+                if algorithm.mismatch != "none":  # drop the tokens (rows) the engine sampled too differently
+                    keep = mismatch_mask(old, eng[s], mask[s], algorithm.mismatch, algorithm.mismatch_low,
+                                         algorithm.mismatch_high)  # [k, T]
+                    tis = keep if tis is None else tis * keep
+                    if epoch == 0 and weight:
+                        acc["mismatch/masked_frac"] = acc.get("mismatch/masked_frac", 0.0) + float(
+                            (mask[s] - keep).sum()) / tokens
                 loss, parts = policy_loss(
-                    logp, old, adv[s], mask[s], algorithm.clip_low, algorithm.clip_high,
-                    ref_logp[s] if ref_logp is not None else None, algorithm.beta, algorithm.loss_agg,
+                    logp, old, adv[s], mask[s], clip_low, clip_high,
+                    ref_logp[s] if ref_logp is not None else None, loss_beta, algorithm.loss_agg,
                     max_len=grpo.sampling.max_new_tokens, kl_estimator=algorithm.kl_estimator, is_weights=tis,
-                    num_tokens=tokens / W, num_rows=rows / W)
+                    num_tokens=tokens / W, num_rows=rows / W, is_level=algorithm.is_level, objective=algorithm.loss)
                 tb = time.time()
                 (loss * weight).backward()  # micro-batch losses over the global normaliser add up
             clock["forward"] += tb - tf
@@ -220,7 +283,7 @@ def update(grpo: GRPO, run: Run, ro, rewards: torch.Tensor, offset: int) -> dict
 
     # The engine's log-probs against the trainer's for the same tokens, before the update.
     gap = (eng - first_logp).abs() * mask  # [n, T]
-    lengths = mask.sum(1).float()
+    lengths = batch.mask.sum(1).float()  # the completions' lengths, overlong_filter or not
     # the ranks' shares and counts, in one all-reduce
     totals = par.sum_dict({**acc, "gap": float(gap.sum()), "len": float(lengths.sum()),
                            "finished": float(sum(ro.finished))})

@@ -215,11 +215,24 @@ class GRPOAlgorithmConfig:
     clip_low: float = num(0.2, ge=0)
     clip_high: float = num(0.2, ge=0)
     epochs: int = num(1, ge=1)
-    adv_scale: str = choice("group", "group", "batch", "none")
+    adv_estimator: str = choice("grpo", "grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
+    adv_scale: str | None = choice(None, "group", "batch", "none")  # grpo's std division; null = group
     adv_eps: float = num(1e-4, ge=0)
+    gamma: float = num(1.0, ge=0, le=1)  # reinforce_pp's discount
+    loss: str = choice("ppo", "ppo", "cispo")
+    is_level: str = choice("token", "token", "sequence", "sequence_token")
+    seq_clip_low: float = num(3e-4, ge=0)  # the clip range when is_level is not token (GSPO)
+    seq_clip_high: float = num(4e-4, ge=0)
     loss_agg: str = choice("token_mean", "token_mean", "seq_mean_token_mean", "seq_mean_token_sum",
                            "seq_mean_token_sum_norm")
     tis_cap: float = num(0.0, ge=0)
+    mismatch: str = choice("none", "none", "token", "sequence", "geometric")
+    mismatch_low: float = num(0.5, ge=0)
+    mismatch_high: float = num(2.0, gt=0)
+    dynamic_sampling: bool = False  # DAPO: train only on groups whose rewards differ
+    max_gen_batches: int = num(3, ge=1)  # rollouts a step may take to fill its B groups
+    overlong_cache: int = num(0, ge=0)  # DAPO's L_c in tokens; 0 = no overlong penalty
+    overlong_filter: bool = False  # leave completions cut at the token budget out of the loss
 
 
 @dataclass
