@@ -347,12 +347,14 @@ class Sandbox:
                 to_close += [stats_r, stats_w]
                 pass_fds.append(stats_w)
                 env["GRPO_STATS_FD"] = str(stats_w)
+            sec_w = -1
             if secret_in is not None:
+                # A pipe holds 64 KiB and nobody reads it before the program starts (or ever, if it
+                # does not want to): the secret is written from _collect's loop as the program reads
+                # it, never blocking, so the run's wall_time bounds it like everything else.
                 sec_r, sec_w = os.pipe()
                 to_close += [sec_r, sec_w]
-                os.write(sec_w, secret_in)  # small (a pipe holds 64 KiB): never blocks
-                os.close(sec_w)
-                to_close.remove(sec_w)
+                os.set_blocking(sec_w, False)
                 pass_fds.append(sec_r)
                 env["GRPO_SECRET_FD"] = str(sec_r)
             stdin_fd = _memfd("stdin", stdin)
@@ -376,11 +378,14 @@ class Sandbox:
             # The child holds its own copies now; closing ours makes the pipes hit EOF when
             # the sandbox ends.
             for fd in list(to_close):
-                if fd not in (chan_r, stats_r, out_r, err_r):
+                if fd not in (chan_r, stats_r, out_r, err_r, sec_w):
                     os.close(fd)
                     to_close.remove(fd)
+            if sec_w >= 0:
+                to_close.remove(sec_w)  # _collect closes it (exactly once: fd numbers are reused)
             try:
-                return self._collect(child, lim, t0, out_r, err_r, chan_r, stats_r)
+                return self._collect(child, lim, t0, out_r, err_r, chan_r, stats_r,
+                                     sec_w, secret_in or b"")
             finally:
                 child.close()  # a no-op once reaped; kills the run if _collect was interrupted
         finally:
@@ -391,7 +396,7 @@ class Sandbox:
                     pass
 
     def _collect(self, proc: reaper.Child, lim: Limits, t0: float, out_r: int, err_r: int, chan_r: int,
-                 stats_r: int) -> Result:
+                 stats_r: int, sec_w: int = -1, secret: bytes = b"") -> Result:
         deadline = t0 + lim.wall_time
         out = bytearray()
         err = bytearray()
@@ -407,11 +412,36 @@ class Sandbox:
         if stats_r >= 0:
             sel.register(stats_r, selectors.EVENT_READ, "stats")
         open_streams = len(sel.get_map())
+        # The secret's pipe (non-blocking write end, ours to close): fed as the program reads it.
+        pending = memoryview(secret)
+
+        def close_secret() -> None:
+            nonlocal sec_w
+            if sec_w >= 0:
+                if sec_w in sel.get_map():
+                    sel.unregister(sec_w)
+                os.close(sec_w)
+                sec_w = -1
+
+        def feed_secret() -> None:
+            nonlocal pending
+            try:
+                while pending:
+                    pending = pending[os.write(sec_w, pending[:1 << 16]):]
+            except BlockingIOError:
+                return  # the pipe is full: wait until the program reads
+            except OSError:
+                pending = pending[:0]  # EPIPE: the program is gone or closed its end
+            close_secret()  # all written: the program reads end of file after it
 
         def kill() -> None:
             proc.kill()  # SIGKILL to the outer bwrap; its init follows (pdeathsig), then the namespace
 
         try:
+            if sec_w >= 0:
+                feed_secret()
+                if sec_w >= 0:
+                    sel.register(sec_w, selectors.EVENT_WRITE, "secret")
             while open_streams:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -425,6 +455,9 @@ class Sandbox:
                 events = sel.select(min(remaining, 1.0))
                 for key, _ in events:
                     fd = key.fd
+                    if key.data == "secret":
+                        feed_secret()
+                        continue
                     try:
                         data = os.read(fd, 65536)
                     except OSError:
@@ -454,6 +487,7 @@ class Sandbox:
                         room = lim.stdout_bytes - len(chan)
                         chan += data[:max(room, 0)]
         finally:
+            close_secret()
             sel.close()
         # Pipes are closed once every sandbox process is gone; the helper reaps bwrap (and the
         # sandbox's init) and sends bwrap's wait status.

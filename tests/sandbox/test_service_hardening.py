@@ -1,0 +1,82 @@
+"""The sandbox service against hostile clients (issue 23, items 1-5): each test runs a real
+server on an ephemeral loopback port and stays bounded (socket timeouts, short deadlines)."""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import socket
+import threading
+import time
+
+import pytest
+
+from grpo.sandbox.server import SandboxServer
+
+
+@contextlib.contextmanager
+def serve(**kw):
+    srv = SandboxServer("127.0.0.1", 0, **kw)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    try:
+        yield srv
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def post(srv, obj, *, headers=None, timeout=10.0, raw: bytes | None = None):
+    """(status, decoded JSON body) of one POST /run on a fresh connection."""
+    host, port = srv.server_address[:2]
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        body = raw if raw is not None else json.dumps(obj).encode()
+        conn.request("POST", "/run", body=body, headers={"Content-Type": "application/json", **(headers or {})})
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read() or b"null")
+    finally:
+        conn.close()
+
+
+def health(srv, headers=None):
+    host, port = srv.server_address[:2]
+    conn = http.client.HTTPConnection(host, port, timeout=10)
+    try:
+        conn.request("GET", "/health", headers=headers or {})
+        resp = conn.getresponse()
+        return json.loads(resp.read())
+    finally:
+        conn.close()
+
+
+# -- 1. a big secret_in cannot jam a worker ---------------------------------------------------
+READ_SECRET = """
+import os
+fd = int(os.environ["GRPO_SECRET_FD"])
+got = b""
+while True:
+    c = os.read(fd, 1 << 16)
+    if not c:
+        break
+    got += c
+print(len(got), got == b"s" * len(got))
+"""
+
+
+def test_big_secret_in_cannot_jam_a_worker():
+    # One worker, no queue: a handler stuck on the secret's pipe would turn every later run away.
+    with serve(workers=1, max_queue=0) as srv:
+        secret = "s" * (70 << 10)  # over a pipe's 64 KiB
+        t0 = time.monotonic()
+        st, r = post(srv, {"program": "print(1)", "secret_in": secret})  # never reads its secret
+        assert (st, r["status"], r["stdout"]) == (200, "ok", "1\n") and time.monotonic() - t0 < 5
+        # a run that never reads it and never ends still ends at its wall_time
+        st, r = post(srv, {"program": "import time; time.sleep(60)", "secret_in": secret,
+                           "limits": {"wall_time": 1, "cpu_time": 1}})
+        assert (st, r["status"]) == (200, "timeout") and r["wall_time"] < 3
+        # a run that reads it gets all of it (1 MiB, sixteen pipefuls)
+        st, r = post(srv, {"program": READ_SECRET, "secret_in": "s" * (1 << 20)})
+        assert (st, r["status"], r["stdout"]) == (200, "ok", f"{1 << 20} True\n")
+        assert health(srv)["busy"] == 0 and health(srv)["queued"] == 0
