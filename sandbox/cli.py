@@ -24,6 +24,8 @@ def cli_main(argv: list[str]) -> int:
     s.add_argument("--workers", type=int, default=2, help="sandboxes running at once")
     s.add_argument("--max-queue", type=int, default=64, help="requests allowed to wait")
     s.add_argument("--max-body", type=int, default=16 << 20, help="largest request in bytes")
+    s.add_argument("--max-limit", action="append", default=[], metavar="KEY=VALUE",
+                   help="raise or lower the maximum of a run limit (repeatable), e.g. stdout_bytes=16777216")
     a = p.parse_args(argv)
     try:
         if a.cmd == "run":
@@ -43,8 +45,22 @@ def cli_main(argv: list[str]) -> int:
                 print(f"[sandbox] status={res.status} exit={res.exit_code} wall={res.wall_time}s", file=sys.stderr)
             return 0 if res.status == "ok" else (res.exit_code or 1)
         from grpo.sandbox.server import serve
-        serve(a.host, a.port, workers=a.workers, max_queue=a.max_queue, max_body=a.max_body)
+        serve(a.host, a.port, workers=a.workers, max_queue=a.max_queue, max_body=a.max_body,
+              max_limits=_max_limits(a.max_limit))
         return 0
-    except SandboxUnavailable as e:
+    except (SandboxUnavailable, ValueError) as e:
         print(f"grpo sandbox: {e}", file=sys.stderr)
         return 2
+
+
+def _max_limits(items: list[str]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        try:
+            if not sep:
+                raise ValueError
+            out[key.strip()] = int(value) if value.strip().isdigit() else float(value)
+        except ValueError:
+            raise ValueError(f"--max-limit {item!r}: expected KEY=NUMBER, e.g. stdout_bytes=16777216") from None
+    return out

@@ -101,8 +101,13 @@ class Limits:
 
     def validate(self) -> None:
         for k, v in asdict(self).items():
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-                raise ValueError(f"limit {k} must be a positive number, got {v!r}")
+            if k in ("wall_time", "cpu_time"):
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf"):
+                    raise ValueError(f"limit {k} must be a positive finite number, got {v!r}")
+            elif isinstance(v, bool) or not isinstance(v, int) or not v > 0:
+                # sizes and counts go to rlimits and slices: a float (even 512.0) is refused here,
+                # not met later as a TypeError
+                raise ValueError(f"limit {k} must be a positive whole number, got {v!r}")
 
 
 @dataclass

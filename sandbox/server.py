@@ -37,7 +37,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         if self.path == "/health":
-            self._reply(200, {"ok": True, "busy": self.server.busy, "queued": self.server.queued})
+            self._reply(200, {"ok": True, "busy": self.server.busy, "queued": self.server.queued,
+                              "max_limits": self.server.max_limits})
         else:
             self._reply(404, {"error": "not found"})
 
@@ -84,17 +85,35 @@ class _Handler(BaseHTTPRequestHandler):
             self.server.release()
 
 
+# Every limit has a maximum (a request over one gets 400): the run's resources (memory, /tmp in the
+# host's shared memory, file sizes, descriptors) and what the server itself buffers (stdout and the
+# channel, stderr) are bounded per run. Raise them with max_limits / `--max-limit KEY=VALUE`.
+DEFAULT_MAX_LIMITS: dict[str, float] = {
+    "wall_time": 60, "cpu_time": 60, "memory_mb": 4096, "max_procs": 256, "file_size_mb": 256,
+    "open_files": 1024, "tmp_size_mb": 256, "stdout_bytes": 8 << 20, "stderr_bytes": 1 << 20,
+}
+
+
 class SandboxServer(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, workers: int = 2, max_queue: int = 64,
                  max_body: int = 16 << 20, sandbox: Sandbox | None = None,
                  max_limits: dict[str, float] | None = None):
-        super().__init__((host, port), _Handler)
         self.sandbox = sandbox or Sandbox()
+        unknown = set(max_limits or {}) - set(DEFAULT_MAX_LIMITS)
+        if unknown:
+            raise ValueError(f"unknown limits in max_limits: {sorted(unknown)} (known: {sorted(DEFAULT_MAX_LIMITS)})")
+        self.max_limits = {**DEFAULT_MAX_LIMITS, **(max_limits or {})}
+        for k, cap in self.max_limits.items():
+            if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not cap > 0:
+                raise ValueError(f"maximum of {k} must be a positive number, got {cap!r}")
+            default = getattr(self.sandbox.limits, k)
+            if default > cap:
+                raise ValueError(f"the sandbox's default {k}={default} is over its maximum {cap}")
         self.sandbox.check()
+        super().__init__((host, port), _Handler)
         self.max_body = max_body
-        self.max_limits = max_limits or {"wall_time": 60, "cpu_time": 60, "memory_mb": 4096, "max_procs": 256}
         self._slots = threading.Semaphore(workers)
         self._lock = threading.Lock()
         self._capacity = workers + max_queue

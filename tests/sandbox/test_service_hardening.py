@@ -80,3 +80,20 @@ def test_big_secret_in_cannot_jam_a_worker():
         st, r = post(srv, {"program": READ_SECRET, "secret_in": "s" * (1 << 20)})
         assert (st, r["status"], r["stdout"]) == (200, "ok", f"{1 << 20} True\n")
         assert health(srv)["busy"] == 0 and health(srv)["queued"] == 0
+
+
+# -- 2. every limit has a maximum ----------------------------------------------------------------
+@pytest.mark.parametrize("name", ["wall_time", "cpu_time", "memory_mb", "max_procs", "file_size_mb", "open_files",
+                                  "tmp_size_mb", "stdout_bytes", "stderr_bytes"])
+def test_every_limit_has_a_maximum(name):
+    with serve(workers=1, max_queue=0) as srv:
+        # e.g. stdout_bytes=1 TB: a run printing 400 MB took the server from 30 to 1,626 MiB
+        st, r = post(srv, {"program": "print(1)", "limits": {name: 10 ** 12}}, timeout=5)
+        assert st == 400 and name in r["error"] and "maximum" in r["error"]
+        cap = health(srv)["max_limits"][name]  # clients can see them
+        st, r = post(srv, {"program": "print(1)", "limits": {name: int(cap) + 1}}, timeout=5)
+        assert st == 400
+        st, r = post(srv, {"program": "print(1)", "limits": {name: int(cap)}}, timeout=20)  # the maximum itself runs
+        assert (st, r["status"]) == (200, "ok")
+    with pytest.raises(ValueError, match="unknown limits"):
+        SandboxServer("127.0.0.1", 0, max_limits={"stdout_mb": 1})
