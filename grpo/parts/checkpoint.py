@@ -40,7 +40,11 @@ log = logging.getLogger(__name__)
 
 
 def rng_state() -> dict[str, Any]:
-    s = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state as tensors and plain values only (what torch.load(weights_only=True) reads
+    back): numpy's key array becomes a list of ints."""
+    kind, key, pos, has_gauss, gauss = np.random.get_state()
+    s = {"python": random.getstate(), "numpy": (kind, key.tolist(), pos, has_gauss, gauss),
+         "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         s["cuda"] = torch.cuda.get_rng_state_all()
     return s
@@ -48,7 +52,8 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(s: dict[str, Any]) -> None:
     random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
+    kind, key, pos, has_gauss, gauss = s["numpy"]  # key: a list (or an array, in older checkpoints)
+    np.random.set_state((kind, np.asarray(key, dtype=np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(s["torch"])
     if "cuda" in s and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
@@ -218,7 +223,7 @@ def restore_sharded(ckpt: Path, models: Mapping[str, tuple[Any, Any]], stateful:
     for name, obj in stateful.items():
         obj.load_state_dict(state[name])
     rng = Path(ckpt) / "rng" / f"rank_{rank:05d}.pt"
-    state["rng"] = torch.load(rng, weights_only=False) if rng.exists() else None
+    state["rng"] = load_pt(rng) if rng.exists() else None
     if state["rng"] is not None:
         set_rng_state(state["rng"])
     return state
@@ -414,9 +419,36 @@ def save_final(par, model, tokenizer, out: Path) -> Path:
 
 
 def load_state(ckpt: Path) -> dict[str, Any]:
+    return load_pt(Path(ckpt) / "state.pt")
+
+
+def _numpy_globals() -> list[Any]:
+    """What an older checkpoint's numpy RNG state (an array) needs, and nothing more: an array of
+    numbers is rebuilt from its dtype and bytes, which runs no code of the file's choosing."""
+    try:
+        from numpy._core.multiarray import _reconstruct  # numpy 2
+    except ImportError:  # numpy 1
+        from numpy.core.multiarray import _reconstruct
+    return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def load_pt(path: Path) -> Any:
+    """A checkpoint's .pt file (state.pt, rng/rank_N.pt), read with torch.load(weights_only=True):
+    tensors and plain values only, so a crafted file cannot run code on resume; anything else is one
+    line (ConfigError) naming the file."""
+    import pickle
+
     from grpo.parts.config import ConfigError
 
     try:
-        return torch.load(ckpt / "state.pt", weights_only=False)
+        with torch.serialization.safe_globals(_numpy_globals()):
+            return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as e:
+        import re
+
+        named = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f"it names {named.group(1)}" if named else str(e).strip().splitlines()[-1]
+        raise ConfigError(f"{path}: refused: it holds more than tensors and plain values ({what}); "
+                          "a checkpoint this code wrote never does") from None
     except (OSError, RuntimeError, EOFError, ValueError) as e:
-        raise ConfigError(f"{ckpt / 'state.pt'}: cannot read it ({type(e).__name__}: {str(e).splitlines()[0]})") from e
+        raise ConfigError(f"{path}: cannot read it ({type(e).__name__}: {str(e).splitlines()[0]})") from e

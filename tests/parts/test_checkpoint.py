@@ -121,3 +121,74 @@ def test_checkpoints_and_the_final_model_get_the_umasks_modes(tiny_model_dir, tm
     assert "checkpoints/step_000001/model/model.safetensors" in modes and "model/model.safetensors" in modes
     wrong = {k: oct(m) for k, m in modes.items() if m != (0o755 if (tmp_path / k).is_dir() else 0o644)}
     assert wrong == {}
+
+
+# ---- what a resume may run: nothing (weights_only) ------------------------------------------------
+class Creates:
+    """Unpickled by a full pickle, this makes a file: what a crafted checkpoint could do on resume."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def sharded_checkpoint(model_dir, run_dir):
+    """A sharded checkpoint (dcp/, rng/rank_00000.pt, state.pt) written by one process, with its parts."""
+    from grpo.parts.distributed import Parallel
+    from grpo.parts.modeling import load_tokenizer
+
+    model = load_model(str(model_dir))
+    opt = torch.optim.AdamW(model.parameters())
+    models = {"model": (model, opt)}
+    ckpt = checkpoint.save_sharded(run_dir, 2, Parallel(), models, load_tokenizer(str(model_dir)), {}, {"data_pos": 8})
+    return ckpt, models
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+@pytest.mark.parametrize("crafted", ["state.pt", "rng/rank_00000.pt"])
+def test_a_crafted_checkpoint_file_is_refused_and_runs_nothing(tiny_model_dir, tmp_path, crafted):
+    from grpo.parts.distributed import Parallel
+
+    ckpt, models = sharded_checkpoint(tiny_model_dir, tmp_path / "run")
+    marker = tmp_path / "created_by_the_checkpoint"
+    torch.save({"step": 2, "world": 1, "data_pos": 8, "x": Creates(marker)}, ckpt / crafted)
+    with pytest.raises(ConfigError, match=rf"{crafted}: refused: it holds more than tensors and plain values "
+                                          r"\(it names (io|builtins).open\)"):
+        checkpoint.restore_run(ckpt, Parallel(), models, {}, seed=0)
+    assert not marker.exists()
+
+
+def test_rng_states_come_back_exactly_through_a_weights_only_load(tmp_path):
+    """Python's, numpy's (its cached Gaussian too) and torch's streams continue where they were saved."""
+    import random
+
+    import numpy as np
+
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    random.gauss(0, 1), np.random.standard_normal()  # an odd count: each keeps a second Gaussian cached
+    torch.save(checkpoint.rng_state(), tmp_path / "rng.pt")
+
+    def draws():
+        return (random.gauss(0, 1), random.random(), np.random.standard_normal(3).tolist(), np.random.rand(),
+                torch.rand(3).tolist())
+
+    expected = draws()
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    checkpoint.set_rng_state(checkpoint.load_pt(tmp_path / "rng.pt"))
+    assert draws() == expected
+
+
+def test_an_older_checkpoint_s_numpy_rng_array_still_loads(tmp_path):
+    import random
+
+    import numpy as np
+
+    np.random.seed(5)
+    (tmp_path / "step_000001").mkdir()
+    old = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    torch.save({"step": 1, "rng": old}, tmp_path / "step_000001" / "state.pt")  # numpy's key as an array
+    expected = np.random.rand()
+    checkpoint.set_rng_state(checkpoint.load_state(tmp_path / "step_000001")["rng"])
+    assert np.random.rand() == expected
