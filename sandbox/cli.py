@@ -24,6 +24,10 @@ def cli_main(argv: list[str]) -> int:
     s.add_argument("--workers", type=int, default=2, help="sandboxes running at once")
     s.add_argument("--max-queue", type=int, default=64, help="requests allowed to wait")
     s.add_argument("--max-body", type=int, default=16 << 20, help="largest request in bytes")
+    s.add_argument("--max-connections", type=int, default=None,
+                   help="connections served at once; more are answered 503 (default: workers + max-queue + 16)")
+    s.add_argument("--request-timeout", type=float, default=30.0,
+                   help="seconds a client has to send a whole request (line, headers and body)")
     s.add_argument("--max-limit", action="append", default=[], metavar="KEY=VALUE",
                    help="raise or lower the maximum of a run limit (repeatable), e.g. stdout_bytes=16777216")
     a = p.parse_args(argv)
@@ -46,7 +50,8 @@ def cli_main(argv: list[str]) -> int:
             return 0 if res.status == "ok" else (res.exit_code or 1)
         from grpo.sandbox.server import serve
         serve(a.host, a.port, workers=a.workers, max_queue=a.max_queue, max_body=a.max_body,
-              max_limits=_max_limits(a.max_limit))
+              max_limits=_max_limits(a.max_limit), max_connections=a.max_connections,
+              request_timeout=a.request_timeout)
         return 0
     except (SandboxUnavailable, ValueError) as e:
         print(f"grpo sandbox: {e}", file=sys.stderr)

@@ -12,24 +12,65 @@ sandbox. No authentication: bind it to loopback or a private network only.
 
 from __future__ import annotations
 
+import io
 import json
+import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from grpo.sandbox.core import Limits, Sandbox
 
 
+class _DeadlineReader(io.RawIOBase):
+    """The connection's reads, bounded in total by the handler's ``read_deadline``: a client that
+    sends its request line, headers or body slowly (a byte now and then) or not at all loses the
+    connection at the deadline, whatever the pace; a per-read timeout alone would never fire."""
+
+    def __init__(self, handler: "_Handler"):
+        self._h = handler
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        sock = self._h.connection
+        deadline = self._h.read_deadline
+        left = (deadline - time.monotonic()) if deadline is not None else self._h.server.io_timeout
+        if left <= 0:
+            raise TimeoutError("request not received in time")
+        sock.settimeout(left)
+        return sock.recv_into(b)
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: "SandboxServer"
     protocol_version = "HTTP/1.1"
+    read_deadline: float | None = None
 
     def log_message(self, fmt: str, *args: Any) -> None:  # quiet: one line per run is too many
         pass
 
-    def _reply(self, code: int, obj: Any) -> None:
+    def setup(self) -> None:
+        super().setup()
+        self.rfile.close()  # the plain buffered socket reader; the socket itself stays open
+        self.rfile = io.BufferedReader(_DeadlineReader(self))
+
+    def handle_one_request(self) -> None:
+        # The request line, the headers and the body, all of them, within request_timeout (the wait
+        # for the next request on a kept-alive connection too); then no read deadline while it runs.
+        self.read_deadline = time.monotonic() + self.server.request_timeout
+        super().handle_one_request()
+
+    def _reply(self, code: int, obj: Any, *, close: bool = False) -> None:
         body = json.dumps(obj).encode()
+        self.connection.settimeout(self.server.io_timeout)  # a client that does not read loses it
+        if close:
+            self.close_connection = True
         self.send_response(code)
+        if close:
+            self.send_header("Connection", "close")
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -38,6 +79,7 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         if self.path == "/health":
             self._reply(200, {"ok": True, "busy": self.server.busy, "queued": self.server.queued,
+                              "connections": self.server.connections,
                               "max_limits": self.server.max_limits})
         else:
             self._reply(404, {"error": "not found"})
@@ -54,11 +96,29 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply(411, {"error": "Content-Length required"})
             return
         if length > self.server.max_body:
-            self.close_connection = True  # do not read the oversized body
-            self._reply(413, {"error": f"request over {self.server.max_body} bytes"})
+            self._reply(413, {"error": f"request over {self.server.max_body} bytes"}, close=True)  # body unread
+            return
+        if not self.server.reserve(length):  # what all the bodies being read or run may hold at once
+            self._reply(503, {"error": "busy (request bodies)"}, close=True)
             return
         try:
-            req = json.loads(self.rfile.read(length))
+            self._post(length)
+        finally:
+            self.server.unreserve(length)
+
+    def _post(self, length: int) -> None:
+        try:
+            raw = self.rfile.read(length)
+        except TimeoutError:
+            self._reply(408, {"error": f"request body not received within {self.server.request_timeout} s"},
+                        close=True)
+            return
+        self.read_deadline = None
+        if len(raw) != length:  # the client closed early: nothing to answer
+            self.close_connection = True
+            return
+        try:
+            req = json.loads(raw)
             if not isinstance(req, dict) or not isinstance(req.get("program"), str):
                 raise ValueError("'program' (a string) is required")
             limits = Limits.from_dict({**self.server.sandbox.limits.__dict__, **(req.get("limits") or {})})
@@ -94,12 +154,23 @@ DEFAULT_MAX_LIMITS: dict[str, float] = {
 }
 
 
+_BUSY = b'{"error": "busy (too many connections)"}'
+_TOO_MANY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+             b"Connection: close\r\n\r\n%s" % (len(_BUSY), _BUSY))
+
+
 class SandboxServer(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 128  # the listen backlog (socketserver's 5 drops connections of a burst for 1 s)
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, workers: int = 2, max_queue: int = 64,
                  max_body: int = 16 << 20, sandbox: Sandbox | None = None,
-                 max_limits: dict[str, float] | None = None):
+                 max_limits: dict[str, float] | None = None, max_connections: int | None = None,
+                 request_timeout: float = 30.0, io_timeout: float = 60.0, max_buffered: int | None = None):
+        for name, v in (("workers", workers), ("max_queue", max_queue), ("max_body", max_body),
+                        ("request_timeout", request_timeout), ("io_timeout", io_timeout)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= (0 if name == "max_queue" else 1e-3):
+                raise ValueError(f"{name} must be a positive number, got {v!r}")
         self.sandbox = sandbox or Sandbox()
         unknown = set(max_limits or {}) - set(DEFAULT_MAX_LIMITS)
         if unknown:
@@ -114,11 +185,60 @@ class SandboxServer(ThreadingHTTPServer):
         self.sandbox.check()
         super().__init__((host, port), _Handler)
         self.max_body = max_body
+        # Each connection holds a thread from its first byte: at most max_connections at once (the
+        # others are answered 503 and closed at once), each reading its request within
+        # request_timeout, all their bodies together at most max_buffered bytes.
+        self.max_connections = max_connections or workers + max_queue + 16
+        self.request_timeout = float(request_timeout)
+        self.io_timeout = float(io_timeout)
+        self.max_buffered = max_buffered or max(256 << 20, 2 * max_body)
+        self._conn_slots = threading.BoundedSemaphore(self.max_connections)
+        self.connections = 0
+        self._buffered = 0
         self._slots = threading.Semaphore(workers)
         self._lock = threading.Lock()
         self._capacity = workers + max_queue
         self.busy = 0
         self.queued = 0
+
+    def process_request(self, request: socket.socket, client_address: Any) -> None:
+        if not self._conn_slots.acquire(blocking=False):
+            try:  # a few bytes to a fresh socket: never blocks the accepting thread
+                request.setblocking(False)
+                request.send(_TOO_MANY)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        with self._lock:
+            self.connections += 1
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # no thread: give the slot back
+            self._conn_done()
+            raise
+
+    def process_request_thread(self, request: socket.socket, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._conn_done()
+
+    def _conn_done(self) -> None:
+        with self._lock:
+            self.connections -= 1
+        self._conn_slots.release()
+
+    def reserve(self, n: int) -> bool:
+        with self._lock:
+            if self._buffered + n > self.max_buffered:
+                return False
+            self._buffered += n
+            return True
+
+    def unreserve(self, n: int) -> None:
+        with self._lock:
+            self._buffered -= n
 
     def admit(self) -> bool:
         with self._lock:

@@ -97,3 +97,68 @@ def test_every_limit_has_a_maximum(name):
         assert (st, r["status"]) == (200, "ok")
     with pytest.raises(ValueError, match="unknown limits"):
         SandboxServer("127.0.0.1", 0, max_limits={"stdout_mb": 1})
+
+
+# -- 3. slow clients ----------------------------------------------------------------------------
+def read_until_closed(s: socket.socket, limit: float = 5.0) -> bytes:
+    s.settimeout(limit)
+    got = b""
+    try:
+        while True:
+            c = s.recv(65536)
+            if not c:
+                return got
+            got += c
+    except ConnectionResetError:  # turned away before it was read: closed all the same
+        return got
+
+
+def test_slow_clients_cannot_hold_threads():
+    with serve(workers=1, max_queue=2, request_timeout=1.0, max_connections=8, max_body=64 << 10,
+               max_buffered=100 << 10) as srv:
+        base = threading.active_count()
+        t0 = time.monotonic()
+        # one client drips its headers a byte every 0.1 s: each read is quick, the whole never ends
+        drip = socket.create_connection(srv.server_address, timeout=5)
+        dripped = []
+
+        def dripper():
+            try:
+                for b in b"POST /run HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 200:
+                    drip.send(bytes([b]))
+                    time.sleep(0.1)
+            except OSError:
+                dripped.append(time.monotonic() - t0)
+
+        th = threading.Thread(target=dripper, daemon=True)
+        th.start()
+        # a body of 60 KiB announced, 10 bytes sent, then nothing; a second one would buffer too much
+        big = socket.create_connection(srv.server_address, timeout=5)
+        big.sendall(b"POST /run HTTP/1.1\r\nHost: x\r\nContent-Length: 61440\r\n\r\n{\"progra")
+        while srv._buffered < 61440 and time.monotonic() - t0 < 2:  # its headers are read
+            time.sleep(0.01)
+        over = socket.create_connection(srv.server_address, timeout=5)
+        over.sendall(b"POST /run HTTP/1.1\r\nHost: x\r\nContent-Length: 61440\r\n\r\n{\"progra")
+        assert b" 503 " in read_until_closed(over)
+        # 40 uploads that stall in their body
+        stalled = []
+        for _ in range(40):
+            s = socket.create_connection(srv.server_address, timeout=5)
+            s.sendall(b"POST /run HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{\"program\"")
+            stalled.append(s)
+        time.sleep(0.2)
+        # a thread per connection held, at most max_connections (plus this test's dripping thread)
+        assert srv.connections == 8 and threading.active_count() - base <= 8 + 1
+        answers = [read_until_closed(s) for s in stalled + [big]]
+        # within about request_timeout each one is answered 408 (or was turned away at once) and closed
+        assert time.monotonic() - t0 < 3
+        assert all(b" 408 " in a or b" 503 " in a or a == b"" for a in answers)
+        assert sum(b" 408 " in a for a in answers) >= 5 and sum(b" 503 " in a for a in answers) >= 20
+        th.join(5)
+        assert dripped and dripped[0] < 3  # the dripping client lost its connection at the deadline
+        time.sleep(0.2)
+        assert threading.active_count() - base <= 1 and health(srv)["connections"] == 1  # (this one)
+        st, r = post(srv, {"program": "print(1)"})
+        assert (st, r["status"]) == (200, "ok")
+        for s in stalled + [big, over, drip]:
+            s.close()
