@@ -42,7 +42,6 @@ def load_checkpoint_model(ckpt: Path, module: str = "model"):
     from transformers import AutoConfig, AutoTokenizer
 
     if checkpoint.is_sharded(ckpt):
-        import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
         src = checkpoint.config_dir(ckpt, module)
@@ -55,7 +54,7 @@ def load_checkpoint_model(ckpt: Path, module: str = "model"):
 
             model = get_peft_model(model, LoraConfig.from_pretrained(str(src)))
         state = {module: get_model_state_dict(model)}
-        dcp.load(state, checkpoint_id=str(ckpt / "dcp"))
+        checkpoint.dcp_load(state, ckpt)  # runs no code of the checkpoint's choosing
         set_model_state_dict(model, state[module])
         if (src / "generation_config.json").exists():  # the model's own (its EOS ids, ...), not a default
             from transformers import GenerationConfig

@@ -208,14 +208,13 @@ def restore_sharded(ckpt: Path, models: Mapping[str, tuple[Any, Any]], stateful:
     shards them (any process count, or one), the states of `stateful`, and this rank's RNG states
     when the checkpoint has them (state["rng"] is None when it does not: a run resumed on more
     processes than it had)."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     box = {}
     for name, (model, optimizer) in models.items():
         mkey, okey = _keys(name)
         box[mkey], box[okey] = get_state_dict(model, optimizer)
-    dcp.load(box, checkpoint_id=str(Path(ckpt) / "dcp"))
+    dcp_load(box, ckpt)
     for name, (model, optimizer) in models.items():
         mkey, okey = _keys(name)
         set_state_dict(model, optimizer, model_state_dict=box[mkey], optim_state_dict=box[okey])
@@ -227,6 +226,85 @@ def restore_sharded(ckpt: Path, models: Mapping[str, tuple[Any, Any]], stateful:
     if state["rng"] is not None:
         set_rng_state(state["rng"])
     return state
+
+
+# What dcp/.metadata may name: torch.distributed.checkpoint's own records of where each tensor lies
+# (dataclasses and an enum), paths, sizes, dtypes and layouts. Nothing that runs code.
+_DCP_METADATA = {("torch.distributed.checkpoint.metadata", n) for n in (
+    "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata", "BytesStorageMetadata",
+    "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+    ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
+    ("pathlib._local", "PosixPath"), ("pathlib._local", "PurePosixPath")}
+
+
+def _check_dcp_metadata(path: Path) -> None:
+    """torch.distributed.checkpoint reads dcp/.metadata with a plain pickle.load: unpickle it first
+    with only what that file holds allowed (_DCP_METADATA), so a crafted one runs nothing."""
+    import pickle
+
+    from grpo.parts.config import ConfigError
+
+    class Checked(pickle.Unpickler):
+        def find_class(self, module: str, name: str):
+            if (module, name) in _DCP_METADATA or (module == "torch" and isinstance(getattr(torch, name, None),
+                                                                                     torch.dtype)):
+                return super().find_class(module, name)
+            raise pickle.UnpicklingError(f"it names {module}.{name}")
+
+    try:
+        with open(path, "rb") as f:
+            Checked(f).load()
+    except pickle.UnpicklingError as e:
+        raise ConfigError(f"{path}: refused: it holds more than a checkpoint's metadata ({e})") from None
+    except (OSError, EOFError, ValueError, TypeError, AttributeError) as e:
+        raise ConfigError(f"{path}: cannot read it ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+
+
+def _weights_only_planner():
+    """torch.distributed.checkpoint's load planner, whose non-tensor values (an optimizer's lr, betas,
+    ...) are checked with torch.load(weights_only=True) before it reads them its way (a full pickle)."""
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+    class WeightsOnly(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value):
+            import pickle
+
+            from grpo.parts.config import ConfigError
+
+            start = value.tell()
+            try:
+                with torch.serialization.safe_globals(_numpy_globals()):
+                    torch.load(value, weights_only=True)
+            except pickle.UnpicklingError as e:
+                raise ConfigError(f"{read_item.dest_index.fqn} in {self.where}: refused: it holds more than tensors "
+                                  f"and plain values ({_named_global(e)})") from None
+            value.seek(start)
+            super().load_bytes(read_item, value)
+
+    return WeightsOnly()
+
+
+def dcp_load(state: dict[str, Any], ckpt: Path) -> None:
+    """dcp.load of `state` from the sharded checkpoint `ckpt`, which may run no code of its files'
+    choosing (see the two above); a refused file is one line (ConfigError) on every rank."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    folder = Path(ckpt) / "dcp"
+    _check_dcp_metadata(folder / ".metadata")
+    planner = _weights_only_planner()
+    planner.where = str(folder)
+    try:
+        dcp.load(state, checkpoint_id=str(folder), planner=planner)
+    except CheckpointException as e:  # what failed on each rank, gathered on every rank
+        from grpo.parts.config import ConfigError
+
+        for failure in e.failures.values():
+            error = failure[0] if isinstance(failure, tuple) else failure
+            if isinstance(error, ConfigError):
+                raise ConfigError(str(error)) from None
+        raise
 
 
 def restore(ckpt: Path, stateful: Mapping[str, Any]) -> dict[str, Any]:
@@ -444,11 +522,16 @@ def load_pt(path: Path) -> Any:
         with torch.serialization.safe_globals(_numpy_globals()):
             return torch.load(path, weights_only=True)
     except pickle.UnpicklingError as e:
-        import re
-
-        named = re.search(r"GLOBAL ([\w.]+)", str(e))
-        what = f"it names {named.group(1)}" if named else str(e).strip().splitlines()[-1]
-        raise ConfigError(f"{path}: refused: it holds more than tensors and plain values ({what}); "
+        raise ConfigError(f"{path}: refused: it holds more than tensors and plain values ({_named_global(e)}); "
                           "a checkpoint this code wrote never does") from None
     except (OSError, RuntimeError, EOFError, ValueError) as e:
         raise ConfigError(f"{path}: cannot read it ({type(e).__name__}: {str(e).splitlines()[0]})") from e
+
+
+
+def _named_global(e: Exception) -> str:
+    """What torch.load(weights_only=True) refused, from its long message: "it names posix.system"."""
+    import re
+
+    named = re.search(r"GLOBAL ([\w.]+)", str(e))
+    return f"it names {named.group(1)}" if named else str(e).strip().splitlines()[-1]

@@ -160,6 +160,40 @@ def test_a_crafted_checkpoint_file_is_refused_and_runs_nothing(tiny_model_dir, t
     assert not marker.exists()
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+@pytest.mark.parametrize("crafted", ["dcp/.metadata", "a value in dcp/"])
+def test_a_crafted_sharded_checkpoint_is_refused_and_runs_nothing(tiny_model_dir, tmp_path, crafted):
+    """torch.distributed.checkpoint unpickles its .metadata, and the non-tensor values of its shards
+    (an optimizer's lr ...), with a full pickle: neither may run code on resume or export."""
+    import pickle
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from grpo.commands.export import export
+    from grpo.parts.distributed import Parallel
+
+    ckpt, models = sharded_checkpoint(tiny_model_dir, tmp_path / "run")
+    marker = tmp_path / "created_by_the_checkpoint"
+    if crafted == "dcp/.metadata":
+        (ckpt / "dcp" / ".metadata").write_bytes(pickle.dumps(Creates(marker)))
+        expected = r"dcp/.metadata: refused: it holds more than a checkpoint's metadata \(it names (io|builtins).open\)"
+    else:
+        model, opt = models["model"]
+        box = dict(zip(("model", "optimizer"), get_state_dict(model, opt)))
+        box["optimizer"]["param_groups"][0]["lr"] = Creates(marker)
+        shutil.rmtree(ckpt / "dcp")
+        dcp.save(box, checkpoint_id=str(ckpt / "dcp"))
+        expected = r"optimizer.param_groups.0.lr in .*dcp: refused: .* \(it names (io|builtins).open\)"
+    with pytest.raises(ConfigError, match=expected):
+        checkpoint.restore_run(ckpt, Parallel(), models, {}, seed=0)
+    assert not marker.exists()
+    if crafted == "dcp/.metadata":  # grpo export reads the same file
+        with pytest.raises(ConfigError, match=expected):
+            export(str(ckpt), str(tmp_path / "out"))
+        assert not marker.exists()
+
+
 def test_rng_states_come_back_exactly_through_a_weights_only_load(tmp_path):
     """Python's, numpy's (its cached Gaussian too) and torch's streams continue where they were saved."""
     import random
