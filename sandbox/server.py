@@ -2,7 +2,13 @@
 
 POST /run  {"program": str, "stdin": str, "limits": {...}, "files": {name: str}, "args": [str],
             "channel": bool, "secret_in": str}  ->  Result as JSON (outputs as UTF-8 text).
-GET /health -> {"ok": true, "busy": n, "queued": n}
+           Only "program" is required (null is the same as absent); a wrong type, an unknown field or
+           limit, a limit over its maximum, NaN/Infinity, a lone surrogate or JSON nested too deeply
+           is 400 with {"error": why}. The body is framed by one Content-Length only (no chunked).
+GET /health -> {"ok": true, "busy": n, "queued": n, "connections": n, "max_limits": {...}}
+
+Every answer sent before the body is read (404, 411, 413, 401, a 503 for the bodies buffered, a
+GET with a body) closes the connection, so an unread body is never taken for a next request.
 
 The service runs at most ``workers`` sandboxes at once and lets at most ``max_queue`` more
 requests wait; beyond that it answers 503 at once (clients retry elsewhere). Bodies over
@@ -14,6 +20,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import socket
 import threading
 import time
@@ -76,24 +83,41 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def _body_length(self) -> tuple[int | None, int, str]:
+        """(length, status, error) of the request's body: (n, 0, "") for a body of n bytes (0: none),
+        else (None, status, why). Only a single plain Content-Length frames a body; anything else
+        (chunked, two lengths, "+5") is refused, and the connection closed, never guessed at."""
+        if self.headers.get_all("Transfer-Encoding"):
+            return None, 411, "Transfer-Encoding is not supported: send Content-Length"
+        values = self.headers.get_all("Content-Length") or []
+        if not values:
+            return (0, 0, "") if self.command != "POST" else (None, 411, "Content-Length required")
+        if len(values) > 1 or not re.fullmatch(r"[0-9]{1,15}", values[0].strip()):
+            return None, 400, "one Content-Length of digits only is accepted"
+        return int(values[0]), 0, ""
+
     def do_GET(self) -> None:
-        if self.path == "/health":
+        length, status, why = self._body_length()
+        if length != 0:  # a GET with a body: answered, and the body never read, so the connection ends
+            self.close_connection = True
+        if status:
+            self._reply(status, {"error": why}, close=True)
+        elif self.path == "/health":
             self._reply(200, {"ok": True, "busy": self.server.busy, "queued": self.server.queued,
                               "connections": self.server.connections,
-                              "max_limits": self.server.max_limits})
+                              "max_limits": self.server.max_limits}, close=self.close_connection)
         else:
-            self._reply(404, {"error": "not found"})
+            self._reply(404, {"error": "not found"}, close=self.close_connection)
 
     def do_POST(self) -> None:
+        # Every answer before the body is read closes the connection: the unread body must never be
+        # parsed as the next request (request smuggling).
         if self.path != "/run":
-            self._reply(404, {"error": "not found"})
+            self._reply(404, {"error": "not found"}, close=True)
             return
-        try:
-            length = int(self.headers.get("Content-Length", "-1"))
-        except ValueError:
-            length = -1
-        if length < 0:
-            self._reply(411, {"error": "Content-Length required"})
+        length, status, why = self._body_length()
+        if length is None:
+            self._reply(status, {"error": why}, close=True)
             return
         if length > self.server.max_body:
             self._reply(413, {"error": f"request over {self.server.max_body} bytes"}, close=True)  # body unread
@@ -118,31 +142,95 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         try:
-            req = json.loads(raw)
-            if not isinstance(req, dict) or not isinstance(req.get("program"), str):
-                raise ValueError("'program' (a string) is required")
-            limits = Limits.from_dict({**self.server.sandbox.limits.__dict__, **(req.get("limits") or {})})
-            for k, cap in self.server.max_limits.items():
-                if getattr(limits, k) > cap:
-                    raise ValueError(f"limit {k} over the service's maximum {cap}")
-            secret = req.get("secret_in")
-            kwargs = {"files": req.get("files") or None, "args": tuple(req.get("args") or ()),
-                      "channel": bool(req.get("channel")),
-                      "secret_in": secret.encode() if isinstance(secret, str) else None}
-            stdin = req.get("stdin") or ""
+            program, stdin, limits, kwargs = _parse_run(raw, self.server)
         except (ValueError, TypeError) as e:
             self._reply(400, {"error": str(e)[:300]})
             return
+        del raw
         if not self.server.admit():
             self._reply(503, {"error": "busy"})
             return
         try:
-            result = self.server.sandbox.run(req["program"], stdin, limits, **kwargs)
+            result = self.server.sandbox.run(program, stdin, limits, **kwargs)
             self._reply(200, result.to_json())
         except Exception as e:  # a failure of one run must not take the service down
             self._reply(500, {"error": f"{type(e).__name__}: {e}"[:300]})
         finally:
             self.server.release()
+
+
+_FIELDS = ("program", "stdin", "limits", "files", "args", "channel", "secret_in")
+MAX_FILES = 128
+MAX_ARGS = 256
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _utf8(field: str, v: Any) -> bytes:
+    if not isinstance(v, str):
+        raise ValueError(f"{field} must be a string, got {type(v).__name__}")
+    try:
+        return v.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{field} is not valid Unicode (a lone surrogate)") from None
+
+
+def _parse_run(raw: bytes, server: "SandboxServer") -> tuple[bytes, bytes, Limits, dict[str, Any]]:
+    """A /run body, checked field by field: (program, stdin, limits, Sandbox.run keywords). Any
+    wrong type, value or encoding is a ValueError (400), never an error inside the run (500)."""
+    try:
+        req = json.loads(raw, parse_constant=_no_constant)
+    except RecursionError:
+        raise ValueError("the JSON is nested too deeply") from None
+    if not isinstance(req, dict):
+        raise ValueError(f"the body must be a JSON object, got {type(req).__name__}")
+    unknown = set(req) - set(_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown fields {sorted(unknown)[:5]} (known: {list(_FIELDS)})")
+    if "program" not in req:
+        raise ValueError("'program' (a string) is required")
+    program = _utf8("'program'", req["program"])
+    stdin = b"" if req.get("stdin") is None else _utf8("'stdin'", req["stdin"])
+    lim = req.get("limits")
+    if lim is None:
+        lim = {}
+    if not isinstance(lim, dict):
+        raise ValueError(f"'limits' must be an object, got {type(lim).__name__}")
+    limits = Limits.from_dict({**server.sandbox.limits.__dict__, **lim})
+    for k, cap in server.max_limits.items():
+        if getattr(limits, k) > cap:
+            raise ValueError(f"limit {k}={getattr(limits, k)} is over the service's maximum {cap}")
+    files = req.get("files")
+    if files is None:
+        files = {}
+    if not isinstance(files, dict):
+        raise ValueError(f"'files' must be an object (name -> text), got {type(files).__name__}")
+    if len(files) > MAX_FILES:
+        raise ValueError(f"at most {MAX_FILES} files")
+    out_files: dict[str, bytes] = {}
+    for name, content in files.items():
+        if (name in ("", ".", "..") or "/" in name or "\0" in name or len(_utf8("a file name", name)) > 255):
+            raise ValueError(f"bad file name {name[:100]!r}: a plain name of 1 to 255 bytes")
+        out_files[name] = _utf8(f"the content of file {name[:100]!r}", content)
+    args = req.get("args")
+    if args is None:
+        args = []
+    if not isinstance(args, list):
+        raise ValueError(f"'args' must be a list of strings, got {type(args).__name__}")
+    if len(args) > MAX_ARGS:
+        raise ValueError(f"at most {MAX_ARGS} args")
+    for a in args:
+        if b"\0" in _utf8("each of 'args'", a):
+            raise ValueError("an argument may not hold a NUL character")
+    channel = req.get("channel")
+    if channel is not None and not isinstance(channel, bool):
+        raise ValueError(f"'channel' must be true or false, got {type(channel).__name__}")
+    secret = req.get("secret_in")
+    secret_b = None if secret is None else _utf8("'secret_in'", secret)
+    return program, stdin, limits, {"files": out_files or None, "args": tuple(args), "channel": bool(channel),
+                                    "secret_in": secret_b}
 
 
 # Every limit has a maximum (a request over one gets 400): the run's resources (memory, /tmp in the

@@ -162,3 +162,83 @@ def test_slow_clients_cannot_hold_threads():
         assert (st, r["status"]) == (200, "ok")
         for s in stalled + [big, over, drip]:
             s.close()
+
+
+# -- 4. HTTP correctness -------------------------------------------------------------------------
+def smuggled_run() -> bytes:
+    body = json.dumps({"program": "print('SMUGGLED')"}).encode()
+    return b"POST /run HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+
+
+@pytest.mark.parametrize("first", [
+    b"POST /run HTTP/1.1\r\nHost: x\r\n\r\n",  # no Content-Length: 411
+    b"POST /run HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
+    b"POST /run HTTP/1.1\r\nHost: x\r\nContent-Length: +%d\r\n\r\n",
+    b"POST /run HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nContent-Length: %d\r\n\r\n",
+    b"POST /elsewhere HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n",  # 404 before the body
+    b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n",  # a body nobody reads
+], ids=["no-length", "chunked", "plus-length", "two-lengths", "404", "get-with-body"])
+def test_an_error_before_the_body_closes_the_connection(first):
+    # The bytes after a request the server does not read the body of must never be parsed as a
+    # second request (a smuggled /run ran before).
+    smuggled = smuggled_run()
+    if b"%d" in first:
+        first = first % len(smuggled)
+    with serve(workers=1, max_queue=1) as srv:
+        s = socket.create_connection(srv.server_address, timeout=5)
+        s.sendall(first + smuggled)
+        got = read_until_closed(s)
+        s.close()
+        assert got.count(b"HTTP/1.1 ") == 1 and b"SMUGGLED" not in got, got
+        assert b"Connection: close" in got
+
+
+BAD_BODIES = {
+    "stdin an int": {"program": "print(1)", "stdin": 5},
+    "files a list": {"program": "print(1)", "files": ["a.py"]},
+    "file content an int": {"program": "print(1)", "files": {"a.py": 5}},
+    "file name a path": {"program": "print(1)", "files": {"../a.py": ""}},
+    "file name with NUL": {"program": "print(1)", "files": {"a\0b": ""}},
+    "args a string": {"program": "print(1)", "args": "abc"},
+    "args of ints": {"program": "print(1)", "args": [1]},
+    "arg with NUL": {"program": "print(1)", "args": ["a\0b"]},
+    "float memory_mb": {"program": "print(1)", "limits": {"memory_mb": 512.5}},
+    "whole float memory_mb": {"program": "print(1)", "limits": {"memory_mb": 512.0}},
+    "bool wall_time": {"program": "print(1)", "limits": {"wall_time": True}},
+    "limits a list": {"program": "print(1)", "limits": [1]},
+    "unknown limit": {"program": "print(1)", "limits": {"gpus": 1}},
+    "channel a string": {"program": "print(1)", "channel": "yes"},
+    "secret_in an int": {"program": "print(1)", "secret_in": 5},
+    "program an int": {"program": 5},
+    "no program": {"stdin": ""},
+    "a list": [],
+    "unknown field": {"program": "print(1)", "env": {"A": "1"}},
+}
+BAD_RAW = {
+    "Infinity": b'{"program": "print(1)", "limits": {"stdout_bytes": Infinity}}',
+    "-Infinity": b'{"program": "print(1)", "limits": {"wall_time": -Infinity}}',
+    "NaN": b'{"program": "print(1)", "limits": {"wall_time": NaN}}',
+    "lone surrogate in program": b'{"program": "print(1)\\ud800"}',
+    "lone surrogate in stdin": b'{"program": "print(1)", "stdin": "\\udfff"}',
+    "lone surrogate in a file": b'{"program": "print(1)", "files": {"a.py": "\\ud800"}}',
+    "not UTF-8": b'{"program": "print(1)\xff"}',
+    "deeply nested": b'{"program": "print(1)", "limits": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+}
+
+
+def test_wrong_types_and_hostile_json_are_400_not_500():
+    with serve(workers=1, max_queue=1) as srv:
+        codes = {}
+        for name, obj in BAD_BODIES.items():
+            st, r = post(srv, obj, timeout=5)
+            codes[name] = (st, r.get("error", "")[:60])
+        for name, raw in BAD_RAW.items():
+            try:
+                st, r = post(srv, None, raw=raw, timeout=5)
+                codes[name] = (st, r.get("error", "")[:60])
+            except (http.client.HTTPException, OSError) as e:  # e.g. the connection dropped
+                codes[name] = (type(e).__name__, "")
+        assert {k: v for k, v in codes.items() if v[0] != 400 or not v[1]} == {}
+        st, r = post(srv, {"program": "import sys; print(sys.argv[1:], open('/box/a.py').read())",
+                           "args": ["x"], "files": {"a.py": "é"}, "stdin": None, "channel": None})
+        assert (st, r["stdout"]) == (200, "['x'] é\n")
