@@ -18,12 +18,17 @@ def cli_main(argv: list[str]) -> int:
     r.add_argument("--timeout", type=float, default=10.0, help="wall and CPU seconds")
     r.add_argument("--memory-mb", type=int, default=1024)
     r.add_argument("--json", action="store_true", help="print the whole result as JSON")
-    s = sub.add_parser("serve", help="serve sandboxes over HTTP (no authentication: keep it private)")
+    s = sub.add_parser("serve", help="serve sandboxes over HTTP (a shared token beyond loopback)")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8377)
     s.add_argument("--workers", type=int, default=2, help="sandboxes running at once")
     s.add_argument("--max-queue", type=int, default=64, help="requests allowed to wait")
     s.add_argument("--max-body", type=int, default=16 << 20, help="largest request in bytes")
+    s.add_argument("--token-file", help="file whose first line is the shared token clients must send "
+                   "(default: $GRPO_SANDBOX_TOKEN, or the file named by $GRPO_SANDBOX_TOKEN_FILE)")
+    s.add_argument("--token", help="the shared token itself (visible in `ps`: prefer --token-file or the variable)")
+    s.add_argument("--insecure", action="store_true",
+                   help="allow a bind beyond loopback without a token (anyone who reaches the port runs code)")
     s.add_argument("--max-connections", type=int, default=None,
                    help="connections served at once; more are answered 503 (default: workers + max-queue + 16)")
     s.add_argument("--request-timeout", type=float, default=30.0,
@@ -48,10 +53,11 @@ def cli_main(argv: list[str]) -> int:
                 sys.stdout.flush()
                 print(f"[sandbox] status={res.status} exit={res.exit_code} wall={res.wall_time}s", file=sys.stderr)
             return 0 if res.status == "ok" else (res.exit_code or 1)
+        from grpo.sandbox.client import load_token
         from grpo.sandbox.server import serve
         serve(a.host, a.port, workers=a.workers, max_queue=a.max_queue, max_body=a.max_body,
               max_limits=_max_limits(a.max_limit), max_connections=a.max_connections,
-              request_timeout=a.request_timeout)
+              request_timeout=a.request_timeout, token=load_token(a.token, a.token_file), insecure=a.insecure)
         return 0
     except (SandboxUnavailable, ValueError) as e:
         print(f"grpo sandbox: {e}", file=sys.stderr)

@@ -13,15 +13,23 @@ GET with a body) closes the connection, so an unread body is never taken for a n
 The service runs at most ``workers`` sandboxes at once and lets at most ``max_queue`` more
 requests wait; beyond that it answers 503 at once (clients retry elsewhere). Bodies over
 ``max_body`` bytes get 413. A program crashing, timing out or flooding output only ends its own
-sandbox. No authentication: bind it to loopback or a private network only.
+sandbox.
+
+Authentication: with a shared ``token`` every request must carry ``Authorization: Bearer <token>``
+(compared in constant time); any other gets 401 before its body is read. A bind beyond loopback
+without a token is refused unless ``insecure=True`` (``--insecure``): whoever reaches the port runs
+code on the host.
 """
 
 from __future__ import annotations
 
+import hmac
 import io
+import ipaddress
 import json
 import re
 import socket
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -96,7 +104,30 @@ class _Handler(BaseHTTPRequestHandler):
             return None, 400, "one Content-Length of digits only is accepted"
         return int(values[0]), 0, ""
 
+    def _authorized(self) -> bool:
+        """True if the service needs no token or the request carries it; else a 401 has been sent
+        and the connection closes (its body unread)."""
+        expected = self.server.token
+        if expected is None:
+            return True
+        scheme, _, got = (self.headers.get("Authorization") or "").strip().partition(" ")
+        ok = hmac.compare_digest(got.strip().encode("latin-1", "replace"), expected.encode()) and \
+            scheme.lower() == "bearer"
+        if not ok:
+            self.close_connection = True
+            self.send_response(401)
+            self.send_header("WWW-Authenticate", 'Bearer realm="grpo sandbox"')
+            body = b'{"error": "this sandbox service needs its token: Authorization: Bearer <token>"}'
+            self.send_header("Connection", "close")
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        return ok
+
     def do_GET(self) -> None:
+        if not self._authorized():
+            return
         length, status, why = self._body_length()
         if length != 0:  # a GET with a body: answered, and the body never read, so the connection ends
             self.close_connection = True
@@ -112,6 +143,8 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         # Every answer before the body is read closes the connection: the unread body must never be
         # parsed as the next request (request smuggling).
+        if not self._authorized():
+            return
         if self.path != "/run":
             self._reply(404, {"error": "not found"}, close=True)
             return
@@ -242,6 +275,29 @@ DEFAULT_MAX_LIMITS: dict[str, float] = {
 }
 
 
+def check_token(token: str) -> None:
+    if not isinstance(token, str) or not re.fullmatch(r"[\x21-\x7e]{16,4096}", token):
+        raise ValueError("the sandbox token must be 16 to 4096 visible ASCII characters (no spaces), e.g. "
+                         "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or a name) reaches this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    if not host:
+        return False  # "" is every interface
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(i[4][0].split("%")[0]).is_loopback for i in infos)
+
+
 _BUSY = b'{"error": "busy (too many connections)"}'
 _TOO_MANY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
              b"Connection: close\r\n\r\n%s" % (len(_BUSY), _BUSY))
@@ -254,7 +310,16 @@ class SandboxServer(ThreadingHTTPServer):
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, workers: int = 2, max_queue: int = 64,
                  max_body: int = 16 << 20, sandbox: Sandbox | None = None,
                  max_limits: dict[str, float] | None = None, max_connections: int | None = None,
-                 request_timeout: float = 30.0, io_timeout: float = 60.0, max_buffered: int | None = None):
+                 request_timeout: float = 30.0, io_timeout: float = 60.0, max_buffered: int | None = None,
+                 token: str | None = None, insecure: bool = False):
+        if token is not None:
+            check_token(token)
+        elif not insecure and not is_loopback(host):
+            raise ValueError(
+                f"refusing to serve on {host or 'all interfaces'} without a token: anyone who reaches the port "
+                "could run code here; give --token-file FILE (or GRPO_SANDBOX_TOKEN), or --insecure on a network "
+                "you trust")
+        self.token = token
         for name, v in (("workers", workers), ("max_queue", max_queue), ("max_body", max_body),
                         ("request_timeout", request_timeout), ("io_timeout", io_timeout)):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= (0 if name == "max_queue" else 1e-3):
@@ -352,7 +417,10 @@ class SandboxServer(ThreadingHTTPServer):
 
 def serve(host: str = "127.0.0.1", port: int = 8377, **kw: Any) -> None:
     srv = SandboxServer(host, port, **kw)
-    print(f"sandbox service on {srv.url}", flush=True)
+    if srv.token is None and not is_loopback(host):
+        print(f"WARNING: the sandbox service on {srv.url} has no token (--insecure): anyone who reaches "
+              "the port runs code on this host", file=sys.stderr, flush=True)
+    print(f"sandbox service on {srv.url}" + (" (token required)" if srv.token else ""), flush=True)
     try:
         srv.serve_forever()
     except KeyboardInterrupt:

@@ -193,18 +193,22 @@ except BaseException as _e:  # SystemExit too: a program that exits early did no
 '''
 
 
-def _service(urls):
+def _service(urls, token_file: str | None = None):
     """A client of the sandbox service(s) at `urls`, each checked now (one line naming the URL that
-    does not answer)."""
-    from grpo.sandbox.client import SandboxClient
+    does not answer or refuses the token). The token: `token_file`, else $GRPO_SANDBOX_TOKEN or
+    $GRPO_SANDBOX_TOKEN_FILE (see grpo.sandbox.client.load_token)."""
+    from grpo.sandbox.client import SandboxClient, load_token
 
     urls = [urls] if isinstance(urls, str) else [str(u) for u in urls]
+    token = load_token(None, token_file)
     for url in urls:
         try:
-            SandboxClient(url, retries=1).health()
+            SandboxClient(url, retries=1, token=token).health()
+        except SandboxServiceError as e:  # it answered, and refused (401: no or a wrong token)
+            raise ValueError(f"code verifier: sandbox service {e}") from None
         except Exception as e:  # noqa: BLE001 - any failure to answer
             raise ValueError(f"code verifier: sandbox service {url} does not answer ({type(e).__name__}: {e})") from None
-    return SandboxClient(urls)
+    return SandboxClient(urls, token=token)
 
 
 class CodeVerifier:
@@ -217,6 +221,8 @@ class CodeVerifier:
     ``task.verifiers=[{name: code, sandbox: [http://h1:8000, http://h2:8000]}]``): checked when the
     verifier is built, and a service that stops answering makes the batch a verifier error (counted
     in verifier/code/errors), not failed tests;
+    sandbox_token_file: a file holding the services' shared token (default: $GRPO_SANDBOX_TOKEN, or the
+    file named by $GRPO_SANDBOX_TOKEN_FILE; a config keeps the path, never the token);
     dedup: run each distinct (program, tests) pair of a batch once and give its copies the same
     score (GRPO groups often repeat a program; programs whose result depends on chance or
     time should turn this off).
@@ -228,7 +234,7 @@ class CodeVerifier:
     def __init__(self, *, test_time: float = 4.0, sample_time: float = 30.0, memory_mb: int = 1024,
                  max_procs: int = 32, stdout_bytes: int = 1 << 20, parallelism: int | None = None,
                  float_tol: float = 1e-9, max_tests: int | None = None, sandbox: Any = None,
-                 dedup: bool = True):
+                 dedup: bool = True, sandbox_token_file: str | None = None):
         self.limits = Limits(wall_time=test_time, cpu_time=test_time, memory_mb=memory_mb,
                              max_procs=max_procs, stdout_bytes=stdout_bytes)
         self.sample_time = float(sample_time)
@@ -237,7 +243,9 @@ class CodeVerifier:
         self.max_tests = max_tests
         self.dedup = dedup
         if isinstance(sandbox, (str, list, tuple)):
-            sandbox = _service(sandbox)
+            sandbox = _service(sandbox, sandbox_token_file)
+        elif sandbox_token_file is not None:
+            raise ValueError("code verifier: sandbox_token_file is for sandbox URLs (sandbox: [http://...])")
         self.sandbox = sandbox if sandbox is not None else default_sandbox()
         if isinstance(self.sandbox, Sandbox):
             self.sandbox.check()  # fail at construction, not in the middle of training

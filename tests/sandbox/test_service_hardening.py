@@ -242,3 +242,63 @@ def test_wrong_types_and_hostile_json_are_400_not_500():
         st, r = post(srv, {"program": "import sys; print(sys.argv[1:], open('/box/a.py').read())",
                            "args": ["x"], "files": {"a.py": "é"}, "stdin": None, "channel": None})
         assert (st, r["stdout"]) == (200, "['x'] é\n")
+
+
+# -- 5. a shared token -----------------------------------------------------------------------------
+def test_shared_token(monkeypatch, tmp_path):
+    import os
+    import secrets
+    import subprocess
+    import sys
+
+    from grpo.sandbox.client import SandboxClient, SandboxServiceError
+    from grpo.verifiers.code import CodeVerifier
+
+    monkeypatch.delenv("GRPO_SANDBOX_TOKEN", raising=False)
+    monkeypatch.delenv("GRPO_SANDBOX_TOKEN_FILE", raising=False)
+    tok = secrets.token_urlsafe(32)
+    with serve(workers=1, max_queue=1, token=tok) as srv:
+        for headers in ({}, {"Authorization": "Bearer " + "x" * len(tok)}, {"Authorization": tok},
+                        {"Authorization": "Basic " + tok}):
+            st, r = post(srv, {"program": "print(1)"}, headers=headers)
+            assert st == 401 and "token" in r["error"]
+            assert health(srv, headers) == {"error": r["error"]}  # /health too
+        # a refused request's body is never read: a /run smuggled behind it does not run either
+        s = socket.create_connection(srv.server_address, timeout=5)
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n" + smuggled_run())
+        got = read_until_closed(s)
+        s.close()
+        assert got.count(b"HTTP/1.1 ") == 1 and b" 401 " in got and b"SMUGGLED" not in got
+        # with the token it runs: given, or from the environment (a value or a file)
+        st, r = post(srv, {"program": "print(1)"}, headers={"Authorization": f"Bearer {tok}"})
+        assert (st, r["stdout"]) == (200, "1\n")
+        assert SandboxClient(srv.url, token=tok).run("print(2)").stdout == b"2\n"
+        with pytest.raises(SandboxServiceError, match="401.*GRPO_SANDBOX_TOKEN"):
+            SandboxClient(srv.url, retries=0).run("print(3)")
+        monkeypatch.setenv("GRPO_SANDBOX_TOKEN", tok)
+        assert SandboxClient(srv.url).run("print(4)").stdout == b"4\n"
+        # the code verifier's sandbox: URLs pass it, from the environment or a token file in the config
+        tests = {"call": {"fn_name": "f", "cases": [{"args": [2], "expected": 4}]}}
+        v = CodeVerifier(sandbox=srv.url, parallelism=2)
+        assert [s.reward for s in v.score(["def f(x):\n    return x * 2"], [{"tests": tests}])] == [1.0]
+        monkeypatch.delenv("GRPO_SANDBOX_TOKEN")
+        with pytest.raises(ValueError, match=f"sandbox service {srv.url}/health: HTTP 401"):
+            CodeVerifier(sandbox=srv.url)
+        (tmp_path / "token").write_text(tok + "\n")
+        monkeypatch.setenv("GRPO_SANDBOX_TOKEN_FILE", str(tmp_path / "token"))
+        assert SandboxClient(srv.url).health()["ok"] is True
+        monkeypatch.delenv("GRPO_SANDBOX_TOKEN_FILE")
+        from grpo.verifiers.compose import RewardFunction
+        spec = {"name": "code", "sandbox": [srv.url], "sandbox_token_file": str(tmp_path / "token")}
+        with RewardFunction([spec]) as fn:
+            assert fn(["def f(x):\n    return x * 2"], [{"tests": tests}])[0] == [1.0]
+    # beyond loopback, no token is refused (before binding anything) unless --insecure
+    with pytest.raises(ValueError, match="without a token.*--insecure"):
+        SandboxServer("0.0.0.0", 0)
+    with pytest.raises(ValueError, match="16 to 4096 visible"):
+        SandboxServer("127.0.0.1", 0, token="short")
+    root = str(__import__("tests.conftest", fromlist=["ROOT"]).ROOT)
+    p = subprocess.run([sys.executable, "-m", "sandbox", "serve", "--host", "0.0.0.0", "--port", "0"],
+                       capture_output=True, text=True, timeout=20, env={**os.environ, "PYTHONPATH": root})
+    assert p.returncode == 2 and p.stdout == "" and len(p.stderr.strip().splitlines()) == 1
+    assert "without a token" in p.stderr and "--insecure" in p.stderr and "--token-file" in p.stderr
