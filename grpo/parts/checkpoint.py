@@ -16,7 +16,9 @@ resumes (torch.distributed.checkpoint reshards on load):
 `grpo export CKPT OUT` turns either kind into one Hugging Face model folder.
 
 A checkpoint is assembled in a temporary sibling directory and renamed into place, and `latest`
-is replaced with os.replace, so a crash mid-write leaves the previous checkpoint intact.
+is replaced with os.replace, so a crash mid-write leaves the previous checkpoint intact. Its last
+file, manifest.json, records the size of every other file: a resume checks them (a file cut short or
+missing since, by a full disk or a copy, makes it fall back to the checkpoint before).
 """
 
 from __future__ import annotations
@@ -86,6 +88,7 @@ def save(run_dir: Path, step: int, modules: Mapping[str, Any], tokenizer, statef
             tokenizer.save_pretrained(tmp / name)
         state = {**{k: v.state_dict() for k, v in stateful.items()}, **dict(extra or {})}
         torch.save({**state, "step": step, "rng": rng_state()}, tmp / "state.pt")
+        write_manifest(tmp)
         make_readable(tmp)
         if final.exists():
             shutil.rmtree(final)
@@ -95,6 +98,41 @@ def save(run_dir: Path, step: int, modules: Mapping[str, Any], tokenizer, statef
         raise
     _prune(root, final, keep)
     return final
+
+
+MANIFEST = "manifest.json"
+
+
+def write_manifest(folder: Path) -> None:
+    """The size of every file in the checkpoint `folder`, written last (atomically) into it."""
+    import json
+
+    files = {p.relative_to(folder).as_posix(): p.stat().st_size
+             for p in sorted(Path(folder).rglob("*")) if p.is_file() and p.name != MANIFEST}
+    _write_atomic(Path(folder) / MANIFEST, json.dumps({"files": files}, indent=0, sort_keys=True) + "\n")
+
+
+def _manifest_mismatch(folder: Path) -> Path | None:
+    """The first file of `folder` that its manifest names and that is missing or not the size it was
+    written at (the manifest itself when it is unreadable); None when all match or there is no
+    manifest (a checkpoint written before there were ones)."""
+    import json
+
+    manifest = folder / MANIFEST
+    if not manifest.exists():
+        return None
+    try:
+        files = json.loads(manifest.read_text())["files"]
+        sizes = [(folder / name, int(size)) for name, size in files.items()]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return manifest
+    for f, size in sizes:
+        try:
+            if f.stat().st_size != size:
+                return f
+        except OSError:
+            return f
+    return None
 
 
 def is_sharded(ckpt: Path) -> bool:
@@ -154,9 +192,10 @@ def save_sharded(run_dir: Path, step: int, par, models: Mapping[str, tuple[Any, 
                 _save_config(model, tokenizer, config_dir(tmp, name))
             state = {**{k: v.state_dict() for k, v in stateful.items()}, **dict(extra or {})}
             torch.save({**state, "step": step, "world": par.world}, tmp / "state.pt")
-            make_readable(tmp)
         par.barrier()  # every rank's files are written
         if par.main:
+            write_manifest(tmp)  # every rank's files, on the file system they share
+            make_readable(tmp)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -368,12 +407,23 @@ def _safetensors_whole(f: Path) -> bool:
 
 def damaged_file(folder: Path) -> Path | None:
     """The first file of a checkpoint or model folder that is cut short or unreadable, else None.
-    A cheap check that reads no tensor: every safetensors file must be whole (see above), and
-    state.pt must exist in a checkpoint and be a whole zip archive (torch.save's format), and a
-    sharded checkpoint's dcp/ must hold its .metadata (written last by torch.distributed.checkpoint)."""
+    A cheap check that reads no tensor: every file its manifest names must be there at the size it
+    was written at (dcp/ shards, rng/rank_N.pt, ...); every safetensors file must be whole (see
+    above), and state.pt must exist in a checkpoint and be a whole zip archive (torch.save's format)
+    as must rng/rank_N.pt, and a sharded checkpoint's dcp/ must hold its .metadata (written last by
+    torch.distributed.checkpoint)."""
     import zipfile
 
     folder = Path(folder)
+    bad = _manifest_mismatch(folder)
+    if bad is not None:
+        return bad
+    for f in sorted((folder / "rng").glob("*.pt")):  # checked by the manifest too; this for older checkpoints
+        try:
+            with zipfile.ZipFile(f) as z:
+                z.namelist()
+        except (OSError, zipfile.BadZipFile):
+            return f
     for f in sorted(folder.rglob("*.safetensors")):
         if not _safetensors_whole(f):
             return f

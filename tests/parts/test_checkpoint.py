@@ -56,6 +56,49 @@ def test_resume_skips_a_damaged_newest_checkpoint_with_a_warning(tmp_path, caplo
         checkpoint.find(tmp_path, True)
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+@pytest.mark.parametrize("damage", ["cut dcp/__0_0.distcp", "cut rng/rank_00000.pt", "cut config/tokenizer.json",
+                                    "removed dcp/__0_0.distcp", "cut manifest.json"])
+def test_resume_falls_back_past_any_cut_file_of_a_sharded_checkpoint(tiny_model_dir, tmp_path, caplog, damage):
+    """Every file a checkpoint needs is checked against the size the manifest recorded at save time,
+    not only the safetensors, state.pt and dcp/.metadata: a cut shard makes resume take the
+    checkpoint before, with one line naming the file."""
+    from grpo.parts.distributed import Parallel
+    from grpo.parts.modeling import load_tokenizer
+
+    model, tok = load_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
+    opt = torch.optim.AdamW(model.parameters())
+    run = tmp_path / "run"
+    for step in (2, 4):
+        newest = checkpoint.save_sharded(run, step, Parallel(), {"model": (model, opt)}, tok, {}, {"data_pos": step})
+    how, name = damage.split(" ")
+    bad = newest / name
+    if how == "cut":
+        cut(bad, 0.9)
+    else:
+        bad.unlink()
+    with caplog.at_level(logging.WARNING, logger="grpo.parts.checkpoint"):
+        found = checkpoint.find(run, True)
+    assert found.name == "step_000002"
+    lines = [r.getMessage() for r in caplog.records if r.name == "grpo.parts.checkpoint"]
+    assert lines == [f"trainer.resume=true: skipping {bad} (damaged or incomplete); resuming from step_000002"]
+    state = checkpoint.restore_run(found, Parallel(), {"model": (model, opt)}, {}, seed=0)
+    assert (state["step"], state["data_pos"]) == (2, 2)
+
+
+def test_a_one_process_checkpoint_records_every_file_it_needs(tiny_model_dir, tmp_path):
+    from grpo.parts.modeling import load_tokenizer
+
+    model, tok = load_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
+    final = checkpoint.save(tmp_path, 1, {"model": model}, tok, {}, keep=2)
+    files = json.loads((final / "manifest.json").read_text())["files"]
+    on_disk = {p.relative_to(final).as_posix(): p.stat().st_size for p in final.rglob("*") if p.is_file()}
+    assert files == {k: v for k, v in on_disk.items() if k != "manifest.json"}
+    assert {"state.pt", "model/model.safetensors", "model/config.json", "model/tokenizer.json"} <= files.keys()
+    cut(final / "model" / "config.json", 0.9)  # nothing else looks inside a config
+    assert checkpoint.damaged_file(final) == final / "model" / "config.json"
+
+
 def test_a_damaged_checkpoint_path_is_one_line(tmp_path):
     d = fake_checkpoint(tmp_path, 2)
     cut(d / "state.pt")
@@ -154,6 +197,7 @@ def test_a_crafted_checkpoint_file_is_refused_and_runs_nothing(tiny_model_dir, t
     ckpt, models = sharded_checkpoint(tiny_model_dir, tmp_path / "run")
     marker = tmp_path / "created_by_the_checkpoint"
     torch.save({"step": 2, "world": 1, "data_pos": 8, "x": Creates(marker)}, ckpt / crafted)
+    checkpoint.write_manifest(ckpt)  # whoever crafted it made the sizes match too
     with pytest.raises(ConfigError, match=rf"{crafted}: refused: it holds more than tensors and plain values "
                                           r"\(it names (io|builtins).open\)"):
         checkpoint.restore_run(ckpt, Parallel(), models, {}, seed=0)
@@ -185,6 +229,7 @@ def test_a_crafted_sharded_checkpoint_is_refused_and_runs_nothing(tiny_model_dir
         shutil.rmtree(ckpt / "dcp")
         dcp.save(box, checkpoint_id=str(ckpt / "dcp"))
         expected = r"optimizer.param_groups.0.lr in .*dcp: refused: .* \(it names (io|builtins).open\)"
+    checkpoint.write_manifest(ckpt)  # whoever crafted it made the sizes match too
     with pytest.raises(ConfigError, match=expected):
         checkpoint.restore_run(ckpt, Parallel(), models, {}, seed=0)
     assert not marker.exists()

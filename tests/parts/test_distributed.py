@@ -164,6 +164,23 @@ def test_a_sharded_checkpoint_resumes_at_another_process_count(model2, saved, tm
             assert torch.equal(torch.as_tensor(got["optim"][name][k]), torch.as_tensor(v)), (name, k)
 
 
+@pytest.mark.parametrize("name", ["dcp/__1_0.distcp", "rng/rank_00001.pt"])
+def test_a_cut_file_of_another_rank_is_found(saved, tmp_path, name):
+    """Rank 0 records every rank's files in the manifest, after they are all written."""
+    import shutil
+
+    from grpo.parts import checkpoint
+
+    d, _ = saved
+    ckpt = shutil.copytree(d / "run" / "checkpoints" / "step_000002", tmp_path / "step_000002")
+    files = json.loads((ckpt / "manifest.json").read_text())["files"]
+    assert {"dcp/__0_0.distcp", "dcp/__1_0.distcp", "rng/rank_00000.pt", "rng/rank_00001.pt"} <= files.keys()
+    assert checkpoint.damaged_file(ckpt) is None
+    data = (ckpt / name).read_bytes()
+    (ckpt / name).write_bytes(data[: len(data) - 100])
+    assert checkpoint.damaged_file(ckpt) == ckpt / name
+
+
 def test_export_gives_the_sharded_models_logprobs(saved, tmp_path):
     from transformers import AutoModelForCausalLM
 
