@@ -78,7 +78,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.read_deadline = time.monotonic() + self.server.request_timeout
         super().handle_one_request()
 
-    def _reply(self, code: int, obj: Any, *, close: bool = False) -> None:
+    def _reply(self, code: int, obj: Any, *, close: bool = False, headers: dict[str, str] | None = None) -> None:
         body = json.dumps(obj).encode()
         self.connection.settimeout(self.server.io_timeout)  # a client that does not read loses it
         if close:
@@ -86,6 +86,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(code)
         if close:
             self.send_header("Connection", "close")
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -114,15 +116,8 @@ class _Handler(BaseHTTPRequestHandler):
         ok = hmac.compare_digest(got.strip().encode("latin-1", "replace"), expected.encode()) and \
             scheme.lower() == "bearer"
         if not ok:
-            self.close_connection = True
-            self.send_response(401)
-            self.send_header("WWW-Authenticate", 'Bearer realm="grpo sandbox"')
-            body = b'{"error": "this sandbox service needs its token: Authorization: Bearer <token>"}'
-            self.send_header("Connection", "close")
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            self._reply(401, {"error": "this sandbox service needs its token: Authorization: Bearer <token>"},
+                        close=True, headers={"WWW-Authenticate": 'Bearer realm="grpo sandbox"'})
         return ok
 
     def do_GET(self) -> None:
@@ -376,6 +371,11 @@ class SandboxServer(ThreadingHTTPServer):
             super().process_request_thread(request, client_address)
         finally:
             self._conn_done()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if isinstance(sys.exc_info()[1], OSError):
+            return  # a client that reset or went away: no traceback per hostile connection
+        super().handle_error(request, client_address)
 
     def _conn_done(self) -> None:
         with self._lock:
