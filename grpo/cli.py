@@ -153,10 +153,10 @@ def _hydra_job(config_name: str, fn, argv: list[str]) -> int:
     import hydra
     from omegaconf import OmegaConf
 
-    from grpo.parts import checkpoint, distributed, logs
+    from grpo.parts import checkpoint, distributed, logs, runlock
 
     _check_overrides(config_name, argv)
-    result = {"rc": 0}
+    result = {"rc": 0, "locked": None}
     argv, main_rank = _ranks_agree(config_name, argv)
 
     @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name=config_name)
@@ -172,6 +172,8 @@ def _hydra_job(config_name: str, fn, argv: list[str]) -> int:
             except Exception as e:  # a ??? left unset, a bad interpolation
                 raise UserError(f"config: {e}".splitlines()[0]) from None
             trains = "resume" in (plain.get("trainer") or {})  # a training command, which may resume
+            if trains and runlock.hold(run_dir):  # one writer: a second start is refused, naming the first
+                result["locked"] = run_dir
             if trains and not checkpoint.resuming(plain["trainer"]["resume"]) and checkpoint.holds_run(run_dir):
                 raise checkpoint.refusal(run_dir)  # before anything in that run is touched
             # The record of what ran: config.yaml for a new or resumed run; another command run in an
@@ -181,6 +183,10 @@ def _hydra_job(config_name: str, fn, argv: list[str]) -> int:
                 logs.write_record(run_dir, prefix, OmegaConf.to_yaml(cfg), argv)
             with logs.command_output(run_dir, config_name if main_rank else f"{config_name}.rank{distributed.rank()}"):
                 fn(plain, run_dir)
+        except runlock.RunDirBusy as e:  # the run dir is another run's: touch nothing in it
+            if main_rank:  # every rank refuses; one line says why
+                print(f"grpo {config_name}: error: {e}", file=sys.stderr)
+            result["rc"] = 2
         except _user_errors() as e:
             tag = "" if main_rank else f" (rank {distributed.rank()})"
             print(f"grpo {config_name}: error{tag}: {e}", file=sys.stderr)
@@ -198,6 +204,8 @@ def _hydra_job(config_name: str, fn, argv: list[str]) -> int:
         job()
     finally:
         sys.argv = saved
+        if result["locked"] is not None:
+            runlock.release(result["locked"])
         distributed.close()
     return result["rc"]
 

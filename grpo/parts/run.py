@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from grpo.parts import checkpoint
+from grpo.parts import checkpoint, runlock
 from grpo.parts.batch import set_logprob_chunk
 from grpo.parts.config import ConfigError
 from grpo.parts.distributed import OnDevice, Parallel
@@ -92,8 +92,14 @@ class Run:
         self.logprob_chunk = logprob_chunk  # tokens per LM-head chunk of the models' log-probs (0 = all)
         self.par = Parallel(strategy, pick_device(device), mixed_precision)
         self.device = self.par.device
-        # Every rank seeds its own stream (rank_seed) and looks at the run dir before rank 0 writes to it.
-        self.ckpt = checkpoint.begin(self.run_dir, resume, seed, self.par)
+        # One writer per run dir (an OS lock; the CLI has taken it already, for the command's whole run).
+        self._locked = runlock.hold(self.run_dir)
+        try:
+            # Every rank seeds its own stream (rank_seed) and looks at the run dir before rank 0 writes to it.
+            self.ckpt = checkpoint.begin(self.run_dir, resume, seed, self.par)
+        except BaseException:
+            self._unlock()
+            raise
         self.step = 0
         self.progress: dict[str, Any] = {}  # loop state saved with each checkpoint (the data position ...)
         self.tok = None
@@ -153,8 +159,14 @@ class Run:
         # Let go of the models now: the evaluation closure refers back to the run, and a cycle would
         # keep a sharded model (and the process group it holds) alive past the group's end.
         self._evaluate, self._policy, self._models, self._stateful, self._parts = None, None, {}, {}, []
+        self._unlock()
         if failed is not None:
             raise failed
+
+    def _unlock(self) -> None:
+        if self._locked:
+            runlock.release(self.run_dir)
+            self._locked = False
 
     # ---- shared parts ----------------------------------------------------------------------------
     def require(self, n: int, what: str, error: type[Exception] | None = None) -> None:
