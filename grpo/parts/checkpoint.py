@@ -63,40 +63,147 @@ def set_rng_state(s: dict[str, Any]) -> None:
 
 def _write_atomic(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 -> what open() would have made
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 -> what open() would have made
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    """torch.save through a Python file, so that a failed write is an OSError naming its cause
+    (ENOSPC, EROFS, ...) rather than torch's "enforce fail at inline_container.cc"."""
+    try:
+        with open(path, "wb") as f:
+            torch.save(obj, f)
+    except Exception as e:
+        cause = os_cause(e)
+        if cause is None or cause[1]:
+            raise
+        raise OSError(cause[0], os.strerror(cause[0]), str(path)) from e  # which file it was
+
+
+class SaveError(Exception):
+    """A checkpoint or model that could not be written (a full disk, a read-only file system, no
+    permission, a file size limit): one line naming the path and the cause; the command exits 1."""
+
+
+def os_cause(e: BaseException) -> tuple[int, str | None] | None:
+    """(errno, file name or None) of the OS error behind `e`: itself, what it was raised from or
+    during, a rank's failure inside torch.distributed.checkpoint's CheckpointException, or the
+    "[Errno N]" / "os error N" in a message (safetensors'); None when no OS error is behind it."""
+    import re
+
+    seen, todo = [], [e]
+    while todo:
+        x = todo.pop(0)
+        if x is None or any(x is y for y in seen):
+            continue
+        seen.append(x)
+        if isinstance(x, OSError) and x.errno:
+            return x.errno, x.filename
+        failures = getattr(x, "failures", None)  # CheckpointException: rank -> (exception, traceback)
+        if isinstance(failures, dict):
+            todo += [f[0] if isinstance(f, tuple) else f for f in failures.values()]
+        todo += [x.__cause__, x.__context__]
+    for x in seen:
+        m = re.search(r"\[Errno (\d+)\]|os error (\d+)", str(x))
+        if m:
+            return int(m.group(1) or m.group(2)), None
+    return None
+
+
+def _failure(e: BaseException, what: str, where: Path, root: Path | None) -> str | None:
+    """The one line of a write that failed for an OS reason (None for any other reason)."""
+    import errno
+
+    cause = os_cause(e)
+    if cause is None:
+        return None
+    code, filename = cause
+    line = f"{what} not written: {filename or where}: {os.strerror(code)} ({errno.errorcode.get(code, code)})"
+    if root is not None:
+        latest = root / "latest"
+        try:
+            named = latest.read_text().strip() if latest.exists() else ""
+        except OSError:
+            named = ""
+        line += (f"; the previous checkpoint, {root / named}, is intact" if named
+                 else "; there is no earlier checkpoint")
+    return line
+
+
+def _catching() -> tuple[type[BaseException], ...]:
+    """What a failed save raises: any Exception, and torch.distributed.checkpoint's
+    CheckpointException (a BaseException); not KeyboardInterrupt or SystemExit."""
+    try:
+        from torch.distributed.checkpoint.api import CheckpointException
+    except ImportError:  # pragma: no cover - torch without distributed
+        return (Exception,)
+    return (Exception, CheckpointException)
+
+
+def _together(par, what: str, where: Path, root: Path | None, fn) -> None:
+    """fn() on this rank, then every rank learns whether it failed on any (a rank failing alone
+    would leave the others waiting at the next collective): then every rank raises, SaveError with
+    the failure's one line when an OS error is behind it. Stands for a barrier."""
+    local = line = None
+    try:
+        fn()
+    except _catching() as e:
+        local = e
+        line = _failure(e, what, where, root) or f"{what} not written: {type(e).__name__}: {e}".splitlines()[0]
+        if par.world > 1:
+            line = f"{line} (rank {par.rank})"
+    lines = par.gather(line) if par.world > 1 else [line]
+    failed = next((x for x in lines if x), None)
+    if failed is None:
+        return
+    if local is not None and os_cause(local) is None:
+        raise local  # not the disk: a bug, with its traceback
+    raise SaveError(failed) from local
 
 
 def save(run_dir: Path, step: int, modules: Mapping[str, Any], tokenizer, stateful: Mapping[str, Any],
          extra: Mapping[str, Any] | None = None, keep: int = 2) -> Path:
     """Write checkpoint `step`: each of `modules` (name -> model) as a Hugging Face folder, and in
     state.pt the state_dict() of each of `stateful` (name -> optimizer, scheduler, KL controller ...),
-    the RNG states and `extra` (plain values such as the data position)."""
+    the RNG states and `extra` (plain values such as the data position). A write that fails for an
+    OS reason (a full disk ...) is SaveError, the previous checkpoint left as it was."""
+    from types import SimpleNamespace
+
     root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    for leftover in root.glob(".tmp_step_*"):  # a save cut short by a crash or a kill
-        shutil.rmtree(leftover, ignore_errors=True)
     final = root / f"step_{step:06d}"
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp_step_{step:06d}_"))
-    try:
+    box = {}
+
+    def write():
+        root.mkdir(parents=True, exist_ok=True)
+        for leftover in root.glob(".tmp_step_*"):  # a save cut short by a crash or a kill
+            shutil.rmtree(leftover, ignore_errors=True)
+        tmp = box["tmp"] = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp_step_{step:06d}_"))
         for name, module in modules.items():
             module.save_pretrained(tmp / name)
             tokenizer.save_pretrained(tmp / name)
         state = {**{k: v.state_dict() for k, v in stateful.items()}, **dict(extra or {})}
-        torch.save({**state, "step": step, "rng": rng_state()}, tmp / "state.pt")
+        _torch_save({**state, "step": step, "rng": rng_state()}, tmp / "state.pt")
         write_manifest(tmp)
         make_readable(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+        _prune(root, final, keep)
+
+    try:
+        _together(SimpleNamespace(world=1, rank=0), f"checkpoint {final.name}", root, root, write)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if "tmp" in box:
+            shutil.rmtree(box["tmp"], ignore_errors=True)
         raise
-    _prune(root, final, keep)
     return final
 
 
@@ -172,27 +279,36 @@ def save_sharded(run_dir: Path, step: int, par, models: Mapping[str, tuple[Any, 
 
     root = Path(run_dir) / "checkpoints"
     final = root / f"step_{step:06d}"
-    tmp = None
+    what = f"checkpoint {final.name}"
+    tmp = failed = None
     if par.main:
-        root.mkdir(parents=True, exist_ok=True)
-        for leftover in root.glob(".tmp_step_*"):
-            shutil.rmtree(leftover, ignore_errors=True)
-        tmp = tempfile.mkdtemp(dir=root, prefix=f".tmp_step_{step:06d}_")
-    tmp = Path(distributed.broadcast(tmp))
-    try:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            for leftover in root.glob(".tmp_step_*"):
+                shutil.rmtree(leftover, ignore_errors=True)
+            tmp = tempfile.mkdtemp(dir=root, prefix=f".tmp_step_{step:06d}_")
+        except OSError as e:
+            failed = _failure(e, what, root, root)
+    tmp, failed = distributed.broadcast((tmp, failed))
+    if failed:
+        raise SaveError(failed)
+    tmp = Path(tmp)
+
+    def write():  # every rank: its shards and RNG states; rank 0 the rest
         box = {}
         for name, (model, optimizer) in models.items():
             mkey, okey = _keys(name)
             box[mkey], box[okey] = get_state_dict(model, optimizer)
         dcp.save(box, checkpoint_id=str(tmp / "dcp"))
         (tmp / "rng").mkdir(exist_ok=True)
-        torch.save(rng_state(), tmp / "rng" / f"rank_{par.rank:05d}.pt")
+        _torch_save(rng_state(), tmp / "rng" / f"rank_{par.rank:05d}.pt")
         if par.main:
             for name, (model, _) in models.items():
                 _save_config(model, tokenizer, config_dir(tmp, name))
             state = {**{k: v.state_dict() for k, v in stateful.items()}, **dict(extra or {})}
-            torch.save({**state, "step": step, "world": par.world}, tmp / "state.pt")
-        par.barrier()  # every rank's files are written
+            _torch_save({**state, "step": step, "world": par.world}, tmp / "state.pt")
+
+    def publish():  # rank 0, once every rank's files are written
         if par.main:
             write_manifest(tmp)  # every rank's files, on the file system they share
             make_readable(tmp)
@@ -200,7 +316,10 @@ def save_sharded(run_dir: Path, step: int, par, models: Mapping[str, tuple[Any, 
                 shutil.rmtree(final)
             os.replace(tmp, final)
             _prune(root, final, keep)
-        par.barrier()
+
+    try:
+        _together(par, what, root, root, write)
+        _together(par, what, root, root, publish)
     except BaseException:
         if par.main:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -538,11 +657,14 @@ def save_final(par, model, tokenizer, out: Path) -> Path:
     state = None
     if par.sharded:
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if par.main:
-        model.save_pretrained(out, state_dict=state)
-        tokenizer.save_pretrained(out)
-        make_readable(Path(out))
-    par.barrier()
+
+    def write():
+        if par.main:
+            model.save_pretrained(out, state_dict=state)
+            tokenizer.save_pretrained(out)
+            make_readable(Path(out))
+
+    _together(par, "the trained model", Path(out), None, write)  # a failed write: one line on every rank
     return Path(out)
 
 
