@@ -5,6 +5,9 @@ what the test compares to a file.
 
 step:   one optimizer step of grpo train's update on a fixed global batch (the same completions
         whatever W), each rank taking its share of the prompts; writes the whole parameters after it.
+dynamic: the same with dynamic sampling over two fixed batches of B prompts whose groups 0, 2 (first)
+        and 1 (second) have equal rewards: B groups kept and trained on, the rest carried in the buffer;
+        writes the parameters, the buffer and the metrics.
 save:   `grpo train` for the configured steps, then the whole model and optimizer state, the
         scheduler step, the data position and the log-probs of a fixed batch under the sharded model.
 resume: a GRPO run resumed from RUN_DIR's checkpoint, no step taken; writes the same state as save.
@@ -26,7 +29,7 @@ from grpo.parts.batch import batch_logprobs, pack
 from grpo.cli import compose_config
 from grpo.parts.distributed import shard
 from grpo.parts.rollout.base import Rollout
-from grpo.commands.train import GRPO, build, train_step, update
+from grpo.commands.train import GRPO, Sampled, build, dynamic_sample, train_step, update
 from grpo.parts.run import Run
 
 # mode generate: rank -> (prompts, hf engine batch size, max_new_tokens)
@@ -103,6 +106,18 @@ def main() -> None:
             first, last = shard(B, par.rank, par.world)
             result["metrics"] = update(grpo, run, part(ro, first * G, last * G), rewards, first * G)
             result["model"] = whole_state(grpo, run)["model"]
+        elif mode == "dynamic":
+            batches = [fixed_batch(G, B, len(run.tok) - 1, seed=s) for s in (0, 1)]
+            for (ro, rewards), flat in zip(batches, ([0, 2], [1])):
+                for b in flat:
+                    rewards[b * G:(b + 1) * G] = 0.5
+            first, last = shard(B, par.rank, par.world)
+            draws = iter([Sampled(part(ro, first * G, last * G), rewards, rewards, {"reward/mean": float(rewards.mean())})
+                          for ro, rewards in batches])
+            mine, shaped, offset, result["metrics"] = dynamic_sample(grpo, run, lambda *_: next(draws))
+            result["metrics"].update(update(grpo, run, mine, shaped, offset))
+            result["model"] = whole_state(grpo, run)["model"]
+            result["buffer"] = grpo.progress["buffer"]
         elif mode == "save":
             for step in run.steps():  # what `grpo train` runs
                 step.done(train_step(grpo, run))

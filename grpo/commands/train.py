@@ -40,7 +40,8 @@ from typing import Any
 
 import torch
 
-from grpo.algorithm.advantages import group_advantages, overlong_penalty, reinforce_pp_advantages, rloo_advantages
+from grpo.algorithm.advantages import (group_advantages, overlong_penalty, reinforce_pp_advantages, rloo_advantages,
+                                       varied_groups)
 from grpo.algorithm.kl import kl_penalty
 from grpo.algorithm.losses import mismatch_mask, policy_loss
 from grpo.parts import config as C
@@ -49,6 +50,7 @@ from grpo.parts.batch import (batch_logprobs, engine_logprobs, group_logprobs, m
 from grpo.parts.distributed import full_tensor, shard
 from grpo.parts.reward_sources import score_rollout
 from grpo.parts.rollout import SamplingParams, encode_prompts, push_weights, sampling_params, task_prompts, tools_of
+from grpo.parts.rollout.base import Rollout
 from grpo.parts.rollout.multiturn import conversation_metrics, generate
 from grpo.parts.run import Policy, Run
 from grpo.tasks.base import build_task
@@ -74,7 +76,7 @@ class GRPO:
     sched: Any
     sampling: SamplingParams
     shared_prompt: bool  # one row per group: the prompt once, then its G completions
-    progress: dict[str, int]  # {"data_pos": the next training sample}, saved with every checkpoint
+    progress: dict[str, Any]  # {"data_pos": the next training sample, "buffer": kept groups}, checkpointed
 
 
 def build(cfg: C.TrainConfig, run: Run) -> GRPO:
@@ -105,7 +107,8 @@ def build(cfg: C.TrainConfig, run: Run) -> GRPO:
     engine = run.engine(cfg.rollout, policy, model, lambda: task_prompts(task), trainer.system_prompt, cfg.task.get("env"))
     # One optimizer step per epoch over a batch: the schedule (and its warm-up) counts optimizer steps.
     opt, sched = run.optimizer(policy.fwd.parameters(), cfg.optim, trainer.max_steps * algorithm.epochs)
-    progress = run.restore({"model": (policy.model, opt)}, {"scheduler": sched}, {"data_pos": 0})
+    # data_pos: the next training sample; buffer: dynamic sampling's kept groups not yet trained on
+    progress = run.restore({"model": (policy.model, opt)}, {"scheduler": sched}, {"data_pos": 0, "buffer": []})
     run.evaluate_policy(engine, policy, eval_set, cfg.rollout, trainer.system_prompt, verifiers or rewards,
                         reward_model, kl_batch_size=trainer.micro_batch_size or 256, log_samples=trainer.log_samples)
     return GRPO(algorithm, trainer.prompts_per_step, trainer.micro_batch_size, trainer.max_tokens_per_batch,
@@ -140,10 +143,18 @@ def shaped_rewards(grpo: GRPO, run: Run, ro, rewards: torch.Tensor) -> torch.Ten
     return rewards + overlong_penalty(lengths, grpo.sampling.max_new_tokens, cache)
 
 
-def train_step(grpo: GRPO, run: Run) -> dict[str, float]:
-    """One GRPO step: this rank's share of the step's B prompts, G completions each, scored; then
-    `update` on them."""
-    t0 = time.time()
+@dataclass
+class Sampled:
+    """One rollout of the step's B prompts, scored: this rank's completions and every rank's rewards."""
+
+    ro: Rollout  # this rank's share, prompt-major
+    rewards: torch.Tensor  # [N] the verifiers' rewards of the whole batch (rank-major = prompt-major)
+    shaped: torch.Tensor  # [N] what the advantages see (rewards + the overlong penalty)
+    metrics: dict[str, float]  # the batch's reward and rollout metrics, reduced over ranks
+
+
+def sample(grpo: GRPO, run: Run) -> Sampled:
+    """This rank's share of the next B prompts, G completions each, scored; the data position moves on by B."""
     par, G, B = run.par, grpo.algorithm.group_size, grpo.prompts_per_step
     first, last = shard(B, par.rank, par.world)  # this rank's prompts of the step's B
     start = grpo.progress["data_pos"]
@@ -157,22 +168,99 @@ def train_step(grpo: GRPO, run: Run) -> dict[str, float]:
     # Every rank gets the step's N rewards (rank-major = prompt-major): the advantages and the
     # reward metrics are those of the whole batch, whatever the process count.
     rewards = torch.tensor([x for part in par.gather(scored.rewards) for x in part])  # [N]
-    t2 = time.time()
     shaped = shaped_rewards(grpo, run, ro, rewards)  # [N]
-    metrics = update(grpo, run, ro, shaped, first * G)
-    if grpo.algorithm.overlong_cache:
-        metrics["reward/overlong_mean"] = float((shaped - rewards).mean())
-    t3 = time.time()
     N, groups = len(rewards), rewards.view(-1, G)
-    return {
+    metrics = {
         "reward/mean": float(rewards.mean()),
         "reward/std": float(rewards.std()) if N > 1 else 0.0,
         **par.reduce_metrics(scored.metrics, len(ro.completion_ids)),
         **(par.reduce_metrics(conversation_metrics(ro.conversations), len(ro.conversations)) if ro.conversations else {}),
         "groups/zero_std_frac": float((groups.std(1) == 0).float().mean()) if G > 1 else 1.0,
-        **metrics,
-        "time/rollout": t1 - t0, "time/reward": t2 - t1, "time/update": t3 - t2, "time/step": t3 - t0,
+        "time/reward": time.time() - t1,
     }
+    if grpo.algorithm.overlong_cache:
+        metrics["reward/overlong_mean"] = float((shaped - rewards).mean())
+    return Sampled(ro, rewards, shaped, metrics)
+
+
+def train_step(grpo: GRPO, run: Run) -> dict[str, float]:
+    """One GRPO step: this rank's share of the step's B prompts, G completions each, scored (with
+    dynamic sampling: as many rollouts as it takes to fill B groups whose rewards differ); then
+    `update` on them."""
+    t0 = time.time()
+    G = grpo.algorithm.group_size
+    if grpo.algorithm.dynamic_sampling:
+        ro, shaped, offset, metrics = dynamic_sample(grpo, run)
+    else:
+        got = sample(grpo, run)
+        ro, shaped, offset, metrics = got.ro, got.shaped, shard(grpo.prompts_per_step, run.par.rank, run.par.world)[0] * G, got.metrics
+    t2 = time.time()
+    if ro is not None:
+        metrics.update(update(grpo, run, ro, shaped, offset))
+    t3 = time.time()
+    # rollout: generation (all of dynamic sampling's tries); reward: scoring
+    return {**metrics, "time/rollout": t2 - t0 - metrics["time/reward"], "time/update": t3 - t2, "time/step": t3 - t0}
+
+
+def dynamic_sample(grpo: GRPO, run: Run, draw=sample) -> tuple[Rollout | None, torch.Tensor, int, dict[str, float]]:
+    """DAPO's dynamic sampling (Yu et al. 2025): keep only the groups whose rewards differ, and roll
+    out B more prompts until B groups are kept, at most algorithm.max_gen_batches times. Kept groups
+    beyond B wait in grpo.progress["buffer"] for the next step (it is checkpointed, so a resumed run
+    takes the same groups). When the tries run out the step trains on the groups it has, and on none
+    (a warning, no update) if there are fewer than processes. Returns this rank's rollout (None: no
+    update), the used groups' shaped rewards [K * G], this rank's row offset in them, and the metrics.
+    draw(grpo, run) -> Sampled is one rollout (`sample`; tests give fixed batches)."""
+    par, G, B = run.par, grpo.algorithm.group_size, grpo.prompts_per_step
+    kept: list[dict] = list(grpo.progress["buffer"])  # the same list on every rank
+    tries, seen = 0, []
+    while len(kept) < B and tries < grpo.algorithm.max_gen_batches:
+        got = draw(grpo, run)
+        tries += 1
+        seen.append(got.metrics)
+        varied = varied_groups(got.shaped, G).tolist()  # [B'] the try's groups, every rank's
+        first = shard(len(varied), par.rank, par.world)[0]
+        mine = [g for i, g in enumerate(split_groups(got.ro, got.shaped, G, first)) if varied[first + i]]
+        kept += [g for part in par.gather(mine) for g in part]  # prompt-major over the ranks
+    use, grpo.progress["buffer"] = kept[:B], kept[B:]
+    metrics = {k: sum(m[k] for m in seen) / (1 if k.startswith("time/") else len(seen)) for k in seen[0]} if seen else {}
+    metrics.setdefault("time/reward", 0.0)  # the step took its B groups from the buffer
+    metrics.update({"dapo/gen_batches": float(tries), "dapo/kept_groups": float(len(use)),
+                    "dapo/buffer": float(len(grpo.progress["buffer"]))})
+    if len(use) < B:
+        log.warning("dynamic sampling: %d of %d groups had differing rewards after %d rollouts "
+                    "(algorithm.max_gen_batches=%d); %s", len(use), B, tries, grpo.algorithm.max_gen_batches,
+                    f"training on {len(use)}" if len(use) >= par.world else
+                    f"no update this step (fewer groups than the {par.world} processes)")
+    if len(use) < par.world:
+        return None, torch.zeros(0), 0, metrics
+    lo, hi = shard(len(use), par.rank, par.world)
+    shaped = torch.tensor([r for g in use for r in g["rewards"]])  # [K * G]
+    return join_groups(use[lo:hi]), shaped, lo * G, metrics
+
+
+def split_groups(ro: Rollout, shaped: torch.Tensor, G: int, first: int) -> list[dict]:
+    """This rank's rollout as one plain dict per group (checkpointable: lists, numbers, strings),
+    with its G shaped rewards; `first` is the rank's first prompt in the step's batch."""
+    out = []
+    for b in range(len(ro.completion_ids) // G):
+        rows = slice(b * G, (b + 1) * G)
+        out.append({"prompt_ids": ro.prompt_ids[b * G], "completion_ids": ro.completion_ids[rows],
+                    "texts": ro.texts[rows], "logprobs": ro.logprobs[rows], "finished": ro.finished[rows],
+                    "model_mask": ro.model_mask[rows] if ro.model_mask is not None else None,
+                    "conversations": ro.conversations[rows] if ro.conversations is not None else None,
+                    "rewards": shaped[(first + b) * G:(first + b + 1) * G].tolist()})
+    return out
+
+
+def join_groups(groups: list[dict]) -> Rollout:
+    """The Rollout (prompt-major) of split_groups' dicts."""
+    def cat(key):
+        return [x for g in groups for x in g[key]]
+    multi = all(g["model_mask"] is not None for g in groups)
+    return Rollout(prompt_ids=[g["prompt_ids"] for g in groups for _ in g["completion_ids"]],
+                   completion_ids=cat("completion_ids"), texts=cat("texts"), logprobs=cat("logprobs"),
+                   finished=cat("finished"), model_mask=cat("model_mask") if multi else None,
+                   conversations=cat("conversations") if all(g["conversations"] is not None for g in groups) else None)
 
 
 def update(grpo: GRPO, run: Run, ro, rewards: torch.Tensor, offset: int) -> dict[str, float]:

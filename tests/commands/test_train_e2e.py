@@ -118,6 +118,14 @@ def test_wandb_logger_writes_offline_run(tiny_model_dir, tmp_path, monkeypatch):
         (["trainer.prompts_per_step=0"], "trainer.prompts_per_step=0: must be a whole number >= 1"),
         (["algorithm.beta=abc"], "algorithm.beta='abc': must be a number >= 0"),
         (["rollout.temperature=0"], "rollout.temperature=0 makes the G samples of a prompt identical"),
+        # RLOO divided by a group std gave advantages of 1e6 in NeMo-RL (#1518): refused, not made up
+        (["algorithm.adv_estimator=rloo", "algorithm.adv_scale=group"],
+         "algorithm.adv_scale=group applies to adv_estimator=grpo only"),
+        (["algorithm.loss=cispo", "algorithm.is_level=sequence"], "algorithm.loss=cispo weights tokens"),
+        (["algorithm.overlong_cache=5000"], "algorithm.overlong_cache=5000 is more than the budget"),
+        (["algorithm.mismatch=token", "algorithm.mismatch_low=2", "algorithm.mismatch_high=2"],
+         "algorithm.mismatch_low=2.0 must be below algorithm.mismatch_high=2.0"),
+        (["algorithm.adv_estimator=ppo"], "algorithm.adv_estimator='ppo': use one of"),
     ],
 )
 def test_bad_config_stops_before_training_with_one_clear_message(args, message, tmp_path):
@@ -126,6 +134,58 @@ def test_bad_config_stops_before_training_with_one_clear_message(args, message, 
     assert r.stderr.startswith("grpo train: error: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr[-2000:]
     assert message in r.stderr, r.stderr[-2000:]
     assert not (tmp_path / "run").exists()  # a command that cannot start leaves no run dir
+
+
+def test_dynamic_sampling_killed_while_oversampling_resumes_bit_exact(tiny_model_dir, tmp_path, monkeypatch):
+    # About half the groups have equal rewards (DigitFractionEvenOnly: 0 for odd first operands), so
+    # steps take a second rollout and carry the extra kept groups; the checkpoint after step 3 holds
+    # some. The killed run gets SIGKILL inside step 5's second rollout (the verifier's 11th call:
+    # the step-0 evaluation, then steps 1..4's 2 + 2 + 2 + 1 rollouts, then step 5's first); resumed,
+    # it must train on the checkpoint's buffer and land on the uninterrupted run's weights.
+    from safetensors.torch import load_file
+
+    common = ["trainer.eval_every=0", "trainer.save_every=3", "optim.lr=1e-2", "algorithm.dynamic_sampling=true",
+              "trainer.max_steps=5", "task.verifiers=[{_target_: tests.toy_verifiers.DigitFractionEvenOnlyKilled}]"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    train(cfg_for(tiny_model_dir, *common), full)
+    a = {r["step"]: r for r in read_metrics(full) if "loss" in r}
+    assert [a[s]["dapo/gen_batches"] for s in sorted(a)] == [2, 2, 2, 1, 2]  # what the call count above assumes
+    assert a[3]["dapo/buffer"] > 0 and all(a[s]["dapo/kept_groups"] == 4 for s in a)
+
+    monkeypatch.setenv("GRPO_TEST_KILL_AT", "11")
+    overrides = ["model.path=" + str(tiny_model_dir), "logger=jsonl", "trainer.prompts_per_step=4", "algorithm.group_size=4",
+                 "rollout.max_new_tokens=6", "trainer.eval_size=8", "task.eval_size=8", *common]
+    r = run_grpo("train", f"hydra.run.dir={part}", *overrides)
+    assert r.returncode == -9, r.stderr[-2000:]
+    assert sorted(r["step"] for r in read_metrics(part) if "loss" in r) == [1, 2, 3, 4]  # died inside step 5
+    assert not (part / "checkpoints/step_000004").exists()
+    monkeypatch.delenv("GRPO_TEST_KILL_AT")
+
+    train(cfg_for(tiny_model_dir, *common, "trainer.resume=true"), part)
+    b = {r["step"]: r for r in read_metrics(part) if "loss" in r}
+    for step in (4, 5):
+        for key in ("reward/mean", "loss", "grad_norm", "dapo/buffer", "dapo/gen_batches"):
+            assert a[step][key] == b[step][key], (step, key)
+    wa = load_file(full / "checkpoints/step_000005/model/model.safetensors")
+    wb = load_file(part / "checkpoints/step_000005/model/model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_dynamic_sampling_that_keeps_nothing_warns_and_goes_on(tiny_model_dir, tmp_path, caplog):
+    # The untrained model never writes a boxed right answer: every reward is 0, every group is
+    # dropped. Each step tries max_gen_batches = 2 rollouts (16 prompts of data), warns, and skips
+    # its update: the weights stay the initial ones and the run ends normally.
+    from safetensors.torch import load_file
+
+    summary = train(cfg_for(tiny_model_dir, "trainer.max_steps=2", "trainer.eval_every=0", "algorithm.dynamic_sampling=true",
+                            "algorithm.max_gen_batches=2", "task.verifiers=[{_target_: tests.toy_verifiers.BoxedExact}]"),
+                    tmp_path)
+    recs = [r for r in read_metrics(tmp_path) if "dapo/kept_groups" in r]
+    assert [(r["dapo/gen_batches"], r["dapo/kept_groups"]) for r in recs] == [(2.0, 0.0), (2.0, 0.0)]
+    assert summary["steps"] == 2
+    assert sum("0 of 4 groups had differing rewards after 2 rollouts" in m for m in caplog.messages) == 2
+    w0, w1 = load_file(tiny_model_dir / "model.safetensors"), load_file(tmp_path / "checkpoints/step_000002/model/model.safetensors")
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
 
 
 def test_file_task_row_without_answer_is_reported(tmp_path):

@@ -91,11 +91,12 @@ STEP = ["optim.name=sgd", "optim.lr=0.5", "optim.warmup_steps=0", "optim.max_gra
 def one_process(model2, tmp_path_factory):
     cache = {}
 
-    def get(agg):
-        if agg not in cache:
+    def get(agg, *algo, mode="step"):
+        key = (agg, *algo, mode)
+        if key not in cache:
             d = tmp_path_factory.mktemp(f"one_{agg}")
-            cache[agg] = worker(1, "step", model2, d / "out.pt", d / "run", *STEP, f"algorithm.loss_agg={agg}")
-        return cache[agg]
+            cache[key] = worker(1, mode, model2, d / "out.pt", d / "run", *STEP, f"algorithm.loss_agg={agg}", *algo)
+        return cache[key]
     return get
 
 
@@ -104,11 +105,16 @@ def one_process(model2, tmp_path_factory):
     ("fsdp2", 3, "token_mean", ""), ("ddp", 2, "seq_mean_token_mean", ""),
     ("fsdp2", 3, "seq_mean_token_sum_norm", ""),
     ("fsdp2", 2, "token_mean", "parallel.ref_on_cpu=true"),  # the reference whole, beside the sharded policy
-    ("ddp", 2, "token_mean", "model.gradient_checkpointing=true")])
+    ("ddp", 2, "token_mean", "model.gradient_checkpointing=true"),
+    # REINFORCE++ whitens its advantages over every real token of the step, on all ranks
+    ("ddp", 2, "token_mean", "algorithm.adv_estimator=reinforce_pp"),
+    ("fsdp2", 3, "token_mean", "algorithm.adv_estimator=reinforce_pp_baseline"),
+    ("ddp", 3, "seq_mean_token_mean", "algorithm.is_level=sequence")])
 def test_a_step_on_several_processes_equals_one(model2, one_process, tmp_path, strategy, world, agg, extra):
     from transformers import AutoModelForCausalLM
 
-    base = one_process(agg)
+    algo = [extra] if extra.startswith("algorithm.") else []  # the one-process run has the same algorithm
+    base = one_process(agg, *algo)
     many = worker(world, "step", model2, tmp_path / "out.pt", tmp_path / "run", *STEP, f"algorithm.loss_agg={agg}",
                   f"parallel={strategy}", *([extra] if extra else []))
     assert many["world"] == world
@@ -122,6 +128,29 @@ def test_a_step_on_several_processes_equals_one(model2, one_process, tmp_path, s
     # The step's loss and token metrics are global too.
     for k in ("loss", "kl", "entropy", "completion/len_mean"):
         assert many["metrics"][k] == pytest.approx(base["metrics"][k], rel=1e-5, abs=1e-7), k
+
+
+@pytest.mark.parametrize("strategy,world", [("ddp", 2), ("fsdp2", 3)])
+def test_dynamic_sampling_on_several_processes_equals_one(model2, one_process, tmp_path, strategy, world):
+    # Two fixed rollouts of B = 5 groups (tests/dist_worker.py): the first has 3 groups with differing
+    # rewards (0, 2 equal), the second 4 (1 equal): 3 < 5 after the first, 7 after the second, so the
+    # step trains on 5 (3 + the second's groups 0, 2) and carries 2 (its groups 3, 4) to the next.
+    base = one_process("token_mean", "algorithm.dynamic_sampling=true", mode="dynamic")
+    many = worker(world, "dynamic", model2, tmp_path / "out.pt", tmp_path / "run", *STEP, "algorithm.loss_agg=token_mean",
+                  "algorithm.dynamic_sampling=true", f"parallel={strategy}")
+    for got in (base, many):
+        assert (got["metrics"]["dapo/gen_batches"], got["metrics"]["dapo/kept_groups"], got["metrics"]["dapo/buffer"]) \
+            == (2.0, 5.0, 2.0)
+    assert many["buffer"] == base["buffer"] and len(base["buffer"]) == 2
+    second = base["buffer"][0]["prompt_ids"], base["buffer"][1]["prompt_ids"]
+    assert second[0] != second[1]
+    from transformers import AutoModelForCausalLM
+
+    init = AutoModelForCausalLM.from_pretrained(model2).state_dict()
+    assert max(float((base["model"][k] - init[k]).abs().max()) for k in base["model"]) > 1e-3  # the step moved
+    gap = max(float((many["model"][k] - base["model"][k]).abs().max()) for k in base["model"])
+    assert gap < 1e-6, gap
+    assert many["metrics"]["loss"] == pytest.approx(base["metrics"]["loss"], rel=1e-5, abs=1e-7)
 
 
 # ---- a whole run, checkpoints, export ---------------------------------------------------------

@@ -87,7 +87,13 @@ def test_micro_batches_by_rows_and_by_tokens():
 
 
 @pytest.mark.slow
-def test_a_training_step_is_the_same_in_both_layouts(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("algo", [
+    [], ["algorithm.is_level=sequence", "algorithm.loss_agg=seq_mean_token_mean"], ["algorithm.is_level=sequence_token"],
+    ["algorithm.adv_estimator=reinforce_pp"], ["algorithm.loss=cispo", "algorithm.mismatch=geometric"],
+    ["algorithm.adv_estimator=rloo", "algorithm.mismatch=sequence", "algorithm.overlong_filter=true"]])
+def test_a_training_step_is_the_same_in_both_layouts(tiny_model_dir, tmp_path, algo):
+    # The padded layout left-pads prompts and right-pads completions in [N, P + T] rows; the shared one
+    # packs a group in one row: the estimators and losses see only real tokens either way.
     from grpo.commands.train import build, train_step
     from grpo.parts import config as C
     from grpo.parts.run import Run
@@ -96,7 +102,7 @@ def test_a_training_step_is_the_same_in_both_layouts(tiny_model_dir, tmp_path):
     steps = {}
     for shared in (True, False):
         raw = cfg_for(tiny_model_dir, "trainer.max_steps=1", "algorithm.beta=0.1", "algorithm.epochs=2",
-                      f"trainer.shared_prompt={shared}", "trainer.max_tokens_per_batch=64")
+                      f"trainer.shared_prompt={shared}", "trainer.max_tokens_per_batch=64", *algo)
         cfg = C.parse(C.TrainConfig, raw)
         with Run.from_config("grpo", cfg, raw, tmp_path / str(shared)) as run:
             grpo = build(cfg, run)
