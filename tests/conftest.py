@@ -96,3 +96,23 @@ def pids_with(token: str) -> list[str]:
         except OSError:
             pass
     return hits
+
+
+def assert_resumed_exactly(full: Path, part: Path, steps, keys, last: int) -> None:
+    """The resumed run in `part` logged the same `keys` as the uninterrupted one in `full` at each of
+    `steps`, and its checkpoint at step `last` holds the same weights, bit for bit."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    def logged(d):
+        recs = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r for r in recs if "loss" in r}
+    a, b = logged(full), logged(part)
+    for step in steps:
+        for key in keys:
+            assert a[step][key] == b[step][key], (step, key)
+    ckpt = f"checkpoints/step_{last:06d}/model/model.safetensors"
+    wa, wb = load_file(full / ckpt), load_file(part / ckpt)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)

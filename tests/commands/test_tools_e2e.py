@@ -5,7 +5,6 @@ grpo sft on multi-turn demonstrations (only the assistant's tokens learn)."""
 import json
 
 import pytest
-import torch
 
 from grpo.cli import compose_config
 from grpo.commands.eval import run_eval
@@ -13,7 +12,7 @@ from grpo.commands.ppo import run_ppo
 from grpo.commands.train import train
 from grpo.parts.batch import batch_tensors, encode_rows
 from grpo.parts.modeling import EMBEDDED_TOOLS_MODEL_DIR, load_tokenizer
-from tests.conftest import run_interrupted, torchrun
+from tests.conftest import assert_resumed_exactly, run_interrupted, torchrun
 
 SMALL = ["logger=jsonl", "trainer.prompts_per_step=4", "algorithm.group_size=4", "trainer.eval_size=8",
          "task.eval_size=8"]
@@ -45,16 +44,8 @@ def test_grpo_trains_on_conversations_and_logs_them(tmp_path):
 def test_resume_in_the_middle_of_a_multi_turn_run_is_exact(tmp_path):
     common = ["trainer.eval_every=0", "trainer.save_every=2", "optim.lr=1e-3"]
     full, part, _ = run_interrupted(train, lambda *o: cfg(*o, *common), tmp_path, 4, 2)
-    a = {r["step"]: r for r in records(full, "loss")}
-    b = {r["step"]: r for r in records(part, "loss")}
-    for step in (3, 4):
-        for key in ("reward/mean", "loss", "tool/calls_mean", "env/turns_mean", "completion/len_mean"):
-            assert a[step][key] == b[step][key], (step, key)
-    from safetensors.torch import load_file
-
-    wa = load_file(full / "checkpoints/step_000004/model/model.safetensors")
-    wb = load_file(part / "checkpoints/step_000004/model/model.safetensors")
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert_resumed_exactly(full, part, (3, 4), ("reward/mean", "loss", "tool/calls_mean", "env/turns_mean",
+                                                "completion/len_mean"), 4)
 
 
 @pytest.mark.slow

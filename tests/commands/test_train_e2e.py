@@ -7,7 +7,7 @@ import torch
 
 from grpo.cli import compose_config
 from grpo.commands.train import train
-from tests.conftest import run_grpo, run_interrupted
+from tests.conftest import assert_resumed_exactly, run_grpo, run_interrupted
 
 pytestmark = pytest.mark.slow
 TOY = "task.verifiers=[{_target_: tests.toy_verifiers.DigitFraction}]"
@@ -57,17 +57,8 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_model_dir, tmp_path):
     same = [k for k in whole["first_eval"] if not k.startswith("time/")]
     assert same and all(resumed["first_eval"][k] == whole["first_eval"][k] for k in same)
     assert resumed["last_eval"]["eval/reward/mean"] == whole["last_eval"]["eval/reward/mean"]
-    a = {r["step"]: r for r in read_metrics(full) if "loss" in r}
-    b = {r["step"]: r for r in read_metrics(part) if "loss" in r}
-    assert sorted(b) == [1, 2, 3, 4]  # no duplicated or missing steps in the resumed log
-    for step in (3, 4):
-        for key in ("reward/mean", "loss", "grad_norm", "kl", "completion/len_mean"):
-            assert a[step][key] == b[step][key], (step, key)
-    from safetensors.torch import load_file
-
-    wa = load_file(full / "checkpoints/step_000004/model/model.safetensors")
-    wb = load_file(part / "checkpoints/step_000004/model/model.safetensors")
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert sorted(r["step"] for r in read_metrics(part) if "loss" in r) == [1, 2, 3, 4]  # no duplicated or missing steps
+    assert_resumed_exactly(full, part, (3, 4), ("reward/mean", "loss", "grad_norm", "kl", "completion/len_mean"), 4)
 
 
 def test_tis_with_a_matching_engine_changes_nothing(tiny_model_dir, tmp_path):
@@ -142,8 +133,6 @@ def test_dynamic_sampling_killed_while_oversampling_resumes_bit_exact(tiny_model
     # some. The killed run gets SIGKILL inside step 5's second rollout (the verifier's 11th call:
     # the step-0 evaluation, then steps 1..4's 2 + 2 + 2 + 1 rollouts, then step 5's first); resumed,
     # it must train on the checkpoint's buffer and land on the uninterrupted run's weights.
-    from safetensors.torch import load_file
-
     common = ["trainer.eval_every=0", "trainer.save_every=3", "optim.lr=1e-2", "algorithm.dynamic_sampling=true",
               "trainer.max_steps=5", "task.verifiers=[{_target_: tests.toy_verifiers.DigitFractionEvenOnlyKilled}]"]
     full, part = tmp_path / "full", tmp_path / "part"
@@ -162,13 +151,7 @@ def test_dynamic_sampling_killed_while_oversampling_resumes_bit_exact(tiny_model
     monkeypatch.delenv("GRPO_TEST_KILL_AT")
 
     train(cfg_for(tiny_model_dir, *common, "trainer.resume=true"), part)
-    b = {r["step"]: r for r in read_metrics(part) if "loss" in r}
-    for step in (4, 5):
-        for key in ("reward/mean", "loss", "grad_norm", "dapo/buffer", "dapo/gen_batches"):
-            assert a[step][key] == b[step][key], (step, key)
-    wa = load_file(full / "checkpoints/step_000005/model/model.safetensors")
-    wb = load_file(part / "checkpoints/step_000005/model/model.safetensors")
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert_resumed_exactly(full, part, (4, 5), ("reward/mean", "loss", "grad_norm", "dapo/buffer", "dapo/gen_batches"), 5)
 
 
 def test_dynamic_sampling_that_keeps_nothing_warns_and_goes_on(tiny_model_dir, tmp_path, caplog):
