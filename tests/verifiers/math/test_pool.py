@@ -98,14 +98,15 @@ def test_close_leaves_no_processes():
 
 def test_verifier_tower_returns_0_within_the_bound():
     # The tower is refused by the size guard before sympy sees it, so it is fast; the same text
-    # as a sympy expression that bypasses the guard is stopped by the time limit instead.
-    with MathVerifier(timeout=2.0) as v:
+    # as a sympy expression that bypasses the guard is stopped by the time limit instead. The limit
+    # is wide because at load average 9 a 2 s one ran out before the guard's answer came back.
+    with MathVerifier(timeout=10.0) as v:
         v.score(["\\boxed{1}"], [{"answer": "1"}])  # warm up
         t = time.monotonic()
         s = v.score(["\\boxed{5^{5^{5^{5^5}}}}", "\\boxed{3}"], [{"answer": "3"}, {"answer": "3"}])
         assert [x.reward for x in s] == [0.0, 1.0]
         assert s[0].info["reason"] == "too_large"
-        assert time.monotonic() - t < 2.0
+        assert time.monotonic() - t < 10.0
 
 
 def test_verifier_timeout_reason_from_a_hanging_comparison():
