@@ -148,25 +148,55 @@ def _catching() -> tuple[type[BaseException], ...]:
     return (Exception, CheckpointException)
 
 
+def _errno_keeping_writer(path: Path):
+    """torch.distributed.checkpoint's file writer (what dcp.save uses for a path), whose failures keep
+    their OS error: a value it torch.saves into a shard file fails as a RuntimeError raised during the
+    OSError, and dcp hands every rank's failure to every rank pickled, which drops that OSError. So
+    the failure is turned into the OSError itself on the rank where it happens."""
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    def keeping(e: Exception) -> Exception:
+        cause = os_cause(e)
+        return OSError(cause[0], os.strerror(cause[0]), cause[1]) if cause else e
+
+    class Writer(FileSystemWriter):
+        def write_data(self, plan, planner):
+            try:
+                return super().write_data(plan, planner)
+            except Exception as e:
+                raise keeping(e) from e
+
+        def finish(self, metadata, results):
+            try:
+                return super().finish(metadata, results)
+            except Exception as e:
+                raise keeping(e) from e
+
+    return Writer(str(path))
+
+
 def _together(par, what: str, where: Path, root: Path | None, fn) -> None:
     """fn() on this rank, then every rank learns whether it failed on any (a rank failing alone
     would leave the others waiting at the next collective): then every rank raises, SaveError with
     the failure's one line when an OS error is behind it. Stands for a barrier."""
-    local = line = None
+    local = mine = None
     try:
         fn()
     except _catching() as e:
         local = e
-        line = _failure(e, what, where, root) or f"{what} not written: {type(e).__name__}: {e}".splitlines()[0]
+        line = _failure(e, what, where, root)
+        # (whether an OS error is behind it, the line): a rank that sees another's failure through
+        # torch.distributed.checkpoint gets it without the OS error it was raised during
+        mine = (line is not None, line or f"{what} not written: {type(e).__name__}: {e}".splitlines()[0])
         if par.world > 1:
-            line = f"{line} (rank {par.rank})"
-    lines = par.gather(line) if par.world > 1 else [line]
-    failed = next((x for x in lines if x), None)
-    if failed is None:
+            mine = (mine[0], f"{mine[1]} (rank {par.rank})")
+    failures = [x for x in (par.gather(mine) if par.world > 1 else [mine]) if x]
+    if not failures:
         return
-    if local is not None and os_cause(local) is None:
+    os_failed = [line for is_os, line in failures if is_os]
+    if local is not None and not os_failed:
         raise local  # not the disk: a bug, with its traceback
-    raise SaveError(failed) from local
+    raise SaveError(os_failed[0] if os_failed else failures[0][1]) from local
 
 
 def save(run_dir: Path, step: int, modules: Mapping[str, Any], tokenizer, stateful: Mapping[str, Any],
@@ -299,7 +329,7 @@ def save_sharded(run_dir: Path, step: int, par, models: Mapping[str, tuple[Any, 
         for name, (model, optimizer) in models.items():
             mkey, okey = _keys(name)
             box[mkey], box[okey] = get_state_dict(model, optimizer)
-        dcp.save(box, checkpoint_id=str(tmp / "dcp"))
+        dcp.save(box, checkpoint_id=str(tmp / "dcp"), storage_writer=_errno_keeping_writer(tmp / "dcp"))
         (tmp / "rng").mkdir(exist_ok=True)
         _torch_save(rng_state(), tmp / "rng" / f"rank_{par.rank:05d}.pt")
         if par.main:

@@ -205,5 +205,5 @@ def test_a_full_disk_under_torchrun_stops_every_rank_with_one_line(tiny_model_di
     out = p.stdout.strip().splitlines()
     assert out[-2] == "rc=1" and out[-1].split() == ["latest", "step_000001"], p.stderr[-3000:]
     ours = [x for x in p.stderr.splitlines() if x.startswith("grpo train: error")]
-    assert len(ours) == 1 and "checkpoint step_000002 not written" in ours[0] and "(ENOSPC)" in ours[0], ours
+    assert len(ours) == 1 and "checkpoint step_000002 not written" in ours[0] and "(ENOSPC)" in ours[0], p.stderr[-5000:]
     assert "inline_container" not in p.stderr
