@@ -183,6 +183,9 @@ def _hydra_job(config_name: str, fn, argv: list[str]) -> int:
                 logs.write_record(run_dir, prefix, OmegaConf.to_yaml(cfg), argv)
             with logs.command_output(run_dir, config_name if main_rank else f"{config_name}.rank{distributed.rank()}"):
                 fn(plain, run_dir)
+        except checkpoint.Stopped as e:  # preempted: the step finished and saved, one line, status 0
+            if main_rank:
+                print(f"grpo {config_name}: {e}", flush=True)
         except checkpoint.SaveError as e:  # a full disk, a read-only file system: one line, status 1
             if main_rank:  # every rank stops with the same line
                 print(f"grpo {config_name}: error: {e}", file=sys.stderr)

@@ -88,6 +88,11 @@ def _torch_save(obj: Any, path: Path) -> None:
         raise OSError(cause[0], os.strerror(cause[0]), str(path)) from e  # which file it was
 
 
+class Stopped(Exception):
+    """A run asked to stop (SIGTERM, its launcher gone) that finished its step and saved a
+    checkpoint: one line saying where, exit status 0."""
+
+
 class SaveError(Exception):
     """A checkpoint or model that could not be written (a full disk, a read-only file system, no
     permission, a file size limit): one line naming the path and the cause; the command exits 1."""

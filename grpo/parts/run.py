@@ -25,6 +25,8 @@ Nothing here knows an algorithm, and no loop subclasses anything: the run is use
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -73,6 +75,46 @@ class Step:
     def done(self, metrics: dict[str, Any], bar: dict[str, str] | None = None) -> None:
         """The step's training metrics (logged when due) and what the progress bar shows beside it."""
         self.metrics, self.bar = metrics, dict(bar or {})
+
+
+class _StopRequest:
+    """What asks a run to stop between steps: SIGTERM (a scheduler preempting the job: SLURM,
+    Kubernetes, a spot instance; a second SIGTERM ends the process at once), and under torchrun the
+    launcher's end (a rank whose parent is gone was orphaned by a SIGKILLed torchrun)."""
+
+    def __init__(self, par):
+        import os
+
+        self.par, self.why = par, None
+        self.parent = os.getppid() if par.world > 1 else None
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._term)
+
+    def _term(self, signum, frame) -> None:
+        import os
+
+        if self.why == "SIGTERM":  # asked twice: no step to finish
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+        self.why = "SIGTERM"
+
+    def agreed(self) -> str | None:
+        """Why this run stops now (None: it goes on), the same on every rank: one collective."""
+        import os
+
+        why = self.why
+        if why is None and self.parent is not None and os.getppid() != self.parent:
+            why = "the end of its launcher (torchrun)"
+        causes = [None, "SIGTERM", "the end of its launcher (torchrun)"]
+        code = self.par.max(causes.index(why)) if self.par.world > 1 else causes.index(why)
+        if not code:
+            return None
+        return why or (causes[code] + (" on another rank" if code == 1 else ""))
+
+    def close(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self.previous if self.previous is not None else signal.SIG_DFL)
 
 
 class Run:
@@ -348,23 +390,32 @@ class Run:
         else:
             self.evaluate()
         t0 = time.time()
-        while self.step < self.max_steps:
-            step = Step(self.step)
-            yield step
-            if step.metrics is None:
-                raise RuntimeError(f"{self.command}: a step ended without step.done(metrics)")
-            self.step += 1
-            if (self.log_every <= 1 or due(self.step, self.log_every, self.max_steps)
-                    or (self.log_first and self.step == 1)):
-                self.tracker.log({**step.metrics, "time/elapsed": time.time() - t0}, self.step)
-            if due(self.step, self.eval_every, self.max_steps):
-                self.evaluate()
-            bar = dict(step.bar)
-            if self.last_eval and self._eval_key in self.last_eval:
-                bar[self._eval_label] = f"{self.last_eval[self._eval_key]:.3f}"
-            self.tracker.advance(bar)
-            if due(self.step, self.save_every, self.max_steps):
-                self.save()
+        stop = _StopRequest(self.par)  # SIGTERM, or the launcher gone: save after the step and stop
+        try:
+            while self.step < self.max_steps:
+                step = Step(self.step)
+                yield step
+                if step.metrics is None:
+                    raise RuntimeError(f"{self.command}: a step ended without step.done(metrics)")
+                self.step += 1
+                why = stop.agreed()  # every rank, after every step: they stop together
+                if (self.log_every <= 1 or due(self.step, self.log_every, self.max_steps)
+                        or (self.log_first and self.step == 1) or why):
+                    self.tracker.log({**step.metrics, "time/elapsed": time.time() - t0}, self.step)
+                if due(self.step, self.eval_every, self.max_steps) and not why:  # no time for it
+                    self.evaluate()
+                bar = dict(step.bar)
+                if self.last_eval and self._eval_key in self.last_eval:
+                    bar[self._eval_label] = f"{self.last_eval[self._eval_key]:.3f}"
+                self.tracker.advance(bar)
+                if due(self.step, self.save_every, self.max_steps) or why:
+                    self.save()
+                if why and self.step < self.max_steps:
+                    raise checkpoint.Stopped(
+                        f"stopped by {why} after step {self.step} of {self.max_steps}; checkpoint: "
+                        f"{self.last_checkpoint}; continue with trainer.resume=true hydra.run.dir={self.run_dir}")
+        finally:
+            stop.close()
 
     def log(self, metrics: dict[str, Any]) -> None:
         """Metrics at the current step, outside the rhythm (a loop's closing figures)."""
