@@ -186,14 +186,12 @@ def _hydra_job(config_name: str, fn, argv: list[str]) -> int:
         except checkpoint.Stopped as e:  # preempted: the step finished and saved, one line, status 0
             if main_rank:
                 print(f"grpo {config_name}: {e}", flush=True)
-        except checkpoint.SaveError as e:  # a full disk, a read-only file system: one line, status 1
-            if main_rank:  # every rank stops with the same line
+        except (checkpoint.SaveError, runlock.RunDirBusy) as e:
+            # a full disk, a read-only file system (status 1); the run dir is another run's, touch
+            # nothing in it (status 2): every rank stops, one line says why
+            if main_rank:
                 print(f"grpo {config_name}: error: {e}", file=sys.stderr)
-            result["rc"] = 1
-        except runlock.RunDirBusy as e:  # the run dir is another run's: touch nothing in it
-            if main_rank:  # every rank refuses; one line says why
-                print(f"grpo {config_name}: error: {e}", file=sys.stderr)
-            result["rc"] = 2
+            result["rc"] = 2 if isinstance(e, runlock.RunDirBusy) else 1
         except _user_errors() as e:
             tag = "" if main_rank else f" (rank {distributed.rank()})"
             print(f"grpo {config_name}: error{tag}: {e}", file=sys.stderr)

@@ -133,13 +133,12 @@ def check_algorithm(algorithm: C.GRPOAlgorithmConfig, max_new_tokens: int) -> No
                             f"algorithm.mismatch_high={algorithm.mismatch_high}")
 
 
-def shaped_rewards(grpo: GRPO, run: Run, ro, rewards: torch.Tensor) -> torch.Tensor:
+def shaped_rewards(grpo: GRPO, rewards: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """The step's N rewards [N] the advantages see: the verifiers' plus DAPO's overlong penalty
-    (algorithm.overlong_cache > 0) on every rank's completion lengths."""
+    (algorithm.overlong_cache > 0) on the N completion lengths [N]."""
     cache = grpo.algorithm.overlong_cache
     if not cache:
         return rewards
-    lengths = torch.tensor([x for part in run.par.gather([len(c) for c in ro.completion_ids]) for x in part])  # [N]
     return rewards + overlong_penalty(lengths, grpo.sampling.max_new_tokens, cache)
 
 
@@ -167,8 +166,10 @@ def sample(grpo: GRPO, run: Run) -> Sampled:
     scored = score_rollout(grpo.rewards, ro, fields)
     # Every rank gets the step's N rewards (rank-major = prompt-major): the advantages and the
     # reward metrics are those of the whole batch, whatever the process count.
-    rewards = torch.tensor([x for part in par.gather(scored.rewards) for x in part])  # [N]
-    shaped = shaped_rewards(grpo, run, ro, rewards)  # [N]
+    # (with the completions' lengths, for the overlong penalty: one gather)
+    parts = par.gather((scored.rewards, [len(c) for c in ro.completion_ids]))
+    rewards = torch.tensor([x for r, _ in parts for x in r])  # [N]
+    shaped = shaped_rewards(grpo, rewards, torch.tensor([x for _, n in parts for x in n]))  # [N]
     N, groups = len(rewards), rewards.view(-1, G)
     metrics = {
         "reward/mean": float(rewards.mean()),
@@ -338,8 +339,7 @@ def update(grpo: GRPO, run: Run, ro, rewards: torch.Tensor, offset: int) -> dict
                                          algorithm.mismatch_high)  # [k, T]
                     tis = keep if tis is None else tis * keep
                     if epoch == 0 and weight:
-                        acc["mismatch/masked_frac"] = acc.get("mismatch/masked_frac", 0.0) + float(
-                            (mask[s] - keep).sum()) / tokens
+                        acc["mismatch/masked_frac"] += float((mask[s] - keep).sum()) / tokens
                 loss, parts = policy_loss(
                     logp, old, adv[s], mask[s], clip_low, clip_high,
                     ref_logp[s] if ref_logp is not None else None, loss_beta, algorithm.loss_agg,

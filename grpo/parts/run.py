@@ -25,6 +25,7 @@ Nothing here knows an algorithm, and no loop subclasses anything: the run is use
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -83,8 +84,6 @@ class _StopRequest:
     launcher's end (a rank whose parent is gone was orphaned by a SIGKILLed torchrun)."""
 
     def __init__(self, par):
-        import os
-
         self.par, self.why = par, None
         self.parent = os.getppid() if par.world > 1 else None
         self.previous = None
@@ -92,8 +91,6 @@ class _StopRequest:
             self.previous = signal.signal(signal.SIGTERM, self._term)
 
     def _term(self, signum, frame) -> None:
-        import os
-
         if self.why == "SIGTERM":  # asked twice: no step to finish
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             os.kill(os.getpid(), signal.SIGTERM)
@@ -101,8 +98,6 @@ class _StopRequest:
 
     def agreed(self) -> str | None:
         """Why this run stops now (None: it goes on), the same on every rank: one collective."""
-        import os
-
         why = self.why
         if why is None and self.parent is not None and os.getppid() != self.parent:
             why = "the end of its launcher (torchrun)"
