@@ -71,6 +71,8 @@ def policy_loss(
     num_rows: int | None = None,
     is_level: str = "token",
     objective: str = "ppo",
+    behav_logp: torch.Tensor | None = None,
+    behav_cap: float = math.inf,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The policy loss per token, plus an optional KL term to a reference, aggregated by `aggregate`:
 
@@ -94,15 +96,37 @@ def policy_loss(
     truncated importance sampling min(exp(old_logp - engine_logp), C) when the rollout engine's
     sampling distribution differs slightly from the trainer's, or mismatch_mask's 0/1.
     num_tokens, num_rows: the global normaliser of `aggregate` (the whole optimizer step).
+
+    Off-policy samples, the decoupled objective (Hilton et al. 2021, "Batch size-invariance for policy
+    optimization"; AReaL, Fu et al. 2025): behav_logp [N, T] = log mu_t, the probability with which the
+    behaviour policy (the engine, possibly eta versions old) sampled token t. old_logp is then the
+    proximal policy pi_prox (the policy at the start of this step), and each token's policy term is
+    multiplied by the truncated behaviour weight, detached:
+
+        loss_t = -w_t * min(r_t A_t, clip(r_t, 1 - clip_low, 1 + clip_high) A_t)     (ppo; cispo alike)
+        r_t = exp(logp_t - prox_logp_t),   w_t = sg(min(exp(prox_logp_t - behav_logp_t), behav_cap))
+
+    The clip keeps the update near pi_prox; w corrects the sampling distribution from mu to pi_prox,
+    so the gradient at logp = prox_logp is E_mu[w A grad log pi] = E_pi_prox[A grad log pi], unbiased
+    while the cap does not bind (tests/algorithm/test_offpolicy.py shows it on a bandit). A smaller
+    behav_cap (>= 1) trades that bias for lower variance; math.inf truncates nothing. w is per token
+    whatever is_level; it multiplies is_weights (and is not on the KL). With behav_logp equal to
+    old_logp every w is exactly 1 and the loss is the one without behav_logp, bit for bit; with
+    behav_logp None nothing changes. Padding takes w = 1 whatever behav_logp holds there.
+
     Padding (mask 0) gets exactly zero loss and zero gradient, whatever logp holds there.
     Returns (scalar loss, metrics) where metrics hold the clip fractions (share of tokens
     whose ratio was clipped below / above and where clipping changed the objective; for cispo,
-    where the weight was clipped), the mean KL (over tokens, 0 without ref_logp) and the mean ratio.
+    where the weight was clipped), the mean KL (over tokens, 0 without ref_logp) and the mean ratio;
+    with behav_logp also offpolicy/weight_mean (mean w over real tokens, after the cap) and
+    offpolicy/truncated_frac (share of real tokens whose weight the cap cut).
     """
     if is_level not in IS_LEVELS:
         raise ValueError(f"is_level must be one of {IS_LEVELS}, got {is_level!r}")
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    if behav_logp is not None and not behav_cap >= 1.0:
+        raise ValueError(f"behav_cap must be >= 1 (1 = never up-weight, math.inf = no cap), got {behav_cap!r}")
     m = mask.to(logp.dtype)  # [N, T]
     real = mask.bool()  # [N, T]
     n_tok = m.sum().clamp(min=1.0)
@@ -124,6 +148,11 @@ def policy_loss(
         per_token = -torch.min(ratio * adv, clipped * adv)  # [N, T]
     else:
         per_token = -clipped.detach() * adv * torch.where(real, logp, torch.zeros_like(logp))  # [N, T]
+    if behav_logp is not None:
+        with torch.no_grad():  # pi_prox / mu per token; padding: log-weight 0, weight 1
+            raw = torch.exp(torch.where(real, old - behav_logp.detach(), torch.zeros_like(old)))  # [N, T]
+            behav_w = raw.clamp(max=behav_cap)  # [N, T]
+        per_token = per_token * behav_w
     if is_weights is not None:
         per_token = per_token * is_weights.detach()
 
@@ -150,6 +179,9 @@ def policy_loss(
             "kl": kl_mean,
             "ratio/mean": float((ratio * m).sum() / n_tok),
         }
+        if behav_logp is not None:
+            metrics["offpolicy/weight_mean"] = float((behav_w * m).sum() / n_tok)
+            metrics["offpolicy/truncated_frac"] = float(((raw > behav_cap).to(logp.dtype) * m).sum() / n_tok)
     return loss, metrics
 
 
