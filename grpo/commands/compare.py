@@ -3,9 +3,12 @@
 Each argument is a finished run: a `grpo train` / `grpo dpo` (/ PPO) run dir, whose evaluation
 records carry eval/kl (the sampled completions' KL from the reference, nats per sequence),
 eval/reward/mean (the true score) and, when a reward model took part, eval/rm_score; or a `grpo bon`
-summary (best_of_n.summary.json, or its run dir), plotted at the analytic KL log k - (k - 1)/k.
+summary (best_of_n.summary.json, or its run dir), plotted at the analytic KL log k - (k - 1)/k; or a
+folder of such runs (runs/bon, where `grpo bon` without hydra.run.dir writes a dated run dir each
+time), which stands for its newest run: the one whose metrics.jsonl or summary was written last.
 One curve per run: true score against KL, solid; the reward-model score on a second axis, dashed
-(the picture Gao et al. 2022 drew for reward-model over-optimisation). Prints the points as a table.
+(the picture Gao et al. 2022 drew for reward-model over-optimisation). Prints the points as a table,
+each curve under the run dir it was read from.
 
     grpo compare runs/bon/a runs/dpo/b runs/c -o docs/preference_comparison.png --label best-of-N DPO GRPO
 """
@@ -20,17 +23,44 @@ from grpo.parts.config import UserError
 from grpo.parts.tracking import read_metrics
 
 
+def _record(run: Path) -> Path | None:
+    """The file a finished run dir is read from: its grpo bon summary, else its metrics.jsonl."""
+    bon = next(iter(sorted(run.glob("best_of_n*.summary.json"))), None)
+    return bon or (run / "metrics.jsonl" if (run / "metrics.jsonl").is_file() else None)
+
+
+def resolve_run(path: Path) -> tuple[Path, int]:
+    """(the run `path` stands for, how many runs it was chosen from): a run dir or a file as it is;
+    a folder holding no run itself but run dirs (runs/bon/<date>/ ...) -> the newest of them, the
+    one whose record (_record) was modified last (ties: the greater name, for dated names the later)."""
+    path = Path(path)
+    if not path.is_dir() or _record(path) is not None:
+        return path, 1
+    runs = [(d, _record(d)) for d in path.iterdir() if d.is_dir()]
+    runs = [(d, r) for d, r in runs if r is not None]
+    if not runs:
+        return path, 0
+    newest = max(runs, key=lambda dr: (dr[1].stat().st_mtime, dr[0].name))[0]
+    return newest, len(runs)
+
+
 def curve(path: Path) -> dict:
-    """{kind, kl: [...], true: [...], rm: [... or None]} of one run."""
+    """{kind, run, of, kl: [...], true: [...], rm: [... or None]} of one run (`run`: the run dir or file
+    it was read from; `of`: how many runs the folder `path` held, 1 for a run itself)."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such run dir or file")
+    given, (path, of) = path, resolve_run(path)
+    if of == 0:
+        raise UserError(f"{given}: no run in it or in its sub-folders (no metrics.jsonl or best_of_n*.summary.json): "
+                        "pass a run dir, a metrics.jsonl, a grpo bon summary or a folder of run dirs")
+    found = {"run": str(path), "of": of}
     bon = path if path.suffix == ".json" else next(iter(sorted(path.glob("best_of_n*.summary.json"))), None)
     if bon is not None:
         by_k = json.loads(bon.read_text()).get("by_k")
         if not by_k or any(e.get("true/mean") is None for e in by_k):
             raise UserError(f"{bon}: not a grpo bon summary with true scores (run grpo bon with task.verifiers)")
-        return {"kind": "best-of-N", "kl": [e["kl"] for e in by_k], "true": [e.get("true/mean") for e in by_k],
+        return {**found, "kind": "best-of-N", "kl": [e["kl"] for e in by_k], "true": [e.get("true/mean") for e in by_k],
                 "rm": [e.get("rm/mean") for e in by_k], "steps": [f"N={e['k']}" for e in by_k]}
     metrics = path / "metrics.jsonl" if path.is_dir() else path
     if not metrics.exists():
@@ -39,7 +69,7 @@ def curve(path: Path) -> dict:
     if not evals:
         raise UserError(f"{metrics}: no evaluation records with eval/kl (a run evaluated with a reference model "
                         "and plain sampling: grpo dpo, or grpo train with algorithm.beta > 0)")
-    return {"kind": "run", "kl": [r["eval/kl"] for r in evals], "true": [r["eval/reward/mean"] for r in evals],
+    return {**found, "kind": "run", "kl": [r["eval/kl"] for r in evals], "true": [r["eval/reward/mean"] for r in evals],
             "rm": [r.get("eval/rm_score") for r in evals], "steps": [f"step {r['step']}" for r in evals]}
 
 
@@ -76,7 +106,8 @@ def plot(curves: list[tuple[str, dict]], out: Path, title: str) -> Path:
 
 def compare_main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="grpo compare", description=__doc__.split("\n\n")[0])
-    ap.add_argument("runs", nargs="+", type=Path, help="run dirs (train, dpo, ...) or grpo bon summaries")
+    ap.add_argument("runs", nargs="+", type=Path,
+                    help="run dirs (train, dpo, ...), grpo bon summaries, or folders of run dirs (each: its newest)")
     ap.add_argument("--label", nargs="*", help="one label per run (default: the run dir's name)")
     ap.add_argument("-o", "--out", type=Path, default=Path("comparison.png"))
     ap.add_argument("--title", default="true score against KL from the reference")
@@ -85,8 +116,10 @@ def compare_main(argv: list[str]) -> int:
     if len(labels) != len(a.runs):
         ap.error(f"--label: {len(labels)} labels for {len(a.runs)} runs")
     curves = [(label, curve(p)) for label, p in zip(labels, a.runs)]
-    for label, c in curves:
-        print(f"{label}:")
+    for (label, c), given in zip(curves, a.runs):
+        picked = "" if Path(c["run"]) == given else (f" (the newest of {c['of']} runs in {given})" if c["of"] > 1
+                                                     else f" (the only run in {given})")
+        print(f"{label}: {c['run']}{picked}")
         for s, k, t, r in zip(c["steps"], c["kl"], c["true"], c["rm"]):
             print(f"  {s:>10}  KL {k:7.3f}  true {t:.3f}" + (f"  rm {r:.3f}" if r is not None else ""))
     print(plot(curves, a.out, a.title))

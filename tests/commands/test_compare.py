@@ -72,3 +72,40 @@ def test_sequence_kl_is_the_mean_summed_log_ratio(tiny_model_dir):
     lr = token_logprobs(ref, b.input_ids, b.attention_mask, b.position_ids, b.T)
     expected = float(((lp - lr) * b.mask).sum().detach() / 2)
     assert sequence_kl(policy, ref, ro, pad_id=0, batch_size=1) == pytest.approx(expected, rel=1e-5)
+
+
+def write_bon(run, true_means, mtime):
+    """A grpo bon run dir whose summary was written at `mtime` (seconds since the epoch)."""
+    import os
+
+    run.mkdir(parents=True)
+    summary = run / "best_of_n.summary.json"
+    summary.write_text(json.dumps({"by_k": [{"k": 2 ** i, "kl": math.log(2 ** i) - (2 ** i - 1) / 2 ** i,
+                                             "judge/mean": t, "true/mean": t} for i, t in enumerate(true_means)]}))
+    os.utime(summary, (mtime, mtime))
+    return run
+
+
+def test_a_folder_of_runs_stands_for_its_newest_and_the_table_names_each_run(tmp_path, capsys):
+    """`grpo bon` (and ppo, dpo) without hydra.run.dir write runs/bon/<date>/: `grpo compare runs/bon`
+    reads the newest run there, the one whose record was written last, and says which it read."""
+    bon = tmp_path / "runs" / "bon"
+    write_bon(bon / "2025-01-02_10-00-00", [0.1, 0.2], mtime=2_000)
+    write_bon(bon / "2025-01-03_09-00-00", [0.3, 0.5], mtime=3_000)  # the newest
+    write_bon(bon / "2025-01-01_08-00-00", [0.9, 0.9], mtime=1_000)
+    (bon / "notes").mkdir()  # not a run: left out of the count
+    ppo = tmp_path / "runs" / "ppo"
+    write_run(ppo / "2025-01-01_00-00-00", [{"step": 0, "eval/reward/mean": 0.3, "eval/kl": 0.0}])
+    c = curve(bon)
+    assert c["true"] == [0.3, 0.5] and c["run"] == str(bon / "2025-01-03_09-00-00") and c["of"] == 3
+    out = tmp_path / "fig.png"
+    assert compare_main([str(bon), str(ppo), str(ppo / "2025-01-01_00-00-00"), "-o", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert f"bon: {bon / '2025-01-03_09-00-00'} (the newest of 3 runs in {bon})" in lines
+    assert f"ppo: {ppo / '2025-01-01_00-00-00'} (the only run in {ppo})" in lines
+    assert f"2025-01-01_00-00-00: {ppo / '2025-01-01_00-00-00'}" in lines  # a run dir given as itself
+    (tmp_path / "empty").mkdir()
+    from grpo.parts.config import UserError
+
+    with pytest.raises(UserError, match="empty: no run in it or in its sub-folders"):
+        curve(tmp_path / "empty")
