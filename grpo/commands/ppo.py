@@ -149,7 +149,8 @@ def run_ppo(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
         if hp.value == "shared":
             critic = SharedValue(policy.model)  # its head comes back from state.pt on resume
         elif whole or value_src:
-            critic = load_reward_model(str(run.ckpt / "value") if whole else value_src, model.dtype, device)
+            critic = load_reward_model(str(run.ckpt / "value") if whole else value_src, model.dtype, device,
+                                       "checkpoint" if whole else "ppo.value_model" if hp.value_model else "reward_model.path")
         else:
             critic = init_reward_model(model.path, model.dtype, device, tok.pad_token_id)
             torch.nn.init.zeros_(critic.score.weight)  # values start at 0, not at noise

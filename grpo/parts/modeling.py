@@ -30,8 +30,9 @@ EMBEDDED = {
 }
 
 
-def resolve_model_path(path: str) -> str:
-    """A name of EMBEDDED -> its folder in the package; a local dir must exist; else a hub id."""
+def resolve_model_path(path: str, key: str = "model.path") -> str:
+    """A name of EMBEDDED -> its folder in the package; a local dir must exist; else a hub id. `key`:
+    the setting the path came from, which an error names."""
     name = path or "embedded"
     if name in EMBEDDED:
         folder, rebuild = EMBEDDED[name]
@@ -42,9 +43,9 @@ def resolve_model_path(path: str) -> str:
     looks_local = path.startswith((".", "/", "~")) or p.exists() or path.count("/") > 1
     if looks_local:
         if not p.is_dir():
-            raise ModelError(f"model.path={path!r}: no such directory")
+            raise ModelError(f"{key}={path!r}: no such directory")
         if not (p / "config.json").exists():
-            raise ModelError(f"model.path={path!r}: no config.json in that directory (not a Hugging Face model)")
+            raise ModelError(f"{key}={path!r}: no config.json in that directory (not a Hugging Face model)")
         return str(p)
     return path  # a hub id such as Qwen/Qwen2.5-0.5B-Instruct
 

@@ -35,15 +35,16 @@ def _quiet_load_report():
         log.removeFilter(drop)
 
 
-def _from_pretrained(path: str, dtype: str, **kw):
+def _from_pretrained(path: str, dtype: str, key: str, **kw):
+    """from_pretrained with the loading info; `key`: the setting the path came from, which errors name."""
     from transformers import AutoModelForSequenceClassification
 
-    src, dt = resolve_model_path(path), torch_dtype(dtype)
-    check_whole(f"reward model {path!r}", src)
+    src, dt = resolve_model_path(path, key), torch_dtype(dtype)
+    check_whole(f"{key}={path!r}", src)
     try:
         return AutoModelForSequenceClassification.from_pretrained(src, dtype=dt, output_loading_info=True, **kw)
     except (OSError, ValueError) as e:  # ValueError: an architecture with no sequence-classification class
-        raise ModelError(f"reward model {path!r}: cannot load ({e})") from e
+        raise ModelError(f"{key}={path!r}: cannot load ({e})") from e
 
 
 def _not_loaded(info: dict) -> set[str]:
@@ -59,7 +60,8 @@ def _head(model) -> torch.nn.Module:
     return head
 
 
-def init_reward_model(path: str, dtype: str = "float32", device: str = "cpu", pad_token_id: int | None = None):
+def init_reward_model(path: str, dtype: str = "float32", device: str = "cpu", pad_token_id: int | None = None,
+                      key: str = "model.path"):
     """A reward model to train, from a causal LM dir (the head starts fresh) or an existing reward model.
 
     The trunk must load completely; only the `score` head may be new. config.pad_token_id is set
@@ -67,7 +69,7 @@ def init_reward_model(path: str, dtype: str = "float32", device: str = "cpu", pa
     Returned as from_pretrained leaves it (eval mode; dropout is off either way): call .train() to train.
     """
     with _quiet_load_report():  # a new head is the expected case here, not news
-        model, info = _from_pretrained(path, dtype, num_labels=1, ignore_mismatched_sizes=True)
+        model, info = _from_pretrained(path, dtype, key, num_labels=1, ignore_mismatched_sizes=True)
     _head(model)
     trunk_missing = sorted(k for k in _not_loaded(info) if not k.startswith(HEAD + "."))
     if trunk_missing:
@@ -84,18 +86,20 @@ def init_reward_model(path: str, dtype: str = "float32", device: str = "cpu", pa
     return model.to(device)
 
 
-def load_reward_model(path: str, dtype: str = "float32", device: str = "cpu"):
-    """A trained reward model, strictly: every weight, the head included, must come from the checkpoint."""
-    model, info = _from_pretrained(path, dtype)
+def load_reward_model(path: str, dtype: str = "float32", device: str = "cpu", key: str = "reward_model.path"):
+    """A trained reward model, strictly: every weight, the head included, must come from the checkpoint.
+    `key`: the setting the path came from, which errors name."""
+    model, info = _from_pretrained(path, dtype, key)
     _head(model)
     new = sorted(_not_loaded(info))
     if any(k.startswith(HEAD + ".") for k in new):  # checked first: a causal LM's config also says num_labels=2
-        raise ModelError(f"reward model {path!r}: no trained `{HEAD}` head in the checkpoint ({', '.join(new[:5])} "
-                         "would be newly initialised); is it a plain causal LM? Start from it with init_reward_model")
+        raise ModelError(f"{key}={path!r}: no trained `{HEAD}` head in the checkpoint ({', '.join(new[:5])} "
+                         "would be newly initialised); is it a plain causal LM? Train a reward model from it "
+                         f"first: grpo rm model.path={path}")
     if new:
-        raise ModelError(f"reward model {path!r}: weights missing from the checkpoint: {new[:5]}")
+        raise ModelError(f"{key}={path!r}: weights missing from the checkpoint: {new[:5]}")
     if model.config.num_labels != 1:
-        raise ModelError(f"reward model {path!r}: num_labels={model.config.num_labels}, a reward model has 1")
+        raise ModelError(f"{key}={path!r}: num_labels={model.config.num_labels}, a reward model has 1")
     disable_dropout(model)
     return model.to(device).eval()
 

@@ -81,3 +81,21 @@ def test_bon_picks_by_the_reward_model_s_raw_score_whatever_the_squash(tiny_mode
     assert all(a <= b + 1e-6 for a, b in zip([e["rm/mean"] for e in clip], [e["rm/mean"] for e in clip][1:]))
     rows = [json.loads(x) for x in (tmp_path / "clip" / "best_of_n.jsonl").read_text().splitlines()]
     assert {r["judge_reward"] for r in rows} <= {0.0, 1.0}  # the clipped rewards tie: raw scores break the tie
+
+
+@pytest.mark.slow
+def test_a_bad_reward_model_path_is_one_line_naming_reward_model_path(tiny_model_dir, tmp_path):
+    """A missing reward model is named by its own setting (it was reported as model.path=...), and a
+    causal LM given as one points at the command that trains a reward model from it (it named a
+    Python function)."""
+    from tests.conftest import run_grpo
+
+    common = [f"model.path={tiny_model_dir}", "task=arithmetic", "bon.n=2", "bon.prompts=2"]
+    missing = tmp_path / "no_rm"
+    p = run_grpo("bon", *common, f"reward_model.path={missing}", f"hydra.run.dir={tmp_path / 'a'}")
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines() == [f"grpo bon: error: reward_model.path='{missing}': no such directory"]
+    p = run_grpo("bon", *common, f"reward_model.path={tiny_model_dir}", f"hydra.run.dir={tmp_path / 'b'}")
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1
+    assert p.stderr.strip().startswith(f"grpo bon: error: reward_model.path='{tiny_model_dir}': no trained `score` head")
+    assert p.stderr.strip().endswith(f"Train a reward model from it first: grpo rm model.path={tiny_model_dir}")
