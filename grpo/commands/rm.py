@@ -166,6 +166,9 @@ def drop_long(data: list[Encoded], limit: int | None, what: str) -> list[Encoded
 def run_rm(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     cfg = C.parse(C.RMConfig, raw)
     trainer, model, data, hp = cfg.trainer, cfg.model, cfg.data, cfg.rm
+    if trainer.max_steps < 1:  # the head would be saved as it was drawn: a "reward model" that scores noise
+        raise C.ConfigError(f"trainer.max_steps={trainer.max_steps}: grpo rm would save a reward model whose head "
+                            "was never trained; train at least 1 step")
     with Run.from_config("rm", cfg, raw, run_dir) as run:
         par, device = run.par, run.device
         run.require(trainer.batch_size, f"trainer.batch_size={trainer.batch_size}")

@@ -121,3 +121,15 @@ def test_held_out_split_keeps_every_row_of_a_prompt_together():
     held_prompts = {r.sample.prompt for r in held}
     assert len(held_prompts) == 2 and len(held) == 12  # 20% of 10 prompts, all 6 rows of each
     assert not held_prompts & {r.sample.prompt for r in train}
+
+
+def test_zero_steps_is_refused_before_anything_is_saved(tiny_model_dir, data, tmp_path):
+    """trainer.max_steps=0 used to write <run dir>/model with the head as drawn at random, a reward
+    model that scores noise; it is a config error now, and nothing is written."""
+    from grpo.parts.config import ConfigError
+
+    run_dir = tmp_path / "run"
+    with pytest.raises(ConfigError, match=r"^trainer.max_steps=0: grpo rm would save a reward model whose head was "
+                                          r"never trained"):
+        run_rm(cfg(tiny_model_dir, *data, "trainer.max_steps=0"), run_dir)
+    assert not run_dir.exists()
