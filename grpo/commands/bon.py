@@ -77,7 +77,7 @@ def run_bon(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
         engine = build_engine_from(cfg.rollout, policy, tok, model_dir, model_cfg.dtype, model_cfg.device,
                                    lambda: samples, trainer.system_prompt)
         ro, judged = sample_and_score(engine, encode_prompts(tok, samples, trainer.system_prompt), samples, opts.n,
-                                      sampling_params(cfg.rollout), judge, seed=trainer.seed)
+                                      sampling_params(cfg.rollout), judge, seed=trainer.seed, bar="bon")
         reward = judged.rewards  # [P * n] the judge's reward in [0, 1]
         # Picked by the judge's raw score (the reward model's unsquashed): a clipped reward would tie
         # every score above reward_model.scale at 1 and keep the earliest sample.

@@ -90,7 +90,7 @@ def run_eval(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
         t0 = time.time()
         seed_everything(trainer.seed)  # the samples depend on the seed, not on what loading drew
         prompts = encode_prompts(tok, samples, trainer.system_prompt, tools_of(engine))
-        ro, scored = sample_and_score(engine, prompts, samples, n, sp, verifiers)
+        ro, scored = sample_and_score(engine, prompts, samples, n, sp, verifiers, bar="eval")
         rewards, infos, rmetrics = scored.rewards, scored.infos, scored.metrics
         t2 = time.time()
     finally:

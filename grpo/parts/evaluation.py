@@ -98,19 +98,50 @@ def summarize(rewards: list[list[float]], answers: list[list[Any]] | None) -> di
 
 
 # ---- the one evaluation path ----------------------------------------------------------------
+def generate_with_bar(engine, prompt_ids: list[list[int]], n: int, sampling: SamplingParams, samples: list[Any],
+                      desc: str) -> Rollout:
+    """generate(), with a progress bar over the prompts (`desc` its label), for the commands that
+    sample for minutes (grpo bon, grpo eval). The prompts go in the chunks the hf engine makes of
+    them anyway (batch_size // n whole prompts), one after the other from the same RNG, so the
+    completions are those of one call; an engine that batches otherwise (vLLM), or reseeds each
+    call, gets one call."""
+    from tqdm.auto import tqdm
+
+    size = getattr(engine, "batch_size", None)
+    per = max(1, size // n) if size and sampling.seed is None else max(1, len(prompt_ids))
+    parts = []
+    with tqdm(total=len(prompt_ids), desc=desc, unit="prompt", dynamic_ncols=True) as bar:
+        for start in range(0, len(prompt_ids), per):
+            parts.append(generate(engine, prompt_ids[start:start + per], n, sampling, samples[start:start + per]))
+            bar.update(len(parts[-1].prompt_ids) // n)
+    if len(parts) == 1:
+        return parts[0]
+    joined = {f: [x for p in parts for x in getattr(p, f)] for f in ("prompt_ids", "completion_ids", "texts",
+                                                                   "logprobs", "finished")}
+    for f in ("model_mask", "conversations"):  # multi-turn only: None in every part, or a list in every one
+        joined[f] = None if getattr(parts[0], f) is None else [x for p in parts for x in getattr(p, f)]
+    return Rollout(**joined)
+
+
 def sample_and_score(engine, prompt_ids: list[list[int]], samples: list[Any], n: int, sampling: SamplingParams,
-                     source, seed: int | None = None) -> tuple[Rollout, Rewards]:
-    """n completions per prompt (prompt-major) and their rewards from `source`.
+                     source, seed: int | None = None, bar: str | None = None) -> tuple[Rollout, Rewards]:
+    """n completions per prompt (prompt-major) and their rewards from `source`; with `bar`, under a
+    progress bar of that label (generate_with_bar).
 
     With a seed, sampling runs under its own fork of the RNG, so evaluating more or less often
     never changes what training draws.
     """
+    def sample() -> Rollout:
+        if bar is None:
+            return generate(engine, prompt_ids, n, sampling, samples)
+        return generate_with_bar(engine, prompt_ids, n, sampling, samples, bar)
+
     if seed is None:
-        ro = generate(engine, prompt_ids, n, sampling, samples)
+        ro = sample()
     else:
         with torch.random.fork_rng(devices=list(range(torch.cuda.device_count()))):
             torch.manual_seed(seed)
-            ro = generate(engine, prompt_ids, n, sampling, samples)
+            ro = sample()
     fields = [s.fields() for s in samples for _ in range(n)]  # [P * n] prompt-major, like ro
     return ro, score_rollout(source, ro, fields)
 

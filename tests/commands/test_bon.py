@@ -26,10 +26,11 @@ def test_best_index_looks_at_the_first_k_and_breaks_ties_early():
 
 
 @pytest.mark.slow
-def test_bon_with_verifiers_as_judge_is_monotone_and_writes_sft_rows(tiny_model_dir, tmp_path):
+def test_bon_with_verifiers_as_judge_is_monotone_and_writes_sft_rows(tiny_model_dir, tmp_path, capfd):
     cfg = compose_config("bon", [f"model.path={tiny_model_dir}", "task=arithmetic", TOY, "reward_model=none",
                                  "bon.n=8", "bon.prompts=12", "bon.split=train", "rollout.max_new_tokens=6"])
     summary = run_bon(cfg, tmp_path)
+    assert "bon: 100%" in capfd.readouterr().err  # a bar over the 12 prompts while it samples
     by_k = summary["by_k"]
     assert [e["k"] for e in by_k] == [1, 2, 4, 8]
     # The judge is the true score here, and the first k samples are nested: best-of-k never drops.
@@ -99,3 +100,27 @@ def test_a_bad_reward_model_path_is_one_line_naming_reward_model_path(tiny_model
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1
     assert p.stderr.strip().startswith(f"grpo bon: error: reward_model.path='{tiny_model_dir}': no trained `score` head")
     assert p.stderr.strip().endswith(f"Train a reward model from it first: grpo rm model.path={tiny_model_dir}")
+
+
+def test_the_bar_samples_in_the_engine_s_own_chunks_so_the_draws_are_one_call_s(tiny_model_dir, capfd):
+    """generate_with_bar (grpo bon's and grpo eval's bar) hands the hf engine the chunks it makes
+    itself: batch_size 8 // n 4 = 2 prompts a chunk, 5 prompts -> 3 calls; from the same seed they
+    draw exactly what one call draws, and the bar counts the 5 prompts."""
+    import torch
+
+    from grpo.parts.evaluation import generate_with_bar
+    from grpo.parts.modeling import load_model, load_tokenizer
+    from grpo.parts.rollout.base import SamplingParams
+    from grpo.parts.rollout.hf import HFEngine
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    engine = HFEngine(load_model(str(tiny_model_dir)), tok, batch_size=8)
+    prompts = [tok(f"What is {i} + {i}?", add_special_tokens=False)["input_ids"] for i in range(5)]
+    sp = SamplingParams(temperature=1.0, max_new_tokens=5)
+    torch.manual_seed(3)
+    one = engine.generate(prompts, 4, sp)
+    torch.manual_seed(3)
+    barred = generate_with_bar(engine, prompts, 4, sp, [None] * 5, "bon")
+    assert barred == one and len(one.texts) == 20
+    err = capfd.readouterr().err
+    assert "bon: 100%" in err and "5/5" in err
