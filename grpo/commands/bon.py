@@ -28,6 +28,7 @@ from typing import Any
 from grpo.parts import config as C
 from grpo.parts.config import ConfigError
 from grpo.parts.evaluation import k_values, sample_and_score
+from grpo.parts.logs import where
 from grpo.parts.modeling import load_model, load_tokenizer, pick_device, resolve_model_dir
 from grpo.parts.reward_sources import RewardInputs, build_rewards_from
 from grpo.parts.rollout import build_engine_from, encode_prompts, sampling_params
@@ -111,7 +112,8 @@ def run_bon(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     summary = {"model": model_cfg.path, "reward_model": rm.path, "task": cfg.task.get("name"), "split": opts.split,
-               "prompts": P, "n": n, "temperature": cfg.rollout.temperature, "by_k": table, "output": str(output)}
+               "prompts": P, "n": n, "temperature": cfg.rollout.temperature, "by_k": table, "output": str(output),
+               "run_dir": str(run_dir)}
     summary_path = output.with_name(output.stem + ".summary.json")
     summary_path.write_text(json.dumps(summary, indent=2) + "\n")
     judge_name = "reward model" if rm.path else "verifiers"
@@ -121,5 +123,5 @@ def run_bon(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
         rv = f"{entry['rm/mean']:.4f}" if "rm/mean" in entry else "-"
         tv = f"{entry['true/mean']:.4f}" if "true/mean" in entry else "-"
         print(f"  {entry['k']:>4}  {entry['kl']:>9.3f}  {entry['judge/mean']:>8.4f}  {rv:>8}  {tv:>8}")
-    print(f"rows for grpo sft: {output}\nsummary: {summary_path}")
+    print("\n".join(where(("run dir", run_dir), ("rows", f"{output} (for grpo sft)"), ("summary", summary_path))))
     return summary

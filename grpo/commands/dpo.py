@@ -32,6 +32,7 @@ from grpo.algorithm.preference_losses import dpo_loss
 from grpo.parts import config as C
 from grpo.parts.batch import batch_logprobs, pack
 from grpo.parts.distributed import full_tensor, shard
+from grpo.parts.evaluation import eval_headline
 from grpo.parts.optim import optimizer_step
 from grpo.parts.rollout import push_weights
 from grpo.parts.run import Run
@@ -186,5 +187,4 @@ def run_dpo(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
             loss_v = metrics.pop("loss")
             step.done({"loss": loss_v, **metrics, "grad_norm": grad_norm, "lr": lr}, bar={"loss": f"{loss_v:.3f}"})
 
-        return run.finish(lambda first, last: [
-            f"eval reward: {first['eval/reward/mean']:.3f} -> {last['eval/reward/mean']:.3f}"], model=policy.model)
+        return run.finish(eval_headline, model=policy.model)

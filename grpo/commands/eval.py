@@ -20,6 +20,7 @@ from grpo.parts import config as C
 from grpo.parts.seeding import seed_everything
 from grpo.parts.config import ConfigError
 from grpo.parts.evaluation import k_values, sample_and_score, summarize
+from grpo.parts.logs import where
 from grpo.parts.modeling import eos_ids, load_model, load_tokenizer, pick_device, resolve_model_dir
 from grpo.parts.reward_sources import build_rewards_from
 from grpo.parts.rollout import build_engine_from, encode_prompts, sampling_params, tools_of
@@ -51,7 +52,7 @@ def format_table(s: dict[str, Any]) -> str:
         lines.append("  maj@k: no verifier reports extracted answers")
     lines.append(f"  completion length {s['completion/len_mean']:.1f} tokens, "
                  f"{s['completion/truncated_frac']:.1%} cut at max_new_tokens")
-    lines += [f"samples: {s['output']}", f"summary: {s['summary']}"]
+    lines += where(("run dir", s["run_dir"]), ("samples", s["output"]), ("summary", s["summary"]))
     return "\n".join(lines)
 
 
@@ -131,7 +132,7 @@ def run_eval(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
         "completion/truncated_frac": 1.0 - sum(ro.finished) / len(ro.finished),
         **(conversation_metrics(ro.conversations) if ro.conversations is not None else {}),
         "time/generate_and_score": t2 - t0,
-        "output": str(output), "summary": str(summary_path),
+        "output": str(output), "summary": str(summary_path), "run_dir": str(run_dir),
     }
     summary_path.write_text(json.dumps(summary, indent=2) + "\n")
     print(format_table(summary), flush=True)

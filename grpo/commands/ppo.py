@@ -33,7 +33,6 @@ reward sources' means and stds).
 from __future__ import annotations
 
 import logging
-import math
 import random
 import time
 from pathlib import Path
@@ -48,6 +47,7 @@ from grpo.parts import checkpoint
 from grpo.parts import config as C
 from grpo.parts.batch import RolloutBatch, batch_logprobs, batch_tensors, encode_rows, engine_logprobs, pack
 from grpo.parts.distributed import call, full_tensor, shard
+from grpo.parts.evaluation import eval_headline
 from grpo.parts.modeling import backbone
 from grpo.parts.reward_model import init_reward_model, load_reward_model
 from grpo.parts.reward_sources import score_rollout
@@ -313,6 +313,4 @@ def run_ppo(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
             }
             step.done(metrics, bar={"score": f"{metrics['objective/scores']:.3f}"})
 
-        return run.finish(lambda first, last: [
-            f"eval true score: {first['eval/reward/mean']:.3f} -> {last['eval/reward/mean']:.3f}   "
-            f"KL {last.get('eval/kl', math.nan):.2f}"])
+        return run.finish(lambda first, last: eval_headline(first, last, "eval true score"))

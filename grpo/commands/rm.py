@@ -230,7 +230,8 @@ def run_rm(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
 
         def headline(first: dict[str, Any], last: dict[str, Any]) -> list[str]:
             if "eval/accuracy" in last:
-                return [f"held-out pairwise accuracy: {first['eval/accuracy']:.3f} -> {last['eval/accuracy']:.3f}"]
-            return [f"held-out MSE: {first['eval/mse']:.4f} -> {last['eval/mse']:.4f}"]
+                return [f"held-out pairwise accuracy over {len(held_out)} pairs: {first['eval/accuracy']:.3f} -> "
+                        f"{last['eval/accuracy']:.3f}"]
+            return [f"held-out MSE over {len(held_out)} rows: {first['eval/mse']:.4f} -> {last['eval/mse']:.4f}"]
 
         return run.finish(headline, model=scorer, normalizer=norm)  # the model's config carries the normaliser

@@ -48,6 +48,7 @@ from grpo.parts import config as C
 from grpo.parts.batch import (batch_logprobs, engine_logprobs, group_logprobs, micro_batches, pack, pack_groups,
                               supports_shared_prompt)
 from grpo.parts.distributed import full_tensor, shard
+from grpo.parts.evaluation import eval_headline
 from grpo.parts.reward_sources import score_rollout
 from grpo.parts.rollout import SamplingParams, encode_prompts, push_weights, sampling_params, task_prompts, tools_of
 from grpo.parts.rollout.base import Rollout
@@ -391,11 +392,6 @@ def update(grpo: GRPO, run: Run, ro, rewards: torch.Tensor, offset: int) -> dict
     }
 
 
-def headline(first: dict[str, Any], last: dict[str, Any]) -> list[str]:
-    return [f"eval reward: {first['eval/reward/mean']:.3f} -> {last['eval/reward/mean']:.3f}   "
-            f"greedy pass@1: {first['eval/pass@1']:.3f} -> {last['eval/pass@1']:.3f}"]
-
-
 def train(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     cfg = C.parse(C.TrainConfig, raw)
     with Run.from_config("grpo", cfg, raw, run_dir) as run:
@@ -403,4 +399,4 @@ def train(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
         for step in run.steps():
             metrics = train_step(grpo, run)
             step.done(metrics, bar={"reward": f"{metrics['reward/mean']:.3f}"})
-        return run.finish(headline)
+        return run.finish(eval_headline)

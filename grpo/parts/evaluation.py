@@ -184,7 +184,7 @@ def policy_eval(engine, prompt_ids: list[list[int]], samples: list[Any], samplin
             kl_batch_size = len(samples)
         metrics, table = policy_eval(engine, prompt_ids[lo:hi], samples[lo:hi], sampling, greedy, verifiers, rm, seed,
                                      log_samples, kl_models, pad_id, kl_batch_size)
-        return par.reduce_metrics(metrics, hi - lo), table
+        return {**par.reduce_metrics(metrics, hi - lo), "eval/prompts": len(samples)}, table
     sampled, rs = sample_and_score(engine, prompt_ids, samples, 1, sampling, verifiers, seed)
     _, rg = sample_and_score(engine, prompt_ids, samples, 1, greedy, verifiers, seed)
     P = len(samples)
@@ -194,6 +194,7 @@ def policy_eval(engine, prompt_ids: list[list[int]], samples: list[Any], samplin
         "eval/greedy/reward/mean": sum(rg.rewards) / P,
         "eval/pass@1": sum(r >= 1.0 for r in rg.rewards) / P,
         "eval/completion/len_mean": sum(len(c) for c in sampled.completion_ids) / P,
+        "eval/prompts": P,
     }
     if rm is not None:
         metrics["eval/rm_score"] = float(rm.score(sampled.prompt_ids, sampled.completion_ids).mean())
@@ -207,3 +208,24 @@ def policy_eval(engine, prompt_ids: list[list[int]], samples: list[Any], samplin
               "completion": c, "reward": r}
              for s, c, r in list(zip(samples, texts, rs.rewards))[:log_samples]]
     return metrics, table
+
+
+def pass_fail(evaluation: dict[str, Any]) -> bool:
+    """Whether an evaluation's greedy rewards were all 0 or 1 (a verifier's pass or fail), so that its
+    pass@1 means something. Rewards are at most 1, so the share of 1s equals their mean only when
+    none lies in between: a continuous score (the preference task's hidden rule) has no pass."""
+    return abs(evaluation["eval/pass@1"] - evaluation["eval/greedy/reward/mean"]) < 1e-9
+
+
+def eval_headline(first: dict[str, Any], last: dict[str, Any], name: str = "eval reward") -> list[str]:
+    """The summary's line of a policy's first and last evaluation (policy_eval): the mean reward of
+    the samples (`name`), over how many held-out prompts; greedy pass@1 where the rewards are pass or
+    fail (pass_fail); the KL from the reference where it was measured."""
+    n = last.get("eval/prompts")
+    line = f"{name}{f' over {n} held-out prompts' if n else ''}: {first['eval/reward/mean']:.3f} -> " \
+           f"{last['eval/reward/mean']:.3f}"
+    if pass_fail(first) and pass_fail(last):
+        line += f"   greedy pass@1: {first['eval/pass@1']:.3f} -> {last['eval/pass@1']:.3f}"
+    if "eval/kl" in last:
+        line += f"   KL {last['eval/kl']:.2f}"
+    return [line]

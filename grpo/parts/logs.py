@@ -35,6 +35,13 @@ def write_record(run_dir: Path, prefix: str, config_yaml: str, overrides: list[s
     (d / f"{prefix}overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides) or "[]\n")
 
 
+def where(*items: tuple[str, object]) -> list[str]:
+    """The lines of a command's summary that say where its outputs went, `label: path`, one column
+    (Run.finish for the trainers: run dir, metrics, checkpoint, model; grpo bon and grpo eval: run
+    dir, rows, summary)."""
+    return [f"{label + ':':<13}{value}" for label, value in items]
+
+
 class _BarSafeHandler(logging.StreamHandler):
     """Writes through tqdm, so a message does not tear the progress bar."""
 

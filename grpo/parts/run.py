@@ -433,10 +433,11 @@ class Run:
                    "model": str(out) if out else None, "steps": self.step,
                    "first_eval": self.first_eval, "last_eval": self.last_eval, **extra}
         if self.par.main:
-            lines = ["", f"done after {self.step} steps", f"run dir:     {summary['run_dir']}",
-                     f"metrics:     {summary['metrics']}", f"checkpoint:  {summary['checkpoint']}"]
-            if out:
-                lines.append(f"model:       {out}")
+            from grpo.parts.logs import where
+
+            lines = ["", f"done after {self.step} steps", *where(
+                ("run dir", summary["run_dir"]), ("metrics", summary["metrics"]), ("checkpoint", summary["checkpoint"]),
+                *([("model", out)] if out else []))]
             if headline and self.first_eval and self.last_eval:
                 lines += headline(self.first_eval, self.last_eval)
             print("\n".join(lines))

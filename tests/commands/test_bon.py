@@ -30,7 +30,11 @@ def test_bon_with_verifiers_as_judge_is_monotone_and_writes_sft_rows(tiny_model_
     cfg = compose_config("bon", [f"model.path={tiny_model_dir}", "task=arithmetic", TOY, "reward_model=none",
                                  "bon.n=8", "bon.prompts=12", "bon.split=train", "rollout.max_new_tokens=6"])
     summary = run_bon(cfg, tmp_path)
-    assert "bon: 100%" in capfd.readouterr().err  # a bar over the 12 prompts while it samples
+    out, err = capfd.readouterr()
+    assert "bon: 100%" in err  # a bar over the 12 prompts while it samples
+    # where it went, in the trainers' summary's own column (grpo.parts.logs.where)
+    assert out.splitlines()[-3:] == [f"run dir:     {tmp_path}", f"rows:        {tmp_path / 'best_of_n.jsonl'} (for "
+                                     "grpo sft)", f"summary:     {tmp_path / 'best_of_n.summary.json'}"]
     by_k = summary["by_k"]
     assert [e["k"] for e in by_k] == [1, 2, 4, 8]
     # The judge is the true score here, and the first k samples are nested: best-of-k never drops.

@@ -126,7 +126,10 @@ def test_eval_writes_samples_and_a_summary_that_agree(tiny_model_dir, tmp_path, 
     assert s["answers_from"] == "has_digit"
     assert json.loads((tmp_path / "eval_samples.summary.json").read_text()) == s
     out = capsys.readouterr().out
-    assert "pass@k" in out and f"{s['pass@4']:.4f}" in out and "eval_samples.jsonl" in out
+    assert "pass@k" in out and f"{s['pass@4']:.4f}" in out
+    # where it went, in the trainers' summary's own column (grpo.parts.logs.where)
+    assert out.splitlines()[-3:] == [f"run dir:     {tmp_path}", f"samples:     {tmp_path / 'eval_samples.jsonl'}",
+                                     f"summary:     {tmp_path / 'eval_samples.summary.json'}"]
 
 
 def test_checkpoint_model_dir_checkpoint_dir_and_run_dir_all_evaluate_the_same_weights(tiny_model_dir, tmp_path):
@@ -177,3 +180,21 @@ def test_embedded_model_on_arithmetic_with_the_math_verifier(tmp_path):
     assert s["answers_from"] == "math" and s["verifier/math/errors"] == 0
     recs = read_jsonl(s["output"])
     assert any(r["info"]["math"]["reason"] == "correct" for r in recs)
+
+
+def test_the_trainers_summary_line_says_over_how_many_prompts_and_shows_pass_at_1_only_for_pass_or_fail():
+    """eval_headline, the summary line of grpo train, ppo and dpo. A continuous score (the preference
+    task's hidden rule) has greedy rewards between 0 and 1: its pass@1 (the share of greedy rewards
+    that are 1) is far below its greedy mean and reads like a failure, so it is left out; for a
+    verifier's pass or fail the two are equal (here 0.25 and 0.5) and it is shown."""
+    from grpo.parts.evaluation import eval_headline
+
+    def ev(mean, greedy, pass1, **more):
+        return {"eval/reward/mean": mean, "eval/greedy/reward/mean": greedy, "eval/pass@1": pass1,
+                "eval/prompts": 64, **more}
+
+    continuous = eval_headline(ev(0.302, 0.41, 0.0), ev(0.951, 0.93, 0.047))
+    assert continuous == ["eval reward over 64 held-out prompts: 0.302 -> 0.951"]
+    binary = eval_headline(ev(0.3, 0.25, 0.25), ev(0.8, 0.5, 0.5, **{"eval/kl": 2.345}), "eval true score")
+    assert binary == ["eval true score over 64 held-out prompts: 0.300 -> 0.800   greedy pass@1: 0.250 -> 0.500   "
+                      "KL 2.35"]

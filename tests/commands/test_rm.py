@@ -37,10 +37,12 @@ def metrics(run_dir):
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_rm_learns_rankings_and_saves_a_normalised_reward_model(tiny_model_dir, data, tmp_path):
+def test_rm_learns_rankings_and_saves_a_normalised_reward_model(tiny_model_dir, data, tmp_path, capsys):
     train, held = data
     run = tmp_path / "run"
     summary = run_rm(cfg(tiny_model_dir, train, held, "trainer.max_steps=40"), run)
+    # the summary says what the held-out figure is over: 6 prompts x 3 pairs
+    assert capsys.readouterr().out.splitlines()[-1].startswith("held-out pairwise accuracy over 18 pairs: ")
     evals = [r for r in metrics(run) if "eval/accuracy" in r]
     assert [r["step"] for r in evals] == [0, 10, 20, 30, 40]
     assert evals[-1]["eval/accuracy"] == 1.0 and evals[-1]["eval/margin"] > 0
@@ -133,3 +135,16 @@ def test_zero_steps_is_refused_before_anything_is_saved(tiny_model_dir, data, tm
                                           r"never trained"):
         run_rm(cfg(tiny_model_dir, *data, "trainer.max_steps=0"), run_dir)
     assert not run_dir.exists()
+
+
+def test_score_data_trains_the_pointwise_loss_and_the_summary_gives_the_held_out_mse(tiny_model_dir, tmp_path, capsys):
+    """Rows of `score`: the summary's last line is the held-out MSE, and says over how many rows:
+    20 prompts with 2 scored rows each, eval_fraction 0.2 holds out round(20 x 0.2) = 4 prompts = 8 rows."""
+    rows = [{"prompt": f"q{i}?", "response": r, "score": v} for i in range(20) for r, v in (("yes", 1.0), ("no", 0.0))]
+    run = tmp_path / "run"
+    run_rm(compose_config("rm", [f"model.path={tiny_model_dir}", f"data.path={write(tmp_path / 's.jsonl', rows)}",
+                                 "data.eval_fraction=0.2", "trainer.batch_size=4", "trainer.max_steps=2"]), run)
+    evals = [r for r in metrics(run) if "eval/mse" in r]
+    assert [r["step"] for r in evals] == [0, 2]
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last == f"held-out MSE over 8 rows: {evals[0]['eval/mse']:.4f} -> {evals[1]['eval/mse']:.4f}"
