@@ -4,6 +4,10 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 ARGS   ?=
 STAMP  := $(VENV)/.installed
+# setuptools' editable build ends with a notice block ("Editable installation ... be careful with
+# folders ... with the same name as your package"), which pip shows even with -q: filtered by its
+# message alone, every other warning still shows.
+QUIET_EDITABLE := PYTHONWARNINGS="ignore:Editable installation"
 
 .PHONY: setup train test test-fast embedded-model embedded-rm prefs-data setup-vllm clean
 
@@ -18,7 +22,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --upgrade pip
 	# Pin torch first: unpinned, pip would pull several GB of CUDA packages on a CPU machine.
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[dev]"
+	$(QUIET_EDITABLE) $(PIP) install -q -e ".[dev]"
 	touch $(STAMP)
 
 train: setup
@@ -72,7 +76,7 @@ bench-trl:
 	  $(VENV_BENCH)/bin/python -m pip install -q --upgrade pip; \
 	  $(VENV_BENCH)/bin/python -m pip install -q torch==2.13.0; \
 	  $(VENV_BENCH)/bin/python -m pip install -q "trl==$(TRL_VERSION)"; \
-	  $(VENV_BENCH)/bin/python -m pip install -q -e .; \
+	  $(QUIET_EDITABLE) $(VENV_BENCH)/bin/python -m pip install -q -e .; \
 	  touch $(VENV_BENCH)/.installed; }
 	$(VENV_BENCH)/bin/python bench/bench_vs_trl.py $(ARGS)
 
