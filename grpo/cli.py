@@ -198,6 +198,14 @@ def _hydra_job(config_name: str, fn, argv: list[str]) -> int:
             result["rc"] = 2
             if fresh:  # each rank after its own writes: the last one leaves nothing behind
                 checkpoint.remove_if_empty_run(run_dir)
+        except RuntimeError as e:
+            if not (distributed.world() > 1 and "timed out" in str(e).lower()):
+                raise
+            # a rank went silent (the SilentRanks line before this one names it): one line per rank
+            why = str(e).strip().splitlines()[0]
+            print(f"grpo {config_name}: error (rank {distributed.rank()}): a collective gave up waiting for the other "
+                  f"ranks after parallel.collective_timeout_s: {why}", file=sys.stderr, flush=True)
+            result["rc"] = 1
         except BaseException:
             if fresh:
                 checkpoint.remove_if_empty_run(run_dir)

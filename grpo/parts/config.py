@@ -69,6 +69,8 @@ class ParallelConfig:
     strategy: str = choice("ddp", "ddp", "fsdp2")
     mixed_precision: str = choice("auto", "auto", "bf16", "fp32")  # auto: bf16 compute, fp32 reduce on GPUs under fsdp2
     ref_on_cpu: bool = False  # the frozen models (reference, reward model) whole on the CPU, not beside the policy
+    collective_timeout_s: float = num(1800.0, gt=0)  # how long a collective waits for a silent rank before the job ends
+    silent_rank_warn_s: float = num(60.0, ge=0)  # log which rank has not answered for this long (0 = never)
 
 
 @dataclass

@@ -19,6 +19,14 @@ ones are weighted 0), and `Lockstep` keeps generation in step when ranks finish 
 The model goes through a `Forward` wrapper: `wrapper(fn=f, ...)` runs `f(model, ...)` inside the
 wrapper's forward, so DDP's and FSDP2's hooks see every pass, including the shared-prompt layout,
 which calls the backbone and the LM head separately.
+
+A rank that stops answering (SIGSTOP, swapped out, hung in a driver) leaves the others blocked in
+their next collective. Two settings bound that: `parallel.collective_timeout_s` (how long a
+collective waits before the job ends with an error; PyTorch's own default is 30 min for gloo) and
+`parallel.silent_rank_warn_s`: every rank beats a counter in the launcher's store once a second
+(`SilentRanks`), and when a peer's counter has not moved for that long the lowest live rank logs
+which rank is silent, where this rank is (the step, the evaluation, the checkpoint) and when the
+wait will end.
 """
 
 from __future__ import annotations
@@ -27,6 +35,10 @@ import contextlib
 import datetime
 import gc
 import os
+import sys
+import threading
+import time
+from collections.abc import Callable
 from collections.abc import Iterator
 from typing import Any
 
@@ -137,21 +149,96 @@ def _to(x: Any, device: str) -> Any:
     return x.to(device) if hasattr(x, "to") and not isinstance(x, torch.nn.Module) else x
 
 
+class SilentRanks:
+    """A daemon thread that names a rank gone silent. Every `beat` seconds it adds 1 to this rank's
+    counter in the launcher's TCP store (its own client connection: the default group's store may be
+    busy) and reads the others'; a peer whose counter has not moved for `after_s` seconds is logged
+    once by the lowest rank still beating (in its view), with `where()` (what this rank is doing) and
+    the collective timeout; its return is logged too. Counters, not clocks: hosts' clocks may differ.
+    A process frozen by SIGSTOP freezes its threads too, so its counter stops: that is the signal."""
+
+    def __init__(self, rank: int, world: int, after_s: float, timeout_s: float, where: Callable[[], str],
+                 store: Any = None):
+        self.rank, self.world, self.after_s, self.timeout_s, self.where = rank, world, after_s, timeout_s, where
+        self.beat = min(1.0, after_s / 4)
+        self.prefix = f"grpo/beat/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+        self.store = store if store is not None else dist.TCPStore(
+            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+            timeout=datetime.timedelta(seconds=max(10.0, after_s)))
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="grpo-silent-ranks", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        seen = {p: (-1, time.monotonic()) for p in range(self.world) if p != self.rank}
+        silent: set[int] = set()
+        try:
+            while not self.stopping.wait(self.beat):
+                self.store.add(self.prefix + str(self.rank), 1)
+                now = time.monotonic()
+                for p, (count, since) in seen.items():
+                    c = self.store.add(self.prefix + str(p), 0)  # adding 0 reads without blocking
+                    if c != count:
+                        seen[p] = (c, now)
+                        if p in silent:
+                            silent.discard(p)
+                            self._say(silent, f"rank {p} answers again after {now - since:.0f} s")
+                    elif p not in silent and now - since > self.after_s:
+                        silent.add(p)
+                        self._say(silent, f"rank {p} has not answered for {now - since:.0f} s (stopped by SIGSTOP, "
+                                  f"swapped out or hung?) while this rank is at {self.where()}; the ranks wait for it "
+                                  f"until parallel.collective_timeout_s={self.timeout_s:.0f} s, then the job ends")
+        except Exception as e:  # the launcher's store is gone: the job is ending, or it never had one
+            if not self.stopping.is_set():
+                print(f"grpo: rank {self.rank}: silent-rank check ended: {str(e).splitlines()[0] if str(e) else e!r}",
+                      file=sys.stderr, flush=True)
+
+    def _say(self, silent: set[int], text: str) -> None:
+        if self.rank == min(set(range(self.world)) - silent):
+            from tqdm import tqdm  # clears the progress bar's line, prints, redraws the bar
+
+            tqdm.write(f"grpo: rank {self.rank}: {text}", file=sys.stderr)
+
+    def close(self) -> None:
+        self.stopping.set()
+
+
 class Parallel:
-    """This process's place among the ranks and the strategy its models are wrapped with."""
+    """This process's place among the ranks and the strategy its models are wrapped with. `doing`
+    names what this rank is at, for `SilentRanks`' messages."""
 
     def __init__(self, strategy: str = "ddp", device: str = "cpu", mixed_precision: str = "auto"):
         init_process_group()
         self.rank, self.world = rank(), world()
+        self.doing = "the start"
+        self.silent: SilentRanks | None = None
         self.strategy = strategy if self.world > 1 else "none"
         self.device = device
         if self.world > 1 and device.startswith("cuda"):
             self.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
         self.mixed_precision = mixed_precision
 
+    def watch(self, timeout_s: float, silent_after_s: float) -> None:
+        """Under torchrun (a run's start; `close` ends it): `timeout_s` becomes the process group's
+        collective timeout, and `silent_after_s` (0 = off) starts a `SilentRanks` watch."""
+        if self.world == 1:
+            return
+        # The group was joined before the config was read (the ranks agree on the run dir first)
+        dist.distributed_c10d._set_pg_timeout(datetime.timedelta(seconds=timeout_s))
+        if silent_after_s > 0 and self.silent is None and "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:
+            try:
+                self.silent = SilentRanks(self.rank, self.world, silent_after_s, timeout_s, lambda: self.doing)
+            except Exception as e:  # noqa: BLE001 - a missing watch costs its messages, never the run
+                print(f"grpo: rank {self.rank}: no silent-rank check (the launcher's store at "
+                      f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}: {e})", file=sys.stderr, flush=True)
+
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+    def close(self) -> None:
+        if self.silent is not None:
+            self.silent.close()
 
     @property
     def sharded(self) -> bool:

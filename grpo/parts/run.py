@@ -120,7 +120,8 @@ class Run:
     def __init__(self, command: str, run_dir: Path, raw: dict[str, Any], *, max_steps: int, seed: int, resume: Any,
                  eval_every: int = 0, save_every: int = 0, keep_checkpoints: int = 2, log_every: int = 1,
                  log_first: bool = False, strategy: str = "ddp", mixed_precision: str = "auto", device: str = "auto",
-                 ref_on_cpu: bool = False, logger: Any = None, logprob_chunk: int = 0):
+                 ref_on_cpu: bool = False, logger: Any = None, logprob_chunk: int = 0,
+                 collective_timeout_s: float = 1800.0, silent_rank_warn_s: float = 60.0):
         self.command, self.run_dir, self.raw = command, Path(run_dir), raw
         self.max_steps, self.seed = max_steps, seed
         self.eval_every, self.save_every, self.keep = eval_every, save_every, keep_checkpoints
@@ -128,6 +129,7 @@ class Run:
         self.ref_on_cpu, self.logger_cfg = ref_on_cpu, logger
         self.logprob_chunk = logprob_chunk  # tokens per LM-head chunk of the models' log-probs (0 = all)
         self.par = Parallel(strategy, pick_device(device), mixed_precision)
+        self.par.watch(collective_timeout_s, silent_rank_warn_s)
         self.device = self.par.device
         # One writer per run dir (an OS lock; the CLI has taken it already, for the command's whole run).
         self._locked = runlock.hold(self.run_dir)
@@ -162,7 +164,8 @@ class Run:
                    keep_checkpoints=trainer.keep_checkpoints, log_every=getattr(trainer, "log_every", 1),
                    log_first=log_first, strategy=parallel.strategy, mixed_precision=parallel.mixed_precision,
                    device=cfg.model.device, ref_on_cpu=parallel.ref_on_cpu, logger=cfg.logger,
-                   logprob_chunk=getattr(trainer, "logprob_chunk", 0))
+                   logprob_chunk=getattr(trainer, "logprob_chunk", 0),
+                   collective_timeout_s=parallel.collective_timeout_s, silent_rank_warn_s=parallel.silent_rank_warn_s)
 
     # ---- what the run closes -----------------------------------------------------------------
     def __enter__(self) -> Run:
@@ -196,6 +199,7 @@ class Run:
         # Let go of the models now: the evaluation closure refers back to the run, and a cycle would
         # keep a sharded model (and the process group it holds) alive past the group's end.
         self._evaluate, self._policy, self._models, self._stateful, self._parts = None, None, {}, {}, []
+        self.par.close()
         self._unlock()
         if failed is not None:
             raise failed
@@ -323,6 +327,7 @@ class Run:
         """A checkpoint of everything `restore` named, at the current step (called by every rank)."""
         policy = self._policy
         merged = policy is not None and policy.save_merged and self.par.world == 1 and is_lora(policy.model)
+        self.par.doing = f"the checkpoint of step {self.step}"
         self.last_checkpoint = checkpoint.save_run(
             self.run_dir, self.step, self.par, self._models, self.tok, self._stateful, self.progress, self.keep,
             {"merged": plain_copy(policy.model)} if merged else None)
@@ -339,6 +344,7 @@ class Run:
         if self._evaluate is None:
             return {}
         t0 = time.time()
+        self.par.doing = f"the evaluation after step {self.step}"
         metrics, table = self._evaluate()
         if metrics:
             metrics["time/eval"] = time.time() - t0
@@ -389,6 +395,7 @@ class Run:
         try:
             while self.step < self.max_steps:
                 step = Step(self.step)
+                self.par.doing = f"step {self.step + 1}"
                 yield step
                 if step.metrics is None:
                     raise RuntimeError(f"{self.command}: a step ended without step.done(metrics)")

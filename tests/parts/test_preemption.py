@@ -105,3 +105,99 @@ def test_ranks_orphaned_by_a_sigkilled_torchrun_save_and_stop(tiny_model_dir, tm
     out, _ = p.communicate(timeout=60)  # the ranks' stdout is the launcher's pipe, which they still hold
     ranks_gone(str(run), 60)
     assert_saved_where_it_stopped(run, stopped_line(out), "the end of its launcher (torchrun)")
+
+
+def rank_pid(token: str, rank: int) -> int:
+    """The pid of the worker with RANK=rank among the processes whose command line holds `token`
+    (torchrun's launcher has no RANK in its environment)."""
+    for pid in pids_with(token):
+        try:
+            env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env:
+            return int(pid)
+    raise AssertionError(f"no rank {rank} among the processes of {token}")
+
+
+@pytest.mark.slow
+def test_a_sigstopped_rank_is_named_and_the_job_ends_at_the_collective_timeout(tiny_model_dir, tmp_path):
+    """Before: a SIGSTOPped rank left the other blocked in its next collective for PyTorch's 30 min,
+    saying nothing. Now rank 0 names the silent rank and where it waits after
+    parallel.silent_rank_warn_s (3 s here), and the job ends after parallel.collective_timeout_s
+    (20 s here) with nothing left running."""
+    run = tmp_path / "run"
+    p = start(command(tiny_model_dir, run, "trainer.max_steps=100000", "parallel.collective_timeout_s=20",
+                      "parallel.silent_rank_warn_s=3"), run, torchrun=True)
+    stopped = rank_pid(str(run), 1)
+    t0 = time.time()
+    os.kill(stopped, signal.SIGSTOP)
+    try:
+        out, err = p.communicate(timeout=240)
+    finally:
+        try:
+            os.kill(stopped, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    took = time.time() - t0
+    assert p.returncode != 0
+    named = [x for x in err.splitlines() if "rank 1 has not answered for" in x]
+    assert len(named) == 1, err[-3000:]  # once, by rank 0 (the lowest live rank), not once per beat
+    assert named[0].startswith("grpo: rank 0: rank 1 has not answered for ")
+    assert " while this rank is at step " in named[0] or " while this rank is at the " in named[0]
+    assert "parallel.collective_timeout_s=20 s" in named[0]
+    # the wait ends at the timeout (20 s), not PyTorch's 30 min: the rest is the launcher's teardown
+    assert 20 <= took < 200, took
+    ranks_gone(str(run), 60)
+    gave_up = [x for x in err.splitlines() if x.startswith("grpo train: error (rank 0): a collective gave up")]
+    # one line, not gloo's traceback (torchrun's own ChildFailedError report follows, as for any failed rank)
+    assert len(gave_up) == 1 and f"{ROOT}/grpo/" not in err, err[-3000:]
+
+
+def test_silent_ranks_names_the_silent_one_once_and_its_return(capsys):
+    """SilentRanks against a real TCP store on loopback, two 'ranks' in one process: rank 0 beats,
+    rank 1 does not until told to. after_s 0.6 s, so beats every 0.15 s."""
+    import threading as th
+
+    import torch.distributed as dist
+
+    from grpo.parts.distributed import SilentRanks
+
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    watch = SilentRanks(0, 2, after_s=0.6, timeout_s=99, where=lambda: "step 7", store=store)
+    try:
+        time.sleep(2.0)  # rank 1 silent for > 0.6 s: named once, not once per beat
+        beats = th.Event()
+
+        def rank1():
+            while not beats.is_set():
+                store.add(watch.prefix + "1", 1)
+                time.sleep(0.1)
+
+        t = th.Thread(target=rank1, daemon=True)
+        t.start()
+        time.sleep(1.0)
+        beats.set()
+        t.join()
+    finally:
+        watch.close()
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("grpo: rank 0:")]
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("grpo: rank 0: rank 1 has not answered for ")
+    assert "while this rank is at step 7;" in lines[0] and "parallel.collective_timeout_s=99 s" in lines[0]
+    assert lines[1].startswith("grpo: rank 0: rank 1 answers again after ")
+
+
+def test_silent_ranks_the_lowest_live_rank_speaks(capsys):
+    """Rank 0 silent: rank 1 (the lowest still beating) says so; a rank 2 in the same job would not."""
+    import torch.distributed as dist
+
+    from grpo.parts.distributed import SilentRanks
+
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    one = SilentRanks(1, 3, after_s=0.6, timeout_s=99, where=lambda: "step 2", store=store)
+    two = SilentRanks(2, 3, after_s=0.6, timeout_s=99, where=lambda: "step 2", store=store)
+    time.sleep(2.0)
+    one.close(), two.close()
+    lines = [x for x in capsys.readouterr().err.splitlines() if "has not answered" in x]
+    assert len(lines) == 1 and lines[0].startswith("grpo: rank 1: rank 0 has not answered for "), lines
