@@ -136,6 +136,9 @@ def run_ppo(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
             raise C.ConfigError("ppo needs a reward: set reward_model.path or task.verifiers")
         if hp.ptx_coef > 0 and not hp.ptx_path:
             raise C.ConfigError("ppo.ptx_coef > 0 needs ppo.ptx_path (prompt/completion rows)")
+        if cfg.rollout.max_staleness:
+            raise C.ConfigError(f"rollout.max_staleness={cfg.rollout.max_staleness}: off-policy rollouts are "
+                                "grpo train's only, not yet ppo's: leave it 0")
         task = build_task(cfg.task, seed=trainer.seed)
         eval_set = run.held_out(task, trainer.eval_size)
         tok = run.tokenizer(model.path)

@@ -24,6 +24,12 @@ Where this differs from the DeepSeekMath GRPO paper (Shao et al., 2024), and why
   term). The importance ratio may be taken per sequence (`is_level`, GSPO), the loss may be CISPO's,
   engine/trainer mismatches may be masked (`mismatch`), and DAPO's overlong penalty, cut-completion
   filter and dynamic sampling are switches. The README's "The estimator pack" lists each with its paper.
+- Rollouts may be off-policy by a fixed lag (`rollout.max_staleness` = eta > 0): step k trains on the
+  rollout the policy of step k - eta generated, with the decoupled loss (ratio to the policy at the
+  start of the step, times min(pi_prox / mu, algorithm.behav_cap); Hilton et al. 2021, AReaL 2025).
+  The lag is fixed, so the run is deterministic and resumes exactly (the rollouts in flight are
+  checkpointed); the generation itself is not yet overlapped with the update (that needs rollouts on
+  their own devices).
 
 `train` is the command. `build` makes a run's GRPO parts and `train_step` takes one step on them, so a
 caller that times steps one by one (bench/bench_vs_trl.py) or checks one update (tests) runs exactly
@@ -77,7 +83,8 @@ class GRPO:
     sched: Any
     sampling: SamplingParams
     shared_prompt: bool  # one row per group: the prompt once, then its G completions
-    progress: dict[str, Any]  # {"data_pos": the next training sample, "buffer": kept groups}, checkpointed
+    progress: dict[str, Any]  # {"data_pos": the next sample, "buffer": kept groups, "inflight": lagged rollouts}
+    max_staleness: int = 0  # eta: step k trains on the rollout of step k - eta's policy
 
 
 def build(cfg: C.TrainConfig, run: Run) -> GRPO:
@@ -91,7 +98,7 @@ def build(cfg: C.TrainConfig, run: Run) -> GRPO:
         raise C.ConfigError("task.verifiers is not set: name at least one verifier, e.g. task.verifiers=[math], "
                             "or give a reward model (reward_model.path)")
     run.require(trainer.prompts_per_step, f"trainer.prompts_per_step={trainer.prompts_per_step}")
-    check_algorithm(algorithm, cfg.rollout.max_new_tokens)
+    check_algorithm(algorithm, cfg.rollout.max_new_tokens, cfg.rollout.max_staleness)
     # Every rank reads the same prompt order (the task's seed) and samples its own stream.
     task = build_task(cfg.task, seed=trainer.seed)
     eval_set = run.held_out(task, trainer.eval_size)
@@ -108,16 +115,19 @@ def build(cfg: C.TrainConfig, run: Run) -> GRPO:
     engine = run.engine(cfg.rollout, policy, model, lambda: task_prompts(task), trainer.system_prompt, cfg.task.get("env"))
     # One optimizer step per epoch over a batch: the schedule (and its warm-up) counts optimizer steps.
     opt, sched = run.optimizer(policy.fwd.parameters(), cfg.optim, trainer.max_steps * algorithm.epochs)
-    # data_pos: the next training sample; buffer: dynamic sampling's kept groups not yet trained on
-    progress = run.restore({"model": (policy.model, opt)}, {"scheduler": sched}, {"data_pos": 0, "buffer": []})
+    # data_pos: the next training sample; buffer: dynamic sampling's kept groups not yet trained on;
+    # inflight: the lagged rollouts generated for the coming steps (rollout.max_staleness > 0)
+    progress = run.restore({"model": (policy.model, opt)}, {"scheduler": sched},
+                           {"data_pos": 0, "buffer": [], "inflight": []})
+    progress.setdefault("inflight", [])  # a checkpoint from before the key
     run.evaluate_policy(engine, policy, eval_set, cfg.rollout, trainer.system_prompt, verifiers or rewards,
                         reward_model, kl_batch_size=trainer.micro_batch_size or 256, log_samples=trainer.log_samples)
     return GRPO(algorithm, trainer.prompts_per_step, trainer.micro_batch_size, trainer.max_tokens_per_batch,
                 cfg.optim.max_grad_norm, trainer.system_prompt, task, rewards, policy, engine, opt, sched,
-                sampling_params(cfg.rollout), shared_prompt, progress)
+                sampling_params(cfg.rollout), shared_prompt, progress, cfg.rollout.max_staleness)
 
 
-def check_algorithm(algorithm: C.GRPOAlgorithmConfig, max_new_tokens: int) -> None:
+def check_algorithm(algorithm: C.GRPOAlgorithmConfig, max_new_tokens: int, max_staleness: int = 0) -> None:
     """The combinations of algorithm keys that make no sense fail before the first step."""
     if algorithm.adv_estimator != "grpo" and algorithm.adv_scale is not None:
         # RLOO and REINFORCE++ have no std division of their own; dividing RLOO's leave-one-out
@@ -132,6 +142,15 @@ def check_algorithm(algorithm: C.GRPOAlgorithmConfig, max_new_tokens: int) -> No
     if algorithm.mismatch != "none" and algorithm.mismatch_low >= algorithm.mismatch_high:
         raise C.ConfigError(f"algorithm.mismatch_low={algorithm.mismatch_low} must be below "
                             f"algorithm.mismatch_high={algorithm.mismatch_high}")
+    if max_staleness:
+        if algorithm.dynamic_sampling:
+            raise C.ConfigError("rollout.max_staleness > 0 with algorithm.dynamic_sampling is not supported yet")
+        if algorithm.tis_cap > 0 or algorithm.mismatch != "none":
+            # mu is the engine's sampling probability: the behaviour weight corrects the engine's
+            # mismatch and the lag together; a second weight or mask would count the mismatch twice.
+            raise C.ConfigError("rollout.max_staleness > 0 weights every token by min(pi_prox / mu, "
+                                "algorithm.behav_cap) with mu the engine's probability: leave algorithm.tis_cap=0 "
+                                "and algorithm.mismatch=none")
 
 
 def shaped_rewards(grpo: GRPO, rewards: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -193,12 +212,14 @@ def train_step(grpo: GRPO, run: Run) -> dict[str, float]:
     G = grpo.algorithm.group_size
     if grpo.algorithm.dynamic_sampling:
         ro, shaped, offset, metrics = dynamic_sample(grpo, run)
+    elif grpo.max_staleness:
+        ro, shaped, offset, metrics = lagged_sample(grpo, run)
     else:
         got = sample(grpo, run)
         ro, shaped, offset, metrics = got.ro, got.shaped, shard(grpo.prompts_per_step, run.par.rank, run.par.world)[0] * G, got.metrics
     t2 = time.time()
     if ro is not None:
-        metrics.update(update(grpo, run, ro, shaped, offset))
+        metrics.update(update(grpo, run, ro, shaped, offset, behaviour=bool(grpo.max_staleness)))
     t3 = time.time()
     # rollout: generation (all of dynamic sampling's tries); reward: scoring
     return {**metrics, "time/rollout": t2 - t0 - metrics["time/reward"], "time/update": t3 - t2, "time/step": t3 - t0}
@@ -220,9 +241,7 @@ def dynamic_sample(grpo: GRPO, run: Run, draw=sample) -> tuple[Rollout | None, t
         tries += 1
         seen.append(got.metrics)
         varied = varied_groups(got.shaped, G).tolist()  # [B'] the try's groups, every rank's
-        first = shard(len(varied), par.rank, par.world)[0]
-        mine = [g for i, g in enumerate(split_groups(got.ro, got.shaped, G, first)) if varied[first + i]]
-        kept += [g for part in par.gather(mine) for g in part]  # prompt-major over the ranks
+        kept += [g for g, v in zip(gathered_groups(got, run, G), varied) if v]  # prompt-major over the ranks
     use, grpo.progress["buffer"] = kept[:B], kept[B:]
     metrics = {k: sum(m[k] for m in seen) / (1 if k.startswith("time/") else len(seen)) for k in seen[0]} if seen else {}
     metrics.setdefault("time/reward", 0.0)  # the step took its B groups from the buffer
@@ -235,9 +254,52 @@ def dynamic_sample(grpo: GRPO, run: Run, draw=sample) -> tuple[Rollout | None, t
                     f"no update this step (fewer groups than the {par.world} processes)")
     if len(use) < par.world:
         return None, torch.zeros(0), 0, metrics
-    lo, hi = shard(len(use), par.rank, par.world)
+    return (*my_share(use, run, G), metrics)
+
+
+def gathered_groups(got: Sampled, run: Run, G: int) -> list[dict]:
+    """The groups of one rollout (split_groups' dicts), every rank's, prompt-major, on every rank."""
+    first = shard(len(got.shaped) // G, run.par.rank, run.par.world)[0]
+    return [g for part in run.par.gather(split_groups(got.ro, got.shaped, G, first)) for g in part]
+
+
+def my_share(use: list[dict], run: Run, G: int) -> tuple[Rollout, torch.Tensor, int]:
+    """This rank's share of K groups: its rollout, the K groups' shaped rewards [K * G], its row offset."""
+    lo, hi = shard(len(use), run.par.rank, run.par.world)
     shaped = torch.tensor([r for g in use for r in g["rewards"]])  # [K * G]
-    return join_groups(use[lo:hi]), shaped, lo * G, metrics
+    return join_groups(use[lo:hi]), shaped, lo * G
+
+
+def lagged_sample(grpo: GRPO, run: Run, draw=sample) -> tuple[Rollout, torch.Tensor, int, dict[str, float]]:
+    """Off-policy rollouts by a fixed lag eta (rollout.max_staleness): step k trains on the rollout
+    generated at the start of step k - eta (the first eta + 1 steps' by the initial policy), as an
+    asynchronous system with one rollout in flight per step of lag would, but deterministically.
+
+    grpo.progress["inflight"] holds the rollouts for steps k, k + 1, ... (checkpointed, every rank's
+    groups on every rank), each tagged with the version (the number of optimizer steps) of the
+    policy that sampled it; the engine's sampling log-probs travel with them as mu. This step
+    generates with the current policy until the queue reaches step min(k + eta, max_steps - 1),
+    then takes its own. A rollout staler than eta (a run resumed with a smaller eta) is dropped and
+    counted, never trained on. At most (eta + 1) x B groups are held. Returns what dynamic_sample does."""
+    G, B, eta, k = grpo.algorithm.group_size, grpo.prompts_per_step, grpo.max_staleness, run.step
+    queue: list[dict] = grpo.progress["inflight"]
+    seen, dropped, t0 = [], 0, time.time()
+    while True:
+        while len(queue) <= eta and k + len(queue) < run.max_steps:
+            got = draw(grpo, run)
+            seen.append(got.metrics)
+            queue.append({"version": k, "groups": gathered_groups(got, run, G), "metrics": got.metrics})
+        held = len(queue) * B
+        batch = queue.pop(0)
+        if k - batch["version"] <= eta:
+            break
+        dropped += len(batch["groups"])
+    assert held <= (eta + 1) * B, (held, eta, B)
+    metrics = dict(batch["metrics"])  # the trained samples' reward and rollout figures
+    metrics["time/reward"] = sum(m["time/reward"] for m in seen)  # this step's generation's
+    metrics.update({"async/staleness": float(k - batch["version"]), "async/dropped_groups": float(dropped),
+                    "async/inflight_groups": float(held), "async/generated": float(len(seen))})
+    return (*my_share(batch["groups"], run, G), metrics)
 
 
 def split_groups(ro: Rollout, shaped: torch.Tensor, G: int, first: int) -> list[dict]:
@@ -265,9 +327,11 @@ def join_groups(groups: list[dict]) -> Rollout:
                    conversations=cat("conversations") if all(g["conversations"] is not None for g in groups) else None)
 
 
-def update(grpo: GRPO, run: Run, ro, rewards: torch.Tensor, offset: int) -> dict[str, float]:
+def update(grpo: GRPO, run: Run, ro, rewards: torch.Tensor, offset: int, behaviour: bool = False) -> dict[str, float]:
     """The optimizer step(s) on this rank's completions `ro`, rows offset .. offset + n of the
-    step's batch, whose N rewards [N] every rank holds; the weights then go to the engine."""
+    step's batch, whose N rewards [N] every rank holds; the weights then go to the engine. With
+    `behaviour` (off-policy rollouts) the ratio is to the policy at the start of the step and every
+    token is weighted by min(pi_prox / mu, algorithm.behav_cap), mu the engine's sampling probability."""
     algorithm = grpo.algorithm
     par, device, policy = run.par, run.device, grpo.policy
     W, G = par.world, algorithm.group_size
@@ -306,7 +370,7 @@ def update(grpo: GRPO, run: Run, ro, rewards: torch.Tensor, offset: int) -> dict
     reinforce = estimator.startswith("reinforce_pp")
     with torch.no_grad():
         # REINFORCE++ puts the KL into the reward: it needs the sampling policy's log-probs up front.
-        need_old = algorithm.epochs > 1 or (reinforce and policy.ref is not None)
+        need_old = algorithm.epochs > 1 or (reinforce and policy.ref is not None) or behaviour
         old_logp = frozen(policy.fwd) if need_old else None
         ref_logp = frozen(policy.ref) if policy.ref is not None else None
     if reinforce:
@@ -345,7 +409,8 @@ def update(grpo: GRPO, run: Run, ro, rewards: torch.Tensor, offset: int) -> dict
                     logp, old, adv[s], mask[s], clip_low, clip_high,
                     ref_logp[s] if ref_logp is not None else None, loss_beta, algorithm.loss_agg,
                     max_len=grpo.sampling.max_new_tokens, kl_estimator=algorithm.kl_estimator, is_weights=tis,
-                    num_tokens=tokens / W, num_rows=rows / W, is_level=algorithm.is_level, objective=algorithm.loss)
+                    num_tokens=tokens / W, num_rows=rows / W, is_level=algorithm.is_level, objective=algorithm.loss,
+                    **({"behav_logp": eng[s], "behav_cap": algorithm.behav_cap} if behaviour else {}))
                 tb = time.time()
                 (loss * weight).backward()  # micro-batch losses over the global normaliser add up
             clock["forward"] += tb - tf
@@ -360,6 +425,9 @@ def update(grpo: GRPO, run: Run, ro, rewards: torch.Tensor, offset: int) -> dict
             if epoch == 0:
                 first_logp[s] = logp.detach()
                 acc["kl"] = acc.get("kl", 0.0) + share * parts["kl"]
+                for k in ("offpolicy/weight_mean", "offpolicy/truncated_frac"):
+                    if k in parts:
+                        acc[k] = acc.get(k, 0.0) + share * parts[k]
                 acc["entropy"] = acc.get("entropy", 0.0) + float((ent * mask[s]).sum()) / tokens
                 acc["loss"] = acc.get("loss", 0.0) + float(loss.detach()) / W  # the ranks' shares add up
         to = time.time()

@@ -82,6 +82,7 @@ class RolloutConfig:
     max_new_tokens: int = num(16, ge=1)
     stop: list[str] = field(default_factory=list)
     batch_size: int = num(256, ge=1)  # hf: completions per generate() call
+    max_staleness: int = num(0, ge=0)  # grpo train: step k trains on rollouts of the policy of step k - eta (0 = on-policy)
     # vllm only (see conf/rollout/vllm.yaml)
     max_model_len: int | None = None
     max_num_seqs: int = num(256, ge=1)
@@ -235,6 +236,7 @@ class GRPOAlgorithmConfig:
     max_gen_batches: int = num(3, ge=1)  # rollouts a step may take to fill its B groups
     overlong_cache: int = num(0, ge=0)  # DAPO's L_c in tokens; 0 = no overlong penalty
     overlong_filter: bool = False  # leave completions cut at the token budget out of the loss
+    behav_cap: float = num(5.0, ge=1)  # rollout.max_staleness > 0: the behaviour weight min(pi_prox / mu, cap)
 
 
 @dataclass

@@ -117,6 +117,10 @@ def test_wandb_logger_writes_offline_run(tiny_model_dir, tmp_path, monkeypatch):
         (["algorithm.mismatch=token", "algorithm.mismatch_low=2", "algorithm.mismatch_high=2"],
          "algorithm.mismatch_low=2.0 must be below algorithm.mismatch_high=2.0"),
         (["algorithm.adv_estimator=ppo"], "algorithm.adv_estimator='ppo': use one of"),
+        # off-policy rollouts: the behaviour weight already corrects the engine's mismatch
+        (["rollout.max_staleness=1", "algorithm.tis_cap=2"], "leave algorithm.tis_cap=0 and algorithm.mismatch=none"),
+        (["rollout.max_staleness=1", "algorithm.dynamic_sampling=true"], "with algorithm.dynamic_sampling is not"),
+        (["rollout.max_staleness=1", "algorithm.behav_cap=0.5"], "algorithm.behav_cap=0.5: must be a number >= 1"),
     ],
 )
 def test_bad_config_stops_before_training_with_one_clear_message(args, message, tmp_path):
