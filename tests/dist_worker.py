@@ -8,6 +8,9 @@ step:   one optimizer step of grpo train's update on a fixed global batch (the s
 dynamic: the same with dynamic sampling over two fixed batches of B prompts whose groups 0, 2 (first)
         and 1 (second) have equal rewards: B groups kept and trained on, the rest carried in the buffer;
         writes the parameters, the buffer and the metrics.
+lagged: rollout.max_staleness = 1 over two fixed batches (their sampling log-probs -1 per token, so the
+        behaviour weights min(pi_prox / mu, cap) are not 1): step 0 draws both, trains on the first
+        with the decoupled loss and holds the second; writes the parameters, the queue and the metrics.
 save:   `grpo train` for the configured steps, then the whole model and optimizer state, the
         scheduler step, the data position and the log-probs of a fixed batch under the sharded model.
 resume: a GRPO run resumed from RUN_DIR's checkpoint, no step taken; writes the same state as save.
@@ -29,7 +32,7 @@ from grpo.parts.batch import batch_logprobs, pack
 from grpo.cli import compose_config
 from grpo.parts.distributed import shard
 from grpo.parts.rollout.base import Rollout
-from grpo.commands.train import GRPO, Sampled, build, dynamic_sample, train_step, update
+from grpo.commands.train import GRPO, Sampled, build, dynamic_sample, lagged_sample, train_step, update
 from grpo.parts.run import Run
 
 # mode generate: rank -> (prompts, hf engine batch size, max_new_tokens)
@@ -118,6 +121,15 @@ def main() -> None:
             result["metrics"].update(update(grpo, run, mine, shaped, offset))
             result["model"] = whole_state(grpo, run)["model"]
             result["buffer"] = grpo.progress["buffer"]
+        elif mode == "lagged":
+            first, last = shard(B, par.rank, par.world)
+            draws = iter([Sampled(part(ro, first * G, last * G), rewards, rewards,
+                                  {"reward/mean": float(rewards.mean()), "time/reward": 0.0})
+                          for ro, rewards in (fixed_batch(G, B, len(run.tok) - 1, seed=s) for s in (0, 1))])
+            mine, shaped, offset, result["metrics"] = lagged_sample(grpo, run, lambda *_: next(draws))
+            result["metrics"].update(update(grpo, run, mine, shaped, offset, behaviour=True))
+            result["model"] = whole_state(grpo, run)["model"]
+            result["inflight"] = grpo.progress["inflight"]
         elif mode == "save":
             for step in run.steps():  # what `grpo train` runs
                 step.done(train_step(grpo, run))

@@ -153,6 +153,29 @@ def test_dynamic_sampling_on_several_processes_equals_one(model2, one_process, t
     assert many["metrics"]["loss"] == pytest.approx(base["metrics"]["loss"], rel=1e-5, abs=1e-7)
 
 
+@pytest.mark.parametrize("strategy,world", [("ddp", 2), ("fsdp2", 3)])
+def test_lagged_rollouts_on_several_processes_equal_one(model2, one_process, tmp_path, strategy, world):
+    # rollout.max_staleness = 1 (tests/dist_worker.py, mode lagged): step 0 draws two fixed batches of
+    # B = 5 groups, trains on the first with the decoupled loss (mu = e^-1 per token, far from the
+    # random model's pi_prox, so every weight is < 1 and the gradient is not the on-policy one) and
+    # holds the second, every rank's groups on every rank.
+    base = one_process("token_mean", "rollout.max_staleness=1", mode="lagged")
+    many = worker(world, "lagged", model2, tmp_path / "out.pt", tmp_path / "run", *STEP, "algorithm.loss_agg=token_mean",
+                  "rollout.max_staleness=1", f"parallel={strategy}")
+    for got in (base, many):
+        assert got["metrics"]["async/generated"] == 2.0 and got["metrics"]["async/inflight_groups"] == 10.0
+        assert got["metrics"]["offpolicy/weight_mean"] < 0.5  # mu = e^-1 > pi_prox on this vocabulary
+    assert many["inflight"] == base["inflight"] and len(base["inflight"][0]["groups"]) == 5
+    from transformers import AutoModelForCausalLM
+
+    init = AutoModelForCausalLM.from_pretrained(model2).state_dict()
+    assert max(float((base["model"][k] - init[k]).abs().max()) for k in base["model"]) > 1e-4  # the step moved
+    gap = max(float((many["model"][k] - base["model"][k]).abs().max()) for k in base["model"])
+    assert gap < 1e-6, gap
+    for k in ("loss", "offpolicy/weight_mean"):
+        assert many["metrics"][k] == pytest.approx(base["metrics"][k], rel=1e-5, abs=1e-7), k
+
+
 # ---- a whole run, checkpoints, export ---------------------------------------------------------
 def test_two_process_run_learns_and_logs_once(tmp_path):
     run = tmp_path / "run"
