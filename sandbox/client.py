@@ -22,25 +22,27 @@ TOKEN_ENV = "GRPO_SANDBOX_TOKEN"
 TOKEN_FILE_ENV = "GRPO_SANDBOX_TOKEN_FILE"
 
 
-def load_token(token: str | None = None, token_file: str | None = None) -> str | None:
+def load_token(token: str | None = None, token_file: str | None = None, env: str = TOKEN_ENV,
+               file_env: str = TOKEN_FILE_ENV, what: str = "sandbox") -> str | None:
     """The shared token of the sandbox service(s): ``token``, else the first line of ``token_file``,
-    else ``$GRPO_SANDBOX_TOKEN``, else the file named by ``$GRPO_SANDBOX_TOKEN_FILE``, else None."""
+    else ``$GRPO_SANDBOX_TOKEN``, else the file named by ``$GRPO_SANDBOX_TOKEN_FILE``, else None.
+    Another service's tokens: its own variables `env` and `file_env`, its name `what` in the errors."""
     if token:
         return token
     token_file = token_file or None
     if token_file is None:
-        if os.environ.get(TOKEN_ENV):
-            return os.environ[TOKEN_ENV].strip()
-        token_file = os.environ.get(TOKEN_FILE_ENV) or None
+        if os.environ.get(env):
+            return os.environ[env].strip()
+        token_file = os.environ.get(file_env) or None
     if token_file is None:
         return None
     try:
         with open(os.path.expanduser(token_file), encoding="utf-8") as f:
             tok = f.readline().strip()
     except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"sandbox token file {token_file}: {e}") from None
+        raise ValueError(f"{what} token file {token_file}: {e}") from None
     if not tok:
-        raise ValueError(f"sandbox token file {token_file} is empty")
+        raise ValueError(f"{what} token file {token_file} is empty")
     return tok
 
 

@@ -43,7 +43,7 @@ class _DeadlineReader(io.RawIOBase):
     sends its request line, headers or body slowly (a byte now and then) or not at all loses the
     connection at the deadline, whatever the pace; a per-read timeout alone would never fire."""
 
-    def __init__(self, handler: "_Handler"):
+    def __init__(self, handler: "JSONHandler"):
         self._h = handler
 
     def readable(self) -> bool:
@@ -59,12 +59,18 @@ class _DeadlineReader(io.RawIOBase):
         return sock.recv_into(b)
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server: "SandboxServer"
+class JSONHandler(BaseHTTPRequestHandler):
+    """A request handler of a JSON service (a JSONServer): every read of a request within the
+    server's ``request_timeout``, every write within its ``io_timeout``, the token checked before a
+    body is read, one plain Content-Length only, bodies over ``max_body`` refused unread, JSON
+    answers. Subclasses route: ``do_GET`` / ``do_POST`` calling ``_authorized``, ``_reply`` and
+    ``_with_body``. Shared by the sandbox service and other services of the package (stdlib only)."""
+
+    server: "JSONServer"
     protocol_version = "HTTP/1.1"
     read_deadline: float | None = None
 
-    def log_message(self, fmt: str, *args: Any) -> None:  # quiet: one line per run is too many
+    def log_message(self, fmt: str, *args: Any) -> None:  # quiet: one line per request is too many
         pass
 
     def setup(self) -> None:
@@ -79,6 +85,7 @@ class _Handler(BaseHTTPRequestHandler):
         super().handle_one_request()
 
     def _reply(self, code: int, obj: Any, *, close: bool = False, headers: dict[str, str] | None = None) -> None:
+        """Answer `obj` as JSON with status `code` (and close the connection after it if `close`)."""
         body = json.dumps(obj).encode()
         self.connection.settimeout(self.server.io_timeout)  # a client that does not read loses it
         if close:
@@ -116,33 +123,27 @@ class _Handler(BaseHTTPRequestHandler):
         ok = hmac.compare_digest(got.strip().encode("latin-1", "replace"), expected.encode()) and \
             scheme.lower() == "bearer"
         if not ok:
-            self._reply(401, {"error": "this sandbox service needs its token: Authorization: Bearer <token>"},
-                        close=True, headers={"WWW-Authenticate": 'Bearer realm="grpo sandbox"'})
+            service = self.server.service
+            self._reply(401, {"error": f"this {service} needs its token: Authorization: Bearer <token>"},
+                        close=True, headers={"WWW-Authenticate": f'Bearer realm="grpo {service.split()[0]}"'})
         return ok
 
-    def do_GET(self) -> None:
+    def _get_preamble(self) -> bool:
+        """The checks of a GET before its route (token, no body): False when it has been answered."""
         if not self._authorized():
-            return
+            return False
         length, status, why = self._body_length()
         if length != 0:  # a GET with a body: answered, and the body never read, so the connection ends
             self.close_connection = True
         if status:
             self._reply(status, {"error": why}, close=True)
-        elif self.path == "/health":
-            self._reply(200, {"ok": True, "busy": self.server.busy, "queued": self.server.queued,
-                              "connections": self.server.connections,
-                              "max_limits": self.server.max_limits}, close=self.close_connection)
-        else:
-            self._reply(404, {"error": "not found"}, close=self.close_connection)
+            return False
+        return True
 
-    def do_POST(self) -> None:
-        # Every answer before the body is read closes the connection: the unread body must never be
-        # parsed as the next request (request smuggling).
-        if not self._authorized():
-            return
-        if self.path != "/run":
-            self._reply(404, {"error": "not found"}, close=True)
-            return
+    def _with_body(self, handle) -> None:
+        """Read a POST's body (framed, bounded, within the deadline, reserved against the server's
+        ``max_buffered``) and call ``handle(raw bytes)``. Every answer sent before the body is read
+        closes the connection: an unread body must never be parsed as the next request."""
         length, status, why = self._body_length()
         if length is None:
             self._reply(status, {"error": why}, close=True)
@@ -154,21 +155,51 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply(503, {"error": "busy (request bodies)"}, close=True)
             return
         try:
-            self._post(length)
+            try:
+                raw = self.rfile.read(length)
+            except TimeoutError:
+                self._reply(408, {"error": f"request body not received within {self.server.request_timeout} s"},
+                            close=True)
+                return
+            self.read_deadline = None
+            if len(raw) != length:  # the client closed early: nothing to answer
+                self.close_connection = True
+                return
+            handle(raw)
         finally:
             self.server.unreserve(length)
 
-    def _post(self, length: int) -> None:
-        try:
-            raw = self.rfile.read(length)
-        except TimeoutError:
-            self._reply(408, {"error": f"request body not received within {self.server.request_timeout} s"},
-                        close=True)
+
+def parse_json(raw: bytes) -> Any:
+    """A request body as JSON: NaN/Infinity and nesting too deep are a ValueError (a 400), like bad JSON."""
+    try:
+        return json.loads(raw, parse_constant=_no_constant)
+    except RecursionError:
+        raise ValueError("the JSON is nested too deeply") from None
+
+
+class _Handler(JSONHandler):
+    server: "SandboxServer"
+
+    def do_GET(self) -> None:
+        if not self._get_preamble():
             return
-        self.read_deadline = None
-        if len(raw) != length:  # the client closed early: nothing to answer
-            self.close_connection = True
+        if self.path == "/health":
+            self._reply(200, {"ok": True, "busy": self.server.busy, "queued": self.server.queued,
+                              "connections": self.server.connections,
+                              "max_limits": self.server.max_limits}, close=self.close_connection)
+        else:
+            self._reply(404, {"error": "not found"}, close=self.close_connection)
+
+    def do_POST(self) -> None:
+        if not self._authorized():
             return
+        if self.path != "/run":
+            self._reply(404, {"error": "not found"}, close=True)
+            return
+        self._with_body(self._run)
+
+    def _run(self, raw: bytes) -> None:
         try:
             program, stdin, limits, kwargs = _parse_run(raw, self.server)
         except (ValueError, TypeError) as e:
@@ -208,10 +239,7 @@ def _utf8(field: str, v: Any) -> bytes:
 def _parse_run(raw: bytes, server: "SandboxServer") -> tuple[bytes, bytes, Limits, dict[str, Any]]:
     """A /run body, checked field by field: (program, stdin, limits, Sandbox.run keywords). Any
     wrong type, value or encoding is a ValueError (400), never an error inside the run (500)."""
-    try:
-        req = json.loads(raw, parse_constant=_no_constant)
-    except RecursionError:
-        raise ValueError("the JSON is nested too deeply") from None
+    req = parse_json(raw)
     if not isinstance(req, dict):
         raise ValueError(f"the body must be a JSON object, got {type(req).__name__}")
     unknown = set(req) - set(_FIELDS)
@@ -270,10 +298,11 @@ DEFAULT_MAX_LIMITS: dict[str, float] = {
 }
 
 
-def check_token(token: str) -> None:
+def check_token(token: str, service: str = "sandbox service") -> None:
+    """A shared token is 16 to 4096 visible ASCII characters; else a ValueError naming the service."""
     if not isinstance(token, str) or not re.fullmatch(r"[\x21-\x7e]{16,4096}", token):
-        raise ValueError("the sandbox token must be 16 to 4096 visible ASCII characters (no spaces), e.g. "
-                         "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`")
+        raise ValueError(f"the {service.split()[0]} token must be 16 to 4096 visible ASCII characters (no spaces), "
+                         "e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`")
 
 
 def is_loopback(host: str) -> bool:
@@ -298,56 +327,47 @@ _TOO_MANY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/jso
              b"Connection: close\r\n\r\n%s" % (len(_BUSY), _BUSY))
 
 
-class SandboxServer(ThreadingHTTPServer):
+class JSONServer(ThreadingHTTPServer):
+    """The hardened HTTP server under a JSON service (its handler a JSONHandler subclass): at most
+    ``max_connections`` connections at once (more are answered 503 and closed at once), each reading
+    its request within ``request_timeout``, all their bodies together at most ``max_buffered`` bytes;
+    a ``token`` (or, beyond loopback, ``insecure``) required. ``service`` names it in its messages,
+    ``exposure`` says what a stranger on the port could do, ``token_hint`` how to give a token."""
+
     daemon_threads = True
     request_queue_size = 128  # the listen backlog (socketserver's 5 drops connections of a burst for 1 s)
+    service = "service"
+    exposure = "could use it"
+    token_hint = "--token-file FILE"
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, workers: int = 2, max_queue: int = 64,
-                 max_body: int = 16 << 20, sandbox: Sandbox | None = None,
-                 max_limits: dict[str, float] | None = None, max_connections: int | None = None,
+    def __init__(self, host: str, port: int, handler: type[JSONHandler], *, max_body: int, max_connections: int,
                  request_timeout: float = 30.0, io_timeout: float = 60.0, max_buffered: int | None = None,
                  token: str | None = None, insecure: bool = False):
-        if token is not None:
-            check_token(token)
-        elif not insecure and not is_loopback(host):
-            raise ValueError(
-                f"refusing to serve on {host or 'all interfaces'} without a token: anyone who reaches the port "
-                "could run code here; give --token-file FILE (or GRPO_SANDBOX_TOKEN), or --insecure on a network "
-                "you trust")
+        self.check_access(host, token, insecure)
         self.token = token
-        for name, v in (("workers", workers), ("max_queue", max_queue), ("max_body", max_body),
-                        ("request_timeout", request_timeout), ("io_timeout", io_timeout)):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= (0 if name == "max_queue" else 1e-3):
+        for name, v in (("max_body", max_body), ("request_timeout", request_timeout), ("io_timeout", io_timeout)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 1e-3:
                 raise ValueError(f"{name} must be a positive number, got {v!r}")
-        self.sandbox = sandbox or Sandbox()
-        unknown = set(max_limits or {}) - set(DEFAULT_MAX_LIMITS)
-        if unknown:
-            raise ValueError(f"unknown limits in max_limits: {sorted(unknown)} (known: {sorted(DEFAULT_MAX_LIMITS)})")
-        self.max_limits = {**DEFAULT_MAX_LIMITS, **(max_limits or {})}
-        for k, cap in self.max_limits.items():
-            if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not cap > 0:
-                raise ValueError(f"maximum of {k} must be a positive number, got {cap!r}")
-            default = getattr(self.sandbox.limits, k)
-            if default > cap:
-                raise ValueError(f"the sandbox's default {k}={default} is over its maximum {cap}")
-        self.sandbox.check()
-        super().__init__((host, port), _Handler)
+        super().__init__((host, port), handler)
         self.max_body = max_body
-        # Each connection holds a thread from its first byte: at most max_connections at once (the
-        # others are answered 503 and closed at once), each reading its request within
-        # request_timeout, all their bodies together at most max_buffered bytes.
-        self.max_connections = max_connections or workers + max_queue + 16
+        self.max_connections = max_connections
         self.request_timeout = float(request_timeout)
         self.io_timeout = float(io_timeout)
         self.max_buffered = max_buffered or max(256 << 20, 2 * max_body)
         self._conn_slots = threading.BoundedSemaphore(self.max_connections)
         self.connections = 0
         self._buffered = 0
-        self._slots = threading.Semaphore(workers)
         self._lock = threading.Lock()
-        self._capacity = workers + max_queue
-        self.busy = 0
-        self.queued = 0
+
+    @classmethod
+    def check_access(cls, host: str, token: str | None, insecure: bool) -> None:
+        """A well-formed token, or loopback, or `insecure`: else a ValueError saying why (before anything starts)."""
+        if token is not None:
+            check_token(token, cls.service)
+        elif not insecure and not is_loopback(host):
+            raise ValueError(
+                f"refusing to serve on {host or 'all interfaces'} without a token: anyone who reaches the port "
+                f"{cls.exposure}; give {cls.token_hint}, or --insecure on a network you trust")
 
     def process_request(self, request: socket.socket, client_address: Any) -> None:
         if not self._conn_slots.acquire(blocking=False):
@@ -383,6 +403,7 @@ class SandboxServer(ThreadingHTTPServer):
         self._conn_slots.release()
 
     def reserve(self, n: int) -> bool:
+        """Hold n bytes of request body against max_buffered; False (answer 503) when they do not fit."""
         with self._lock:
             if self._buffered + n > self.max_buffered:
                 return False
@@ -390,8 +411,51 @@ class SandboxServer(ThreadingHTTPServer):
             return True
 
     def unreserve(self, n: int) -> None:
+        """Give back what `reserve` held."""
         with self._lock:
             self._buffered -= n
+
+    @property
+    def url(self) -> str:
+        """http://host:port of the bound socket."""
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}"
+
+
+class SandboxServer(JSONServer):
+    service = "sandbox service"
+    exposure = "could run code here"
+    token_hint = "--token-file FILE (or GRPO_SANDBOX_TOKEN)"
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, workers: int = 2, max_queue: int = 64,
+                 max_body: int = 16 << 20, sandbox: Sandbox | None = None,
+                 max_limits: dict[str, float] | None = None, max_connections: int | None = None,
+                 request_timeout: float = 30.0, io_timeout: float = 60.0, max_buffered: int | None = None,
+                 token: str | None = None, insecure: bool = False):
+        self.check_access(host, token, insecure)
+        for name, v in (("workers", workers), ("max_queue", max_queue)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= (0 if name == "max_queue" else 1e-3):
+                raise ValueError(f"{name} must be a positive number, got {v!r}")
+        self.sandbox = sandbox or Sandbox()
+        unknown = set(max_limits or {}) - set(DEFAULT_MAX_LIMITS)
+        if unknown:
+            raise ValueError(f"unknown limits in max_limits: {sorted(unknown)} (known: {sorted(DEFAULT_MAX_LIMITS)})")
+        self.max_limits = {**DEFAULT_MAX_LIMITS, **(max_limits or {})}
+        for k, cap in self.max_limits.items():
+            if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not cap > 0:
+                raise ValueError(f"maximum of {k} must be a positive number, got {cap!r}")
+            default = getattr(self.sandbox.limits, k)
+            if default > cap:
+                raise ValueError(f"the sandbox's default {k}={default} is over its maximum {cap}")
+        self.sandbox.check()
+        super().__init__(host, port, _Handler, max_body=max_body,
+                         max_connections=max_connections or workers + max_queue + 16,
+                         request_timeout=request_timeout, io_timeout=io_timeout, max_buffered=max_buffered,
+                         token=token, insecure=insecure)
+        self._slots = threading.Semaphore(workers)
+        self._capacity = workers + max_queue
+        self.busy = 0
+        self.queued = 0
 
     def admit(self) -> bool:
         with self._lock:
@@ -408,11 +472,6 @@ class SandboxServer(ThreadingHTTPServer):
         with self._lock:
             self.busy -= 1
         self._slots.release()
-
-    @property
-    def url(self) -> str:
-        host, port = self.server_address[:2]
-        return f"http://{host}:{port}"
 
 
 def serve(host: str = "127.0.0.1", port: int = 8377, **kw: Any) -> None:
