@@ -155,6 +155,24 @@ class HFEngine:
     def update_weights(self, named_params: Iterable[tuple[str, torch.Tensor]]) -> None:
         """The engine shares the trainer's module: nothing to copy."""
 
+    @torch.no_grad()
+    def load_weights_file(self, path: str) -> None:
+        """Copy a safetensors file of plain transformers-named tensors (what a trainer's
+        `whole_parameters` gives) into the model, cast to its dtype: how a rollout server
+        (grpo/parts/rollout/server.py) takes the trainer's pushes. A file that does not hold exactly
+        the model's parameters, at their shapes, is a ValueError naming them; nothing is copied then."""
+        from safetensors.torch import load_file
+
+        state = load_file(path)
+        params = dict(self.model.named_parameters())  # a tied parameter once, under its first name
+        missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+        wrong = sorted(k for k in set(params) & set(state) if state[k].shape != params[k].shape)
+        if missing or extra or wrong:
+            raise ValueError(f"the weights do not fit the served model: missing {missing[:4]}, unknown {extra[:4]}, "
+                             f"other shapes {wrong[:4]} (the trainer's model.path is another model?)")
+        for name, p in params.items():
+            p.copy_(state[name])
+
     def close(self) -> None:
         pass
 

@@ -247,17 +247,23 @@ class VLLMEngine:
     def update_weights(self, named_params: Iterable[tuple[str, torch.Tensor]]) -> None:
         from safetensors.torch import save_file
 
-        if "weights" in self._asleep:
-            self.llm.wake_up(tags=["weights"])
-            self._asleep.discard("weights")
         dtype = self.llm.llm_engine.model_config.dtype
         state = {name: p.detach().to("cpu", dtype).contiguous() for name, p in named_params}
         f = self._dir / "model.safetensors"
         save_file(state, str(f))
         try:
-            missing = self.llm.collective_rpc("grpo_load_weights", args=(str(f),))
+            self.load_weights_file(str(f))
         finally:
             f.unlink(missing_ok=True)
+
+    def load_weights_file(self, path: str) -> None:
+        """Reload every worker's model in place from a safetensors file of HF-named tensors (what
+        update_weights writes; a rollout server loads the trainer's pushes with it). A parameter the
+        file did not fill is a RuntimeError naming it."""
+        if "weights" in self._asleep:
+            self.llm.wake_up(tags=["weights"])
+            self._asleep.discard("weights")
+        missing = self.llm.collective_rpc("grpo_load_weights", args=(path,))
         for worker_missing in missing:
             if worker_missing:
                 raise RuntimeError(f"vLLM did not load these parameters from the trainer: {worker_missing[:8]} "
