@@ -32,6 +32,7 @@ commands:
                              score each line ({"completion", ...fields}); prints JSON lines
   verifiers                  list the verifiers that can be named
   sandbox run|serve ...      run a program in the sandbox, or serve the sandbox over HTTP
+  rollout serve ...          serve a rollout engine (hf, vllm) to trainers with rollout=server
   export CKPT OUT            write a checkpoint (sharded, LoRA, or a run dir's newest) as one model folder
 
 train, sft, rm, dpo and ppo run on several processes under torchrun: torchrun --nproc_per_node K -m grpo train ...
@@ -154,6 +155,7 @@ def _hydra_job(config_name: str, fn, argv: list[str]) -> int:
     from omegaconf import OmegaConf
 
     from grpo.parts import checkpoint, distributed, logs, runlock
+    from grpo.parts.rollout.remote import RolloutServerError
 
     _check_overrides(config_name, argv)
     result = {"rc": 0, "locked": None}
@@ -186,9 +188,9 @@ def _hydra_job(config_name: str, fn, argv: list[str]) -> int:
         except checkpoint.Stopped as e:  # preempted: the step finished and saved, one line, status 0
             if main_rank:
                 print(f"grpo {config_name}: {e}", flush=True)
-        except (checkpoint.SaveError, runlock.RunDirBusy) as e:
-            # a full disk, a read-only file system (status 1); the run dir is another run's, touch
-            # nothing in it (status 2): every rank stops, one line says why
+        except (checkpoint.SaveError, runlock.RunDirBusy, RolloutServerError) as e:
+            # a full disk, a read-only file system, no rollout server left (status 1); the run dir is
+            # another run's, touch nothing in it (status 2): every rank stops, one line says why
             if main_rank:
                 print(f"grpo {config_name}: error: {e}", file=sys.stderr)
             result["rc"] = 2 if isinstance(e, runlock.RunDirBusy) else 1
@@ -235,6 +237,7 @@ ARGV_COMMANDS = {
     "prefs": ("grpo.commands.prefs", "prefs_main"), "compare": ("grpo.commands.compare", "compare_main"),
     "verify": ("grpo.commands.verify", "verify_main"), "verifiers": ("grpo.commands.verify", "verifiers_main"),
     "sandbox": ("grpo.commands.sandbox", "sandbox_main"), "export": ("grpo.commands.export", "export_main"),
+    "rollout": ("grpo.commands.rollout", "rollout_main"),
 }
 
 

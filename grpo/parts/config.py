@@ -75,7 +75,7 @@ class ParallelConfig:
 
 @dataclass
 class RolloutConfig:
-    engine: str = choice("hf", "hf", "vllm")
+    engine: str = choice("hf", "hf", "vllm", "server")
     temperature: float = num(1.0, ge=0)
     top_p: float = num(1.0, gt=0, le=1)
     top_k: int = num(0, ge=0)
@@ -94,6 +94,11 @@ class RolloutConfig:
     gpu_memory_utilization: float = num(0.3, gt=0, le=1)
     tensor_parallel_size: int = num(1, ge=1)
     sleep_level: int = num(0, ge=0, le=2)
+    # server only (see conf/rollout/server.yaml): generation by `grpo rollout serve` processes
+    server_urls: list[str] = field(default_factory=list)
+    server_weights_dir: str | None = None  # the trainer writes its weights here; the servers read them
+    server_timeout_s: float = num(600.0, gt=0)  # longest wait for a server's answer before it counts as gone
+    server_token_file: str | None = None  # null: $GRPO_ROLLOUT_TOKEN, or the file $GRPO_ROLLOUT_TOKEN_FILE names
 
 
 @dataclass

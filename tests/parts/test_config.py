@@ -31,7 +31,7 @@ def test_preference_configs_parse():
     ("trainer.max_steps=-1", r"^trainer.max_steps=-1: must be a whole number >= 0$"),
     ("optim.lr=fast", r"^optim.lr='fast': must be a number >= 0$"),
     ("rollout.top_p=1.5", r"^rollout.top_p=1.5: must be a number > 0 <= 1$"),
-    ("rollout.engine=trt", r"^rollout.engine='trt': use one of hf, vllm$"),
+    ("rollout.engine=trt", r"^rollout.engine='trt': use one of hf, vllm, server$"),
     ("model.gradient_checkpointing=3", r"^model.gradient_checkpointing=3: must be true or false$"),
     ("rollout.stop=abc", r"^rollout.stop='abc': must be a list$"),
 ])

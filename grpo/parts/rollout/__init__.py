@@ -1,4 +1,4 @@
-"""Rollout engines (hf, vllm) behind one interface, and the helpers that feed them."""
+"""Rollout engines (hf, vllm, server) behind one interface, and the helpers that feed them."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ def build_engine(engine: str, model, tokenizer, path: str, dtype: str = "float32
                  batch_size: int = 256, max_new_tokens: int = 16, prompts: Callable[[], Iterable[Sample]] | None = None,
                  system_prompt: str | None = None, par=None, wrapped=None, tools: list | None = None,
                  **vllm_options: Any):
-    """The engine named `engine` ("hf" or "vllm") around the trainer's own model.
+    """The engine named `engine` ("hf", "vllm" or "server") around the trainer's own model.
 
     hf: `batch_size` completions per decoding batch. vllm: `vllm_options` are VLLMEngine's keyword
     arguments (the sampling options that decide its log-prob mode, and the engine's own: context,
@@ -26,7 +26,17 @@ def build_engine(engine: str, model, tokenizer, path: str, dtype: str = "float32
 
     Under torchrun (`par`) every rank has an engine of its own. With parallel=fsdp2 the hf engine
     runs `wrapped` (the sharded model's wrapper) in lockstep with the other ranks; vLLM gets the
-    whole weights pushed (push_weights)."""
+    whole weights pushed (push_weights).
+
+    server: generation by `grpo rollout serve` processes (grpo/parts/rollout/remote.py); `vllm_options`
+    are then the server_* keys of the rollout group (urls, weights_dir, timeout_s, token_file)."""
+    if engine == "server":
+        from grpo.parts.rollout.remote import ServerEngine
+
+        if par is not None and par.world > 1:
+            raise ConfigError("rollout.engine=server runs under one trainer process for now (every rank would push "
+                              "its weights to the same servers): use rollout=hf or rollout=vllm under torchrun")
+        return ServerEngine(model, **vllm_options)
     if engine == "hf":
         from grpo.parts.rollout.hf import HFEngine
 
@@ -57,11 +67,12 @@ def build_engine(engine: str, model, tokenizer, path: str, dtype: str = "float32
             budget = "rollout.gpu_memory_utilization" if on_gpu else "rollout.kv_cache_gib"
             raise ConfigError(f"rollout=vllm: the engine did not start with rollout.max_model_len={length} (the "
                               f"reason is in vLLM's log above): lower rollout.max_model_len or raise {budget}") from e
-    raise ConfigError(f"rollout.engine={engine!r}: use hf or vllm")
+    raise ConfigError(f"rollout.engine={engine!r}: use hf, vllm or server")
 
 
-# The rollout group's keys that are not the vLLM engine's own options.
-_NOT_VLLM_OPTIONS = ("engine", "batch_size", "stop", "max_new_tokens")
+# The rollout group's keys that are not the vLLM engine's own options (the trainer's, the server engine's).
+_NOT_VLLM_OPTIONS = ("engine", "batch_size", "stop", "max_new_tokens", "max_staleness")
+_SERVER_PREFIX = "server_"
 
 
 def build_engine_from(rollout, model, tokenizer, path: str, dtype: str = "float32", device: str = "auto",
@@ -70,10 +81,13 @@ def build_engine_from(rollout, model, tokenizer, path: str, dtype: str = "float3
     """build_engine from the `rollout` config group (a RolloutConfig): the config's edge for every command."""
     import dataclasses
 
-    options = {k: v for k, v in dataclasses.asdict(rollout).items() if k not in _NOT_VLLM_OPTIONS}
+    keys = dataclasses.asdict(rollout)
+    vllm = {k: v for k, v in keys.items() if k not in _NOT_VLLM_OPTIONS and not k.startswith(_SERVER_PREFIX)}
+    server = {k[len(_SERVER_PREFIX):]: v for k, v in keys.items() if k.startswith(_SERVER_PREFIX)}
+    options = {"vllm": vllm, "server": server}.get(rollout.engine, {})
     return build_engine(rollout.engine, model, tokenizer, path, dtype, device, batch_size=rollout.batch_size,
                         max_new_tokens=rollout.max_new_tokens, prompts=prompts, system_prompt=system_prompt, par=par,
-                        wrapped=wrapped, tools=tools, **(options if rollout.engine == "vllm" else {}))
+                        wrapped=wrapped, tools=tools, **options)
 
 
 def whole_parameters(model) -> Iterable[tuple[str, Any]]:

@@ -1,0 +1,228 @@
+"""`rollout.engine=server`: generation by `grpo rollout serve` processes (grpo/parts/rollout/server.py).
+
+Several servers (`rollout.server_urls`): the prompts of a rollout are split into as many contiguous
+shares as there are servers alive, generated at once, one share each. A server that fails (gone,
+silent for `rollout.server_timeout_s`, or a 5xx) is dropped for the rest of the run, with one warning
+line naming it, and its share goes to another: the run goes on while one is left. Each share's seed
+is fixed before it is sent (drawn from the trainer's RNG, so runs reproduce through trainer.seed),
+so a share redone elsewhere is the same sample. When no server is left, or one refuses a request
+(4xx), the error is one line (RolloutServerError) naming the URL and why.
+
+Weights: `update_weights` writes the trainer's whole weights once, as safetensors, into
+`rollout.server_weights_dir` (a temporary name, then an atomic rename), tells every server to load
+that file as the next version and checks the version each one answers; the older files are then
+removed. Every /generate answer carries the version that generated it, which must be the last one
+pushed: a server that missed a push (or that another trainer pushed to) is never used silently.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import logging
+import os
+import socket
+import threading
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from grpo.parts.config import ConfigError
+from grpo.parts.rollout.base import Rollout, SamplingParams
+from grpo.parts.rollout.server import TOKEN_ENV, TOKEN_FILE_ENV
+
+log = logging.getLogger(__name__)
+
+
+class RolloutServerError(RuntimeError):
+    """No rollout server can do what the trainer asks; the message is one line naming the URL."""
+
+
+class _Gone(RolloutServerError):
+    """One server failed in a way another server may not (gone, silent, 5xx): the others take over."""
+
+
+class ServerEngine:
+    """The engine interface (generate, update_weights, close) over rollout servers at `urls`. The
+    trainer's `model` is pushed once at the start (version 1): it may differ from the servers' files
+    (a resumed run, an SFT'd policy)."""
+
+    def __init__(self, model, urls: list[str], weights_dir: str | None, timeout_s: float = 600.0,
+                 token_file: str | None = None):
+        from grpo.sandbox.client import load_token
+
+        if not urls:
+            raise ConfigError("rollout.engine=server needs rollout.server_urls: the `grpo rollout serve` URLs, "
+                              "e.g. rollout.server_urls=[http://127.0.0.1:8420]")
+        for url in urls:
+            parts = urllib.parse.urlsplit(str(url))
+            if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
+                raise ConfigError(f"rollout.server_urls: {url!r} is not a server's address (http://HOST:PORT)")
+        if not weights_dir:
+            raise ConfigError("rollout.engine=server needs rollout.server_weights_dir: a directory the trainer "
+                              "writes and every server reads (the one given to `grpo rollout serve --weights-dir`)")
+        self.dir = Path(weights_dir).resolve()
+        if not self.dir.is_dir() or not os.access(self.dir, os.W_OK):
+            raise ConfigError(f"rollout.server_weights_dir={weights_dir}: not a directory this process can write")
+        try:
+            token = load_token(None, token_file, TOKEN_ENV, TOKEN_FILE_ENV, "rollout server")
+        except ValueError as e:
+            raise ConfigError(f"rollout.server_token_file: {e}") from None
+        self._headers = {"Content-Type": "application/json"}
+        if token:
+            self._headers["Authorization"] = f"Bearer {token}"
+        self.urls = [str(u).rstrip("/") for u in urls]
+        self.live = list(self.urls)
+        self._lock = threading.Lock()
+        self.dropped: dict[str, str] = {}  # url -> why it was dropped
+        self.timeout = float(timeout_s)
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # straight to the servers
+        self._prefix = f"grpo-weights-{os.getpid()}-{id(self):x}"
+        self.version = 0
+        self.loaded: dict[str, list[int]] = {u: [] for u in self.urls}  # the versions each server confirmed
+        self._each(lambda url: self._call(url, "/health"))
+        from grpo.parts.rollout import whole_parameters
+
+        self.update_weights(whole_parameters(model))
+
+    # ---- HTTP ---------------------------------------------------------------------------------
+    def _call(self, url: str, route: str, body: Any = None) -> dict:
+        """One request to one server; a failure is _Gone (another may do it) or RolloutServerError, one line each."""
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(url + route, data=data, headers=self._headers)
+        try:
+            with self._opener.open(req, timeout=self.timeout) as resp:
+                return json.loads(resp.read())
+        except urllib.error.HTTPError as e:
+            try:
+                why = json.loads(e.read()).get("error", "")
+            except (ValueError, AttributeError, OSError):
+                why = ""
+            line = f"rollout server {url}: {route} answered HTTP {e.code}: {why}".rstrip(": ")
+            raise (_Gone if e.code >= 500 else RolloutServerError)(line) from None
+        except (TimeoutError, socket.timeout):
+            raise _Gone(f"rollout server {url}: no answer to {route} within rollout.server_timeout_s="
+                        f"{self.timeout:g} s (stopped or overloaded?)") from None
+        except urllib.error.URLError as e:
+            reason = e.reason
+            if isinstance(reason, (TimeoutError, socket.timeout)):
+                raise _Gone(f"rollout server {url}: no connection within rollout.server_timeout_s="
+                            f"{self.timeout:g} s") from None
+            raise _Gone(f"rollout server {url}: not reachable ({_why(reason)})") from None
+        except (OSError, http.client.HTTPException, ValueError) as e:
+            raise _Gone(f"rollout server {url}: the connection broke during {route} ({_why(e)}; the server died?)") \
+                from None
+
+    def _drop(self, url: str, e: _Gone) -> None:
+        with self._lock:
+            if url in self.live:
+                self.live.remove(url)
+                self.dropped[url] = str(e)
+            left = list(self.live)
+        if not left:
+            raise RolloutServerError(str(e)) from None
+        log.warning("%s: dropped; %d rollout server(s) left: %s", e, len(left), ", ".join(left))
+
+    def _alive(self) -> list[str]:
+        """The servers still in use; none left is a RolloutServerError with the last one's fault."""
+        if not self.live:
+            raise RolloutServerError(f"no rollout server left: {list(self.dropped.values())[-1]}")
+        return list(self.live)
+
+    def _each(self, fn) -> dict[str, Any]:
+        """fn(url) on every live server at once; the ones that fail are dropped (see _drop)."""
+        urls = self._alive()
+        with ThreadPoolExecutor(len(urls)) as pool:
+            futures = {url: pool.submit(fn, url) for url in urls}
+        out = {}
+        for url, f in futures.items():
+            try:
+                out[url] = f.result()
+            except _Gone as e:
+                self._drop(url, e)
+        return out
+
+    # ---- the engine interface ----------------------------------------------------------------
+    def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingParams) -> Rollout:
+        """The rollout of `prompt_ids` x `n`, split across the servers alive (see the module's doc)."""
+        base = sampling.seed if sampling.seed is not None else int(torch.randint(0, 2**31 - 1, (1,)))
+        k = min(len(self._alive()), max(len(prompt_ids), 1))
+        bounds = [len(prompt_ids) * i // k for i in range(k + 1)]
+        shares = [(prompt_ids[bounds[i]:bounds[i + 1]], replace(sampling, seed=(base + 1_000_003 * i) % 2**31))
+                  for i in range(k)]
+        with ThreadPoolExecutor(k) as pool:
+            futures = [pool.submit(self._generate_share, i, prompts, n, sp) for i, (prompts, sp) in enumerate(shares)]
+        ro = Rollout(prompt_ids=[p for p in prompt_ids for _ in range(n)], completion_ids=[], texts=[], logprobs=[],
+                     finished=[])
+        for f in futures:
+            out = f.result()
+            ro.completion_ids += out["completion_ids"]
+            ro.logprobs += out["logprobs"]
+            ro.finished += out["finished"]
+            ro.texts += out["texts"]
+        if len(ro.completion_ids) != len(ro.prompt_ids):
+            raise RolloutServerError(f"rollout servers {', '.join(self.live)}: {len(ro.completion_ids)} completions "
+                                     f"for {len(ro.prompt_ids)} rows")
+        return ro
+
+    def _generate_share(self, i: int, prompts: list[list[int]], n: int, sampling: SamplingParams) -> dict:
+        """Share i on its server, else (that one gone) on the next one alive, until none is left."""
+        body = {"prompt_ids": prompts, "n": n, "sampling": asdict(sampling)}
+        while True:
+            live = self._alive()
+            url = live[i % len(live)]
+            try:
+                out = self._call(url, "/generate", body)
+            except _Gone as e:
+                self._drop(url, e)
+                continue
+            if out.get("version") != self.version:
+                raise RolloutServerError(f"rollout server {url}: generated with weights version {out.get('version')}, "
+                                         f"but this trainer pushed version {self.version} (another trainer uses it?)")
+            return out
+
+    def update_weights(self, named_params: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Write the weights once into the shared directory, have every server load them, check the versions."""
+        from safetensors.torch import save_file
+
+        version = self.version + 1
+        state = {name: p.detach().to("cpu").contiguous() for name, p in named_params}
+        path = self.dir / f"{self._prefix}-v{version}.safetensors"
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            save_file(state, str(tmp))
+            os.replace(tmp, path)  # a server never reads a half-written file
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise RolloutServerError(f"rollout.server_weights_dir={self.dir}: cannot write the weights ({e})") from None
+        del state
+        answers = self._each(lambda url: self._call(url, "/load_weights", {"path": str(path), "version": version}))
+        for url, out in answers.items():
+            if out.get("version") != version:
+                raise RolloutServerError(f"rollout server {url}: answered version {out.get('version')} to the push "
+                                         f"of version {version}")
+            self.loaded[url].append(version)
+        self.version = version
+        self._remove_files(keep=path)
+
+    def _remove_files(self, keep: Path | None = None) -> None:
+        for f in self.dir.glob(f"{self._prefix}-v*.safetensors*"):
+            if f != keep:
+                f.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        """Remove this trainer's weight files; the servers are not ours to stop."""
+        self._remove_files()
+
+
+def _why(e: Any) -> str:
+    if isinstance(e, ConnectionRefusedError):
+        return "connection refused"
+    return (str(e) or type(e).__name__).splitlines()[0][:200]

@@ -1,0 +1,264 @@
+"""Server mode (issue 24): `grpo rollout serve` processes behind `rollout.engine=server`.
+
+Real servers on loopback (in this process, or `grpo rollout serve` subprocesses), the real client;
+nothing under test is mocked."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+
+from grpo.parts.config import ConfigError
+from grpo.parts.modeling import load_model, load_tokenizer
+from grpo.parts.rollout.base import SamplingParams
+from grpo.parts.rollout.hf import HFEngine
+from grpo.parts.rollout.remote import RolloutServerError, ServerEngine
+from grpo.parts.rollout.server import RolloutServer
+from tests.conftest import ROOT, pids_with
+
+SP = SamplingParams(max_new_tokens=6, seed=7)
+PROMPTS = [[1, 2, 3], [4, 5], [6, 7, 8, 9]]
+
+
+def perturbed(model_dir, seed: int = 0):
+    """The tiny model with its weights moved off the files' (a trainer's model after some steps)."""
+    model = load_model(str(model_dir))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model
+
+
+@pytest.fixture
+def in_process_server(tiny_model_dir, tmp_path):
+    """A RolloutServer on the tiny model with the hf engine, served by a thread of this process."""
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    model = load_model(str(tiny_model_dir))
+    srv = RolloutServer(HFEngine(model, load_tokenizer(str(tiny_model_dir))), "hf", model.config.vocab_size,
+                        str(weights))
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    yield srv, weights
+    srv.shutdown()
+    srv.server_close()
+    t.join(10)
+
+
+def post(url: str, route: str, body) -> tuple[int, dict]:
+    req = urllib.request.Request(url + route, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_the_server_engine_samples_what_the_trainer_s_own_engine_samples(in_process_server, tiny_model_dir, tmp_path):
+    srv, weights = in_process_server
+    model = perturbed(tiny_model_dir)
+    engine = ServerEngine(model, [srv.url], str(weights), timeout_s=30)
+    assert srv.version == engine.version == 1  # the trainer's weights pushed at the start
+    remote = engine.generate(PROMPTS, 3, SP)
+    local = HFEngine(model, load_tokenizer(str(tiny_model_dir))).generate(PROMPTS, 3, SP)
+    assert remote.completion_ids == local.completion_ids and remote.texts == local.texts
+    assert remote.finished == local.finished and remote.prompt_ids == local.prompt_ids
+    gap = max(abs(a - b) for x, y in zip(remote.logprobs, local.logprobs) for a, b in zip(x, y))
+    assert gap < 1e-5
+    # a push: a new version, the file written once and the older one removed
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    from grpo.parts.rollout import whole_parameters
+
+    engine.update_weights(whole_parameters(model))
+    assert srv.version == engine.version == 2 and engine.loaded == {srv.url: [1, 2]}
+    assert [f.name.rsplit("-", 1)[1] for f in weights.iterdir()] == ["v2.safetensors"]
+    engine.close()
+    assert not list(weights.iterdir())
+
+
+def test_the_server_refuses_bad_requests_with_one_line(in_process_server, tmp_path):
+    srv, weights = in_process_server
+    outside = tmp_path / "elsewhere.safetensors"
+    outside.write_bytes(b"x")
+    bad = [
+        ("/generate", {"prompt_ids": [[1]], "n": 0, "sampling": {}}, "n must be"),
+        ("/generate", {"prompt_ids": [[10 ** 9]], "n": 1, "sampling": {}}, "a token id must be"),
+        ("/generate", {"prompt_ids": [[1]], "n": 1, "sampling": {"temperature": "hot"}}, "sampling.temperature"),
+        ("/generate", {"prompt_ids": [[1]], "n": 1, "sampling": {}, "pickle": 1}, "unknown fields"),
+        ("/load_weights", {"path": str(outside), "version": 3}, "not a .safetensors file under"),
+        ("/load_weights", {"path": str(weights / "../weights/../elsewhere.safetensors"), "version": 3}, "not a"),
+        ("/load_weights", {"path": str(weights / "none.safetensors"), "version": -1}, "version must be"),
+    ]
+    for route, body, message in bad:
+        code, out = post(srv.url, route, body)
+        assert code == 400 and message in out["error"] and "\n" not in out["error"], (route, body, out)
+    # a file of the wrong model: 400 naming the parameters, and the version stays
+    from safetensors.torch import save_file
+
+    save_file({"lm_head.weight": torch.zeros(2, 2)}, str(weights / "other.safetensors"))
+    code, out = post(srv.url, "/load_weights", {"path": str(weights / "other.safetensors"), "version": 5})
+    assert code == 400 and "do not fit the served model" in out["error"] and srv.version == 0
+
+
+def test_bad_server_settings_are_one_line(tiny_model_dir, tmp_path):
+    model = load_model(str(tiny_model_dir))
+    for kw, message in [
+        (dict(urls=[], weights_dir=str(tmp_path)), "needs rollout.server_urls"),
+        (dict(urls=["localhost:8420"], weights_dir=str(tmp_path)), "is not a server's address"),
+        (dict(urls=["http://127.0.0.1:1"], weights_dir=None), "needs rollout.server_weights_dir"),
+        (dict(urls=["http://127.0.0.1:1"], weights_dir=str(tmp_path / "no")), "not a directory"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            ServerEngine(model, **kw)
+
+
+# ---- `grpo rollout serve` subprocesses ------------------------------------------------------------
+class Served:
+    """A `grpo rollout serve` subprocess on loopback (any free port); `stop()` ends and reaps it."""
+
+    def __init__(self, model_dir, weights_dir, *extra: str):
+        env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+        self.proc = subprocess.Popen([sys.executable, "-m", "grpo", "rollout", "serve", "--port", "0", "--weights-dir",
+                                      str(weights_dir), f"model.path={model_dir}", *extra],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+        deadline = time.monotonic() + 180
+        line = ""
+        while time.monotonic() < deadline and not line and self.proc.poll() is None:
+            if select.select([self.proc.stdout], [], [], 1.0)[0]:
+                line = self.proc.stdout.readline()
+        assert line.startswith("rollout server on http://"), (line, self.proc.poll())
+        self.url = line.split()[3]
+
+    def stop(self) -> str:
+        """SIGCONT (a stopped server), SIGTERM, reap; returns what it printed after its first line."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.terminate()
+        out, _ = self.proc.communicate(timeout=60)
+        return out
+
+
+@pytest.fixture
+def serve(tiny_model_dir, tmp_path):
+    """serve(n) -> n fresh servers on the tiny model sharing tmp_path/weights; all reaped afterwards."""
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    started: list[Served] = []
+
+    def start(n: int = 1) -> list[Served]:
+        started.extend(Served(tiny_model_dir, weights) for _ in range(n))
+        return started[-n:]
+    start.weights = weights
+    yield start
+    for s in started:
+        s.stop()
+    assert not pids_with(str(weights))  # nothing left running
+
+
+@pytest.mark.slow
+def test_grpo_train_through_a_server_keeps_the_log_prob_gap_small(tiny_model_dir, serve, tmp_path):
+    from grpo.commands.train import train
+    from tests.commands.test_train_e2e import cfg_for, read_metrics
+
+    (srv,) = serve(1)
+    cfg = cfg_for(tiny_model_dir, "rollout=server", f"rollout.server_urls=[{srv.url}]",
+                  f"rollout.server_weights_dir={serve.weights}", "rollout.server_timeout_s=60", "trainer.max_steps=3",
+                  "trainer.eval_every=0", "trainer.save_every=0", "optim.lr=1e-2", "rollout.max_new_tokens=6")
+    children_before = set(_children())
+    train(cfg, tmp_path / "run")
+    steps = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
+    gaps = [r["rollout/logprob_abs_diff/max"] for r in steps]
+    print("server mode, float32: engine/trainer log-prob gap (max) per step:", gaps)
+    assert len(steps) == 3 and all(g < 1e-3 for g in gaps), gaps
+    assert set(_children()) == children_before  # the trainer started nothing that outlives it
+    assert not list(serve.weights.iterdir())  # its weight files removed
+    printed = srv.stop()
+    # the weights at the start, then one push after each of the 3 optimizer steps
+    assert [ln.split()[2] for ln in printed.splitlines() if ln.startswith("weights version")] == ["1", "2", "3", "4"]
+
+
+def _children() -> list[int]:
+    with open(f"/proc/{os.getpid()}/task/{os.getpid()}/children") as f:
+        return [int(c) for c in f.read().split()]
+
+
+def _one_line(fn, timeout: float) -> tuple[str, float]:
+    t0 = time.monotonic()
+    with pytest.raises(RolloutServerError) as e:
+        fn()
+    took = time.monotonic() - t0
+    assert "\n" not in str(e.value) and took < timeout + 5, (str(e.value), took)
+    return str(e.value), took
+
+
+@pytest.mark.slow
+def test_a_killed_and_a_silent_server_are_one_line_within_the_timeout(tiny_model_dir, serve):
+    model = load_model(str(tiny_model_dir))
+    killed, silent = serve(2)
+    timeout = 3.0
+    a = ServerEngine(model, [killed.url], str(serve.weights), timeout_s=timeout)
+    b, c = (ServerEngine(model, [silent.url], str(serve.weights), timeout_s=timeout) for _ in range(2))
+    a.generate(PROMPTS, 2, SP), b.generate(PROMPTS, 2, SP)
+    killed.proc.send_signal(signal.SIGKILL)
+    killed.proc.wait(30)
+    line, took = _one_line(lambda: a.generate(PROMPTS, 2, SP), timeout)
+    print(f"killed server: {took:.2f} s: {line}")
+    assert killed.url in line and "not reachable" in line
+    silent.proc.send_signal(signal.SIGSTOP)
+    line, took = _one_line(lambda: b.generate(PROMPTS, 2, SP), timeout)
+    print(f"silent server (generate): {took:.2f} s: {line}")
+    assert silent.url in line and f"within rollout.server_timeout_s={timeout:g} s" in line and took >= timeout - 0.5
+    from grpo.parts.rollout import whole_parameters
+
+    line, took = _one_line(lambda: c.update_weights(whole_parameters(model)), timeout)
+    print(f"silent server (weight push): {took:.2f} s: {line}")
+    assert silent.url in line and "/load_weights" in line
+
+
+@pytest.mark.slow
+def test_with_two_servers_one_killed_the_other_takes_over(tiny_model_dir, serve, caplog):
+    from grpo.parts.rollout import whole_parameters
+
+    model = perturbed(tiny_model_dir)
+    first, second = serve(2)
+    engine = ServerEngine(model, [first.url, second.url], str(serve.weights), timeout_s=5)
+    both = engine.generate(PROMPTS, 2, SP)  # split: one share each
+    second.proc.send_signal(signal.SIGKILL)
+    second.proc.wait(30)
+    after = engine.generate(PROMPTS, 2, SP)  # the killed one's share is redone on the first, same seed
+    assert after.completion_ids == both.completion_ids and after.logprobs == both.logprobs
+    assert engine.live == [first.url] and any(second.url in r.getMessage() and "dropped" in r.getMessage()
+                                               for r in caplog.records)
+    engine.update_weights(whole_parameters(model))  # the push goes on with the one left
+    assert engine.loaded == {first.url: [1, 2], second.url: [1]}
+    assert len(engine.generate(PROMPTS, 2, SP).completion_ids) == 6
+
+
+@pytest.mark.slow
+def test_grpo_train_names_a_silent_server_in_one_line(tiny_model_dir, serve, tmp_path):
+    from tests.conftest import run_grpo
+
+    (srv,) = serve(1)
+    srv.proc.send_signal(signal.SIGSTOP)
+    t0 = time.monotonic()
+    p = run_grpo("train", f"model.path={tiny_model_dir}", "rollout=server", f"rollout.server_urls=[{srv.url}]",
+                 f"rollout.server_weights_dir={serve.weights}", "rollout.server_timeout_s=3", "trainer.max_steps=1",
+                 f"hydra.run.dir={tmp_path / 'run'}", timeout=300)
+    took = time.monotonic() - t0
+    err = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    print(f"grpo train against a silent server: exit {p.returncode} after {took:.1f} s: {err}")
+    assert p.returncode == 1 and len(err) == 1, p.stderr[-3000:]
+    assert err[0].startswith(f"grpo train: error: rollout server {srv.url}: no answer to /health within")
