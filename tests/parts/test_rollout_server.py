@@ -262,3 +262,18 @@ def test_grpo_train_names_a_silent_server_in_one_line(tiny_model_dir, serve, tmp
     print(f"grpo train against a silent server: exit {p.returncode} after {took:.1f} s: {err}")
     assert p.returncode == 1 and len(err) == 1, p.stderr[-3000:]
     assert err[0].startswith(f"grpo train: error: rollout server {srv.url}: no answer to /health within")
+
+
+@pytest.mark.slow
+def test_grpo_rollout_serve_refuses_bad_input_in_one_line(tmp_path):
+    from tests.conftest import run_grpo
+
+    for args, message in [
+        (["--weights-dir", str(tmp_path / "no")], "--weights-dir"),
+        (["--weights-dir", str(tmp_path), "task=gsm8k"], "task=gsm8k: a rollout server takes model.* and rollout.*"),
+        (["--weights-dir", str(tmp_path), "rollout=server"], "a rollout server runs hf or vllm"),
+        (["--weights-dir", str(tmp_path), "--host", "0.0.0.0"], "refusing to serve on 0.0.0.0 without a token"),
+    ]:
+        p = run_grpo("rollout", "serve", "--port", "0", *args, timeout=120)
+        err = p.stderr.strip().splitlines()
+        assert p.returncode == 2 and len(err) == 1 and message in err[0], (args, p.stderr[-2000:])

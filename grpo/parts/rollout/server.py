@@ -176,6 +176,8 @@ def serve(model, rollout, weights_dir: str, host: str = "127.0.0.1", port: int =
     if rollout.engine not in ("hf", "vllm"):
         raise ConfigError(f"rollout.engine={rollout.engine}: a rollout server runs hf or vllm")
     RolloutServer.check_access(host, kw.get("token"), kw.get("insecure", False))  # before the model loads
+    if not Path(weights_dir).is_dir():
+        raise ValueError(f"--weights-dir {weights_dir}: no such directory")
     tok = load_tokenizer(model.path)
     device = pick_device(model.device)
     policy = load_model(model.path, model.dtype, device=device)
