@@ -63,8 +63,8 @@ class JSONHandler(BaseHTTPRequestHandler):
     """A request handler of a JSON service (a JSONServer): every read of a request within the
     server's ``request_timeout``, every write within its ``io_timeout``, the token checked before a
     body is read, one plain Content-Length only, bodies over ``max_body`` refused unread, JSON
-    answers. Subclasses route: ``do_GET`` / ``do_POST`` calling ``_authorized``, ``_reply`` and
-    ``_with_body``. Shared by the sandbox service and other services of the package (stdlib only)."""
+    answers. GET /health answers the server's ``health()``; a POST goes to the route subclasses name
+    in ``post_routes``. Shared by the sandbox service and other services of the package (stdlib only)."""
 
     server: "JSONServer"
     protocol_version = "HTTP/1.1"
@@ -128,17 +128,31 @@ class JSONHandler(BaseHTTPRequestHandler):
                         close=True, headers={"WWW-Authenticate": f'Bearer realm="grpo {service.split()[0]}"'})
         return ok
 
-    def _get_preamble(self) -> bool:
-        """The checks of a GET before its route (token, no body): False when it has been answered."""
+    def post_routes(self) -> dict[str, Any]:
+        """path -> handle(raw body bytes), which answers with ``_reply``: the service's POST routes."""
+        return {}
+
+    def do_GET(self) -> None:
         if not self._authorized():
-            return False
+            return
         length, status, why = self._body_length()
         if length != 0:  # a GET with a body: answered, and the body never read, so the connection ends
             self.close_connection = True
         if status:
             self._reply(status, {"error": why}, close=True)
-            return False
-        return True
+        elif self.path == "/health":
+            self._reply(200, self.server.health(), close=self.close_connection)
+        else:
+            self._reply(404, {"error": "not found"}, close=self.close_connection)
+
+    def do_POST(self) -> None:
+        if not self._authorized():
+            return
+        handle = self.post_routes().get(self.path)
+        if handle is None:
+            self._reply(404, {"error": "not found"}, close=True)
+            return
+        self._with_body(handle)
 
     def _with_body(self, handle) -> None:
         """Read a POST's body (framed, bounded, within the deadline, reserved against the server's
@@ -181,23 +195,8 @@ def parse_json(raw: bytes) -> Any:
 class _Handler(JSONHandler):
     server: "SandboxServer"
 
-    def do_GET(self) -> None:
-        if not self._get_preamble():
-            return
-        if self.path == "/health":
-            self._reply(200, {"ok": True, "busy": self.server.busy, "queued": self.server.queued,
-                              "connections": self.server.connections,
-                              "max_limits": self.server.max_limits}, close=self.close_connection)
-        else:
-            self._reply(404, {"error": "not found"}, close=self.close_connection)
-
-    def do_POST(self) -> None:
-        if not self._authorized():
-            return
-        if self.path != "/run":
-            self._reply(404, {"error": "not found"}, close=True)
-            return
-        self._with_body(self._run)
+    def post_routes(self) -> dict[str, Any]:
+        return {"/run": self._run}
 
     def _run(self, raw: bytes) -> None:
         try:
@@ -415,6 +414,24 @@ class JSONServer(ThreadingHTTPServer):
         with self._lock:
             self._buffered -= n
 
+    def run(self, about: str = "") -> None:
+        """Print "<service> on <url> <about>" (and a warning when it has no token beyond loopback),
+        then serve until KeyboardInterrupt; the socket is closed on the way out."""
+        if self.token is None and not is_loopback(self.server_address[0]):
+            print(f"WARNING: the {self.service} on {self.url} has no token (--insecure): anyone who reaches "
+                  f"the port {self.exposure}", file=sys.stderr, flush=True)
+        print(f"{self.service} on {self.url}{about}" + (" (token required)" if self.token else ""), flush=True)
+        try:
+            self.serve_forever()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            self.server_close()
+
+    def health(self) -> dict[str, Any]:
+        """What GET /health answers."""
+        return {"ok": True, "connections": self.connections}
+
     @property
     def url(self) -> str:
         """http://host:port of the bound socket."""
@@ -457,6 +474,11 @@ class SandboxServer(JSONServer):
         self.busy = 0
         self.queued = 0
 
+    def health(self) -> dict[str, Any]:
+        """What GET /health answers: the runs going and waiting, the limits' maximums."""
+        return {"ok": True, "busy": self.busy, "queued": self.queued, "connections": self.connections,
+                "max_limits": self.max_limits}
+
     def admit(self) -> bool:
         with self._lock:
             if self.busy + self.queued >= self._capacity:
@@ -475,14 +497,4 @@ class SandboxServer(JSONServer):
 
 
 def serve(host: str = "127.0.0.1", port: int = 8377, **kw: Any) -> None:
-    srv = SandboxServer(host, port, **kw)
-    if srv.token is None and not is_loopback(host):
-        print(f"WARNING: the sandbox service on {srv.url} has no token (--insecure): anyone who reaches "
-              "the port runs code on this host", file=sys.stderr, flush=True)
-    print(f"sandbox service on {srv.url}" + (" (token required)" if srv.token else ""), flush=True)
-    try:
-        srv.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        srv.server_close()
+    SandboxServer(host, port, **kw).run()

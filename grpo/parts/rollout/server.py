@@ -42,24 +42,10 @@ MAX_ROWS = 1 << 16  # completions one /generate may ask for (prompts x n)
 class _Handler(JSONHandler):
     server: "RolloutServer"
 
-    def do_GET(self) -> None:
-        if not self._get_preamble():
-            return
-        if self.path == "/health":
-            srv = self.server
-            self._reply(200, {"ok": True, "version": srv.version, "engine": srv.engine_name,
-                              "vocab_size": srv.vocab_size}, close=self.close_connection)
-        else:
-            self._reply(404, {"error": "not found"}, close=self.close_connection)
-
-    def do_POST(self) -> None:
-        if not self._authorized():
-            return
-        route = {"/generate": self.server.generate, "/load_weights": self.server.load_weights}.get(self.path)
-        if route is None:
-            self._reply(404, {"error": "not found"}, close=True)
-            return
-        self._with_body(lambda raw: self._answer(route, raw))
+    def post_routes(self) -> dict[str, Any]:
+        srv = self.server
+        return {"/generate": lambda raw: self._answer(srv.generate, raw),
+                "/load_weights": lambda raw: self._answer(srv.load_weights, raw)}
 
     def _answer(self, route, raw: bytes) -> None:
         try:
@@ -139,6 +125,11 @@ class RolloutServer(JSONServer):
         self.version = 0
         self._engine_lock = threading.Lock()
 
+    def health(self) -> dict[str, Any]:
+        """GET /health: the weights version held, the engine, the vocabulary size."""
+        return {"ok": True, "version": self.version, "engine": self.engine_name, "vocab_size": self.vocab_size,
+                "connections": self.connections}
+
     def generate(self, req: dict) -> dict:
         """/generate: the engine's Rollout fields and the weights version that produced them."""
         prompts, n, sampling = parse_generate(req, self.vocab_size)
@@ -187,14 +178,7 @@ def serve(model, rollout, weights_dir: str, host: str = "127.0.0.1", port: int =
         vocab = policy.get_input_embeddings().weight.shape[0]
         srv = RolloutServer(engine, rollout.engine, vocab, weights_dir, host, port, **kw)
         signal.signal(signal.SIGTERM, _exit)  # the engine's processes are closed below, not orphaned
-        print(f"rollout server on {srv.url} (engine {rollout.engine}, model {model.path}, weights from "
-              f"{srv.weights_dir}; pid {os.getpid()})" + (" (token required)" if srv.token else ""), flush=True)
-        try:
-            srv.serve_forever()
-        except KeyboardInterrupt:
-            pass
-        finally:
-            srv.server_close()
+        srv.run(f" (engine {rollout.engine}, model {model.path}, weights from {srv.weights_dir}; pid {os.getpid()})")
     finally:
         engine.close()
 
