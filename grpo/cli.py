@@ -201,7 +201,9 @@ def _hydra_job(config_name: str, fn, argv: list[str]) -> int:
             if fresh:  # each rank after its own writes: the last one leaves nothing behind
                 checkpoint.remove_if_empty_run(run_dir)
         except RuntimeError as e:
-            if not (distributed.world() > 1 and "timed out" in str(e).lower()):
+            if not (distributed.world() > 1 and distributed.collective_timed_out(e)):
+                if fresh:
+                    checkpoint.remove_if_empty_run(run_dir)
                 raise
             # a rank went silent (the SilentRanks line before this one names it): one line per rank
             why = str(e).strip().splitlines()[0]

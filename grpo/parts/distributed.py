@@ -35,6 +35,7 @@ import contextlib
 import datetime
 import gc
 import os
+import re
 import sys
 import threading
 import time
@@ -74,6 +75,18 @@ def close() -> None:
     if dist.is_initialized():
         gc.collect()
         dist.destroy_process_group()
+
+
+# gloo's words when a collective's peer never came (torch 2.13 raises a plain RuntimeError with them)
+_GLOO_TIMEOUT = re.compile(r"Timed out waiting \d+ms for (recv|send) operation to complete")
+
+
+def collective_timed_out(error: BaseException) -> bool:
+    """Whether `error` is a collective that waited parallel.collective_timeout_s for another rank
+    (gloo's timeout, or a torch.distributed error saying so), not any error whose text says "timed out"."""
+    if isinstance(error, getattr(dist, "DistError", ())) and "timed out" in str(error).lower():
+        return True
+    return bool(_GLOO_TIMEOUT.search(str(error)))
 
 
 def rank() -> int:
@@ -172,35 +185,52 @@ class SilentRanks:
     def _run(self) -> None:
         seen = {p: (-1, time.monotonic()) for p in range(self.world) if p != self.rank}
         silent: set[int] = set()
-        try:
-            while not self.stopping.wait(self.beat):
+        store_quiet = None  # since when the store has not answered (its host may be the silent one)
+        while not self.stopping.wait(self.beat):
+            try:
                 self.store.add(self.prefix + str(self.rank), 1)
                 now = time.monotonic()
-                for p, (count, since) in seen.items():
+                for p, (count, since) in list(seen.items()):
                     c = self.store.add(self.prefix + str(p), 0)  # adding 0 reads without blocking
-                    if c != count:
+                    if c < 0:  # it said goodbye (closed its watch at the end of its run): not silent
+                        del seen[p]
+                        silent.discard(p)
+                    elif c != count:
                         seen[p] = (c, now)
                         if p in silent:
-                            silent.discard(p)
                             self._say(silent, f"rank {p} answers again after {now - since:.0f} s")
+                            silent.discard(p)
                     elif p not in silent and now - since > self.after_s:
                         silent.add(p)
-                        self._say(silent, f"rank {p} has not answered for {now - since:.0f} s (stopped by SIGSTOP, "
-                                  f"swapped out or hung?) while this rank is at {self.where()}; the ranks wait for it "
-                                  f"until parallel.collective_timeout_s={self.timeout_s:.0f} s, then the job ends")
-        except Exception as e:  # the launcher's store is gone: the job is ending, or it never had one
-            if not self.stopping.is_set():
-                print(f"grpo: rank {self.rank}: silent-rank check ended: {str(e).splitlines()[0] if str(e) else e!r}",
-                      file=sys.stderr, flush=True)
+                        self._say(silent, f"rank {p} has not answered for {now - since:.0f} s (stopped by "
+                                  f"SIGSTOP, swapped out or hung?) while this rank is at {self.where()}; the ranks "
+                                  f"wait for it until parallel.collective_timeout_s={self.timeout_s:.0f} s, then the "
+                                  "job ends")
+                store_quiet = None
+            except Exception as e:  # noqa: BLE001 - the store's host is gone or frozen: say so once, go on
+                if self.stopping.is_set():
+                    return
+                if store_quiet is None:
+                    store_quiet = time.monotonic()
+                    first = str(e).splitlines()[0] if str(e) else repr(e)
+                    print(f"grpo: rank {self.rank}: the launcher's store does not answer ({first}); while it does "
+                          f"not, silent ranks cannot be named", file=sys.stderr, flush=True)
 
     def _say(self, silent: set[int], text: str) -> None:
+        """Said by the lowest rank not in `silent` (each live rank computes the same, in its view)."""
         if self.rank == min(set(range(self.world)) - silent):
             from tqdm import tqdm  # clears the progress bar's line, prints, redraws the bar
 
             tqdm.write(f"grpo: rank {self.rank}: {text}", file=sys.stderr)
 
     def close(self) -> None:
+        """Stop beating and say goodbye (the counter set to -1: a rank that ended is not silent)."""
         self.stopping.set()
+        self.thread.join(timeout=2 * self.beat + 1)  # no beat after the goodbye
+        try:
+            self.store.set(self.prefix + str(self.rank), "-1")
+        except Exception:  # noqa: BLE001 - the store is gone: the job is ending anyway
+            pass
 
 
 class Parallel:

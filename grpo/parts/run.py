@@ -190,6 +190,7 @@ class Run:
         if self._closed:
             return
         self._closed = True
+        self.par.close()  # first: the parts' closing may take a while on one rank, and it is not silence
         failed = None
         for part in ([self.tracker] if self.tracker is not None else []) + self._parts:
             try:  # every part gets closed (an engine's processes, a verifier's workers) even if one fails
@@ -199,7 +200,6 @@ class Run:
         # Let go of the models now: the evaluation closure refers back to the run, and a cycle would
         # keep a sharded model (and the process group it holds) alive past the group's end.
         self._evaluate, self._policy, self._models, self._stateful, self._parts = None, None, {}, {}, []
-        self.par.close()
         self._unlock()
         if failed is not None:
             raise failed

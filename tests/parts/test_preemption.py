@@ -154,50 +154,99 @@ def test_a_sigstopped_rank_is_named_and_the_job_ends_at_the_collective_timeout(t
     assert len(gave_up) == 1 and f"{ROOT}/grpo/" not in err, err[-3000:]
 
 
-def test_silent_ranks_names_the_silent_one_once_and_its_return(capsys):
-    """SilentRanks against a real TCP store on loopback, two 'ranks' in one process: rank 0 beats,
-    rank 1 does not until told to. after_s 0.6 s, so beats every 0.15 s."""
-    import threading as th
+class Beating:
+    """A fake peer rank in a thread: beats its counter in the store every 0.2 s while `on`."""
 
+    def __init__(self, store, key):
+        import threading as th
+
+        self.store, self.key, self.on, self.done = store, key, th.Event(), th.Event()
+        th.Thread(target=self._run, daemon=True).start()
+
+    def _run(self):
+        while not self.done.is_set():
+            if self.on.is_set():
+                self.store.add(self.key, 1)
+            time.sleep(0.2)
+
+
+def said(capsys, about):
+    return [x for x in capsys.readouterr().err.splitlines() if x.startswith("grpo: rank ") and f"rank {about} " in x]
+
+
+def store():
     import torch.distributed as dist
 
+    return dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+
+
+def test_silent_ranks_names_the_silent_one_once_and_its_return(capsys):
+    """SilentRanks against a real TCP store on loopback: rank 0 watching, rank 1 a thread that beats,
+    stops for 5 s (after_s 2: named once, not once per beat), then beats again (its return named)."""
     from grpo.parts.distributed import SilentRanks
 
-    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-    watch = SilentRanks(0, 2, after_s=0.6, timeout_s=99, where=lambda: "step 7", store=store)
+    st = store()
+    watch = SilentRanks(0, 2, after_s=2.0, timeout_s=99, where=lambda: "step 7", store=st)
+    peer = Beating(st, watch.prefix + "1")
     try:
-        time.sleep(2.0)  # rank 1 silent for > 0.6 s: named once, not once per beat
-        beats = th.Event()
-
-        def rank1():
-            while not beats.is_set():
-                store.add(watch.prefix + "1", 1)
-                time.sleep(0.1)
-
-        t = th.Thread(target=rank1, daemon=True)
-        t.start()
+        peer.on.set()
         time.sleep(1.0)
-        beats.set()
-        t.join()
+        peer.on.clear()
+        time.sleep(5.0)
+        peer.on.set()
+        time.sleep(1.5)
     finally:
+        peer.done.set()
         watch.close()
-    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("grpo: rank 0:")]
+    lines = said(capsys, 1)
     assert len(lines) == 2, lines
     assert lines[0].startswith("grpo: rank 0: rank 1 has not answered for ")
     assert "while this rank is at step 7;" in lines[0] and "parallel.collective_timeout_s=99 s" in lines[0]
     assert lines[1].startswith("grpo: rank 0: rank 1 answers again after ")
 
 
-def test_silent_ranks_the_lowest_live_rank_speaks(capsys):
-    """Rank 0 silent: rank 1 (the lowest still beating) says so; a rank 2 in the same job would not."""
-    import torch.distributed as dist
-
+def test_silent_ranks_the_lowest_live_rank_speaks_both_ways(capsys):
+    """Rank 0 silent, then back: rank 1 (the lowest still beating) names it both times; rank 2
+    says nothing."""
     from grpo.parts.distributed import SilentRanks
 
-    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-    one = SilentRanks(1, 3, after_s=0.6, timeout_s=99, where=lambda: "step 2", store=store)
-    two = SilentRanks(2, 3, after_s=0.6, timeout_s=99, where=lambda: "step 2", store=store)
-    time.sleep(2.0)
+    st = store()
+    one = SilentRanks(1, 3, after_s=2.0, timeout_s=99, where=lambda: "step 2", store=st)
+    two = SilentRanks(2, 3, after_s=2.0, timeout_s=99, where=lambda: "step 2", store=st)
+    zero = Beating(st, one.prefix + "0")
+    time.sleep(4.0)
+    zero.on.set()
+    time.sleep(1.5)
+    zero.done.set()
     one.close(), two.close()
-    lines = [x for x in capsys.readouterr().err.splitlines() if "has not answered" in x]
-    assert len(lines) == 1 and lines[0].startswith("grpo: rank 1: rank 0 has not answered for "), lines
+    lines = said(capsys, 0)
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("grpo: rank 1: rank 0 has not answered for ")
+    assert lines[1].startswith("grpo: rank 1: rank 0 answers again after ")
+
+
+def test_a_rank_that_closed_its_watch_is_not_silent(capsys):
+    """At a run's end the ranks close their watches at different moments (rank 0 may spend
+    minutes closing wandb or an engine): a rank that said goodbye is never named."""
+    from grpo.parts.distributed import SilentRanks
+
+    st = store()
+    zero = SilentRanks(0, 2, after_s=1.0, timeout_s=99, where=lambda: "the end", store=st)
+    one = SilentRanks(1, 2, after_s=1.0, timeout_s=99, where=lambda: "the end", store=st)
+    time.sleep(1.0)
+    one.close()
+    time.sleep(3.0)  # three times after_s
+    zero.close()
+    assert said(capsys, 1) == []
+
+
+def test_only_a_collective_s_timeout_is_reported_as_one():
+    """The CLI turns a collective's timeout into one line; any other error that says "timed out" (a
+    rollout server's connection, a sandbox call) keeps its traceback."""
+    from grpo.parts.distributed import collective_timed_out
+
+    gloo = ("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting "
+            "20000ms for recv operation to complete")  # what the SIGSTOP test above gets from torch 2.13
+    assert collective_timed_out(RuntimeError(gloo))
+    assert not collective_timed_out(RuntimeError("rollout server http://h:1: not reachable ([Errno 110] Connection timed out)"))
+    assert not collective_timed_out(TimeoutError("timed out"))
