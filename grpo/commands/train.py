@@ -120,6 +120,10 @@ def build(cfg: C.TrainConfig, run: Run) -> GRPO:
     progress = run.restore({"model": (policy.model, opt)}, {"scheduler": sched},
                            {"data_pos": 0, "buffer": [], "inflight": []})
     progress.setdefault("inflight", [])  # a checkpoint from before the key
+    if progress["inflight"] and not cfg.rollout.max_staleness:
+        log.warning("rollout.max_staleness=0: dropping the %d lagged rollouts the checkpoint holds (their prompts "
+                    "are skipped)", len(progress["inflight"]))
+        progress["inflight"] = []
     run.evaluate_policy(engine, policy, eval_set, cfg.rollout, trainer.system_prompt, verifiers or rewards,
                         reward_model, kl_batch_size=trainer.micro_batch_size or 256, log_samples=trainer.log_samples)
     return GRPO(algorithm, trainer.prompts_per_step, trainer.micro_batch_size, trainer.max_tokens_per_batch,
@@ -278,14 +282,18 @@ def lagged_sample(grpo: GRPO, run: Run, draw=sample) -> tuple[Rollout, torch.Ten
     grpo.progress["inflight"] holds the rollouts for steps k, k + 1, ... (checkpointed, every rank's
     groups on every rank), each tagged with the version (the number of optimizer steps) of the
     policy that sampled it; the engine's sampling log-probs travel with them as mu. This step
-    generates with the current policy until the queue reaches step min(k + eta, max_steps - 1),
-    then takes its own. A rollout staler than eta (a run resumed with a smaller eta) is dropped and
-    counted, never trained on. At most (eta + 1) x B groups are held. Returns what dynamic_sample does."""
+    generates with the current policy until the queue reaches step k + eta, then takes its own. The
+    last eta steps generate too, for steps past trainer.max_steps: a finished run extended later
+    (a larger max_steps, resumed) then trains exactly as one run to the new end would. A rollout
+    staler than eta (a run resumed with a smaller eta) is dropped and counted, never trained on.
+    At most (eta + 1) x B groups are held. Returns what dynamic_sample does."""
     G, B, eta, k = grpo.algorithm.group_size, grpo.prompts_per_step, grpo.max_staleness, run.step
     queue: list[dict] = grpo.progress["inflight"]
-    seen, dropped, t0 = [], 0, time.time()
+    seen, dropped = [], 0
+    while len(queue) > eta + 1:  # held by a run with a larger eta: too stale by the time its step comes
+        dropped += len(queue.pop()["groups"])
     while True:
-        while len(queue) <= eta and k + len(queue) < run.max_steps:
+        while len(queue) <= eta:
             got = draw(grpo, run)
             seen.append(got.metrics)
             queue.append({"version": k, "groups": gathered_groups(got, run, G), "metrics": got.metrics})
@@ -294,7 +302,6 @@ def lagged_sample(grpo: GRPO, run: Run, draw=sample) -> tuple[Rollout, torch.Ten
         if k - batch["version"] <= eta:
             break
         dropped += len(batch["groups"])
-    assert held <= (eta + 1) * B, (held, eta, B)
     metrics = dict(batch["metrics"])  # the trained samples' reward and rollout figures
     metrics["time/reward"] = sum(m["time/reward"] for m in seen)  # this step's generation's
     metrics.update({"async/staleness": float(k - batch["version"]), "async/dropped_groups": float(dropped),

@@ -12,7 +12,7 @@ from grpo.parts.config import ConfigError
 from grpo.parts.distributed import Parallel
 from grpo.parts.rollout.base import Rollout
 from tests.commands.test_train_e2e import cfg_for, read_metrics
-from tests.conftest import assert_resumed_exactly, run_grpo
+from tests.conftest import assert_resumed_exactly, run_grpo, run_interrupted
 
 
 def fake_run(step: int, max_steps: int):
@@ -56,14 +56,14 @@ def test_step_k_trains_on_the_rollout_of_step_k_minus_eta(eta):
         assert shaped.tolist() == [float(2 * k)] * (B * G)  # step k's own data, in order
         assert (offset, len(ro.completion_ids)) == (0, B * G)
         assert m["async/staleness"] == k - max(0, k - eta) <= eta
-        # held: this step's rollout and those generated ahead, at most eta + 1 rollouts of B groups
-        assert m["async/inflight_groups"] == min(eta + 1, steps - k) * B <= (eta + 1) * B
+        # held: this step's rollout and the eta generated ahead (past the last step too)
+        assert m["async/inflight_groups"] == (eta + 1) * B
         assert m["async/dropped_groups"] == 0 and m["reward/mean"] == 2 * k
         assert ro.logprobs == [[-0.5, -0.25]] * (B * G)  # the engine's sampling log-probs travel with it
-    # every rollout drawn once, in data order; the one for step j by the policy of max(0, j - eta);
-    # none drawn past the last step
-    assert log == [(2 * j, max(0, j - eta)) for j in range(steps)]
-    assert grpo.progress["inflight"] == []
+    # every rollout drawn once, in data order; the one for step j by the policy of max(0, j - eta),
+    # the eta for steps past the last one too (held for a run extended later)
+    assert log == [(2 * j, max(0, j - eta)) for j in range(steps + eta)]
+    assert [b["version"] for b in grpo.progress["inflight"]] == [steps - eta + i for i in range(eta)]
 
 
 def test_a_rollout_staler_than_eta_is_dropped_and_counted():
@@ -82,6 +82,24 @@ def test_a_rollout_staler_than_eta_is_dropped_and_counted():
     assert log == [(0, 4)] and [b["version"] for b in grpo.progress["inflight"]] == [4]
 
 
+def test_a_queue_from_a_larger_eta_is_cut_to_eta_plus_one():
+    # An eta-3 run's queue at step 4: rollouts by versions 1, 2, 3, 4. Resumed with eta 1 (B = 2
+    # groups each): the two beyond eta + 1 (versions 3, 4) go at once (4 groups); then version 1 is
+    # popped, 3 steps stale (6 dropped), a rollout by version 4 is generated, version 2 is popped, 2
+    # stale (8 dropped), another by version 4 is generated, and the step takes the first of those.
+    def held(version):
+        return {"version": version, "metrics": {"reward/mean": float(version), "time/reward": 0.0},
+                "groups": [{"prompt_ids": [1], "completion_ids": [[2]] * 2, "texts": ["x"] * 2, "logprobs": [[-1.0]] * 2,
+                            "finished": [True] * 2, "model_mask": None, "conversations": None,
+                            "rewards": [float(version)] * 2}] * 2}
+    log = []
+    grpo = fake_grpo(1, inflight=[held(v) for v in (1, 2, 3, 4)])
+    _, _, _, m = lagged_sample(grpo, fake_run(4, 10), drawing(log))
+    assert m["async/dropped_groups"] == 8 and m["async/staleness"] == 0
+    assert m["async/inflight_groups"] <= 2 * 2  # (eta + 1) x B
+    assert log == [(0, 4), (2, 4)]  # the step's own rollout and step 5's, both by version 4
+
+
 def test_lagged_rollouts_refuse_what_would_count_the_engine_twice():
     from grpo.commands.train import check_algorithm
     from grpo.parts.config import GRPOAlgorithmConfig
@@ -92,9 +110,18 @@ def test_lagged_rollouts_refuse_what_would_count_the_engine_twice():
 
 
 @pytest.mark.slow
-def test_staleness_zero_is_the_synchronous_trainer_bit_for_bit(tiny_model_dir, tmp_path):
+def test_staleness_zero_is_the_synchronous_trainer_bit_for_bit(tiny_model_dir, tmp_path, monkeypatch):
+    # eta = 0 never enters the lagged path (it raises here), and gives the default run's weights.
+    # (The default run itself reproduces the README's figures of before the lag landed: 0.891 and
+    # 0.820 at steps 100 and 120.)
+    import grpo.commands.train as T
+
     common = ["trainer.max_steps=3", "trainer.eval_every=0", "optim.lr=1e-2"]
     train(cfg_for(tiny_model_dir, *common), tmp_path / "sync")
+
+    def never(*_):
+        raise AssertionError("eta = 0 took the lagged path")
+    monkeypatch.setattr(T, "lagged_sample", never)
     train(cfg_for(tiny_model_dir, *common, "rollout.max_staleness=0"), tmp_path / "zero")
     from safetensors.torch import load_file
 
@@ -116,7 +143,7 @@ def test_lag_one_weights_tokens_by_the_sampling_policy_s_probabilities(tiny_mode
     sync = {r["step"]: r for r in read_metrics(tmp_path / "sync") if "loss" in r}
     lag = {r["step"]: r for r in read_metrics(tmp_path / "lag") if "loss" in r}
     assert [lag[s]["async/staleness"] for s in (1, 2, 3, 4)] == [0, 1, 1, 1]
-    assert [lag[s]["async/generated"] for s in (1, 2, 3, 4)] == [2, 1, 1, 0]  # two up front, none past the end
+    assert [lag[s]["async/generated"] for s in (1, 2, 3, 4)] == [2, 1, 1, 1]  # two up front, then one each
     assert all(lag[s]["async/inflight_groups"] <= 2 * 4 for s in lag)  # (eta + 1) x B, B = 4
     assert lag[1]["reward/mean"] == sync[1]["reward/mean"]  # the same rollout
     assert lag[1]["loss"] == pytest.approx(sync[1]["loss"], abs=1e-6)
@@ -126,7 +153,21 @@ def test_lag_one_weights_tokens_by_the_sampling_policy_s_probabilities(tiny_mode
     for s in (2, 3, 4):
         assert lag[s]["rollout/logprob_abs_diff/max"] > 1e-3 and lag[s]["offpolicy/weight_mean"] != 1.0
         assert lag[s]["offpolicy/truncated_frac"] <= 1.0
+        # the ratio is to pi_prox (this step's own policy, epochs = 1): exactly 1, nothing clipped;
+        # a ratio to the stale mu would not be
+        assert lag[s]["ratio/mean"] == pytest.approx(1.0, abs=1e-6) and lag[s]["clip/frac"] == 0.0
     assert lag[2]["reward/mean"] != sync[2]["reward/mean"]  # the initial policy's samples, not step 2's
+
+
+@pytest.mark.slow
+def test_a_finished_lagged_run_extended_trains_as_one_run_to_the_new_end(tiny_model_dir, tmp_path):
+    # eta = 1: 4 steps, then resumed to 6, against 6 at once. The 4-step run's last step generated
+    # the rollout for step 5 (version 3); the extension trains step 5 on it, as the 6-step run does.
+    common = ["trainer.eval_every=0", "trainer.save_every=2", "optim.lr=1e-2", "rollout.max_staleness=1"]
+    full, part, _ = run_interrupted(train, lambda *o: cfg_for(tiny_model_dir, *o, *common), tmp_path, 6, 4)
+    assert_resumed_exactly(full, part, (5, 6), ("reward/mean", "loss", "grad_norm", "offpolicy/weight_mean",
+                                               "async/staleness"), 6)
+    assert {r["step"]: r for r in read_metrics(part) if "loss" in r}[5]["async/staleness"] == 1
 
 
 @pytest.mark.slow
