@@ -82,7 +82,8 @@ def test_the_server_engine_samples_what_the_trainer_s_own_engine_samples(in_proc
         next(model.parameters()).add_(1.0)
     from grpo.parts.rollout import whole_parameters
 
-    engine.update_weights(whole_parameters(model))
+    engine.update_weights(whole_parameters(model))  # the file now, the load queued behind what was sent
+    engine.wait()
     assert srv.version == engine.version == 2 and engine.loaded == {srv.url: [1, 2]}
     assert [f.name.rsplit("-", 1)[1] for f in weights.iterdir()] == ["v2.safetensors"]
     engine.close()
@@ -223,7 +224,7 @@ def test_a_killed_and_a_silent_server_are_one_line_within_the_timeout(tiny_model
     assert silent.url in line and f"within rollout.server_timeout_s={timeout:g} s" in line and took >= timeout - 0.5
     from grpo.parts.rollout import whole_parameters
 
-    line, took = _one_line(lambda: c.update_weights(whole_parameters(model)), timeout)
+    line, took = _one_line(lambda: (c.update_weights(whole_parameters(model)), c.wait()), timeout)
     print(f"silent server (weight push): {took:.2f} s: {line}")
     assert silent.url in line and "/load_weights" in line
 
@@ -243,6 +244,7 @@ def test_with_two_servers_one_killed_the_other_takes_over(tiny_model_dir, serve,
     assert engine.live == [first.url] and any(second.url in r.getMessage() and "dropped" in r.getMessage()
                                                for r in caplog.records)
     engine.update_weights(whole_parameters(model))  # the push goes on with the one left
+    engine.wait()
     assert engine.loaded == {first.url: [1, 2], second.url: [1]}
     assert len(engine.generate(PROMPTS, 2, SP).completion_ids) == 6
 
@@ -277,3 +279,37 @@ def test_grpo_rollout_serve_refuses_bad_input_in_one_line(tmp_path):
         p = run_grpo("rollout", "serve", "--port", "0", *args, timeout=120)
         err = p.stderr.strip().splitlines()
         assert p.returncode == 2 and len(err) == 1 and message in err[0], (args, p.stderr[-2000:])
+
+
+@pytest.mark.slow
+def test_lagged_rollouts_in_the_background_are_the_waiting_run_and_resume_exactly(tiny_model_dir, serve, tmp_path,
+                                                                                   monkeypatch):
+    # rollout.max_staleness = 1 through a server: step k trains while the server generates for step
+    # k + 1. The same run made to wait for every rollout (the engine's submit hidden from the trainer)
+    # sends the same requests with the same seeds and versions: the same weights, bit for bit. A run
+    # stopped after step 4 (its checkpoint settles the rollout in flight) and resumed to 6 lands there too.
+    import grpo.commands.train as T
+    from tests.commands.test_train_e2e import cfg_for, read_metrics
+    from tests.conftest import assert_resumed_exactly
+
+    (srv,) = serve(1)
+
+    def cfg(*extra):
+        return cfg_for(tiny_model_dir, "rollout=server", f"rollout.server_urls=[{srv.url}]",
+                       f"rollout.server_weights_dir={serve.weights}", "rollout.server_timeout_s=60",
+                       "trainer.eval_every=0", "trainer.save_every=2", "optim.lr=1e-2", "rollout.max_new_tokens=6",
+                       "rollout.max_staleness=1", *extra)
+
+    T.train(cfg("trainer.max_steps=6"), tmp_path / "background")
+    T.train(cfg("trainer.max_steps=4"), tmp_path / "part")
+    T.train(cfg("trainer.max_steps=6", "trainer.resume=true"), tmp_path / "part")
+    with monkeypatch.context() as m:
+        m.setattr(T, "submits", lambda engine: False)
+        T.train(cfg("trainer.max_steps=6"), tmp_path / "waiting")
+    keys = ("reward/mean", "loss", "grad_norm", "offpolicy/weight_mean", "async/staleness")
+    assert_resumed_exactly(tmp_path / "waiting", tmp_path / "background", range(1, 7), keys, 6)
+    assert_resumed_exactly(tmp_path / "background", tmp_path / "part", (5, 6), keys, 6)
+    steps = {r["step"]: r for r in read_metrics(tmp_path / "background") if "loss" in r}
+    assert [steps[s]["async/staleness"] for s in range(1, 7)] == [0, 1, 1, 1, 1, 1]
+    # the servers' log-probs travel as mu: one version old from step 2 on, so the weights move off 1
+    assert all(steps[s]["offpolicy/weight_mean"] != 1.0 for s in range(2, 7))

@@ -11,8 +11,17 @@ so a share redone elsewhere is the same sample. When no server is left, or one r
 Weights: `update_weights` writes the trainer's whole weights once, as safetensors, into
 `rollout.server_weights_dir` (a temporary name, then an atomic rename), tells every server to load
 that file as the next version and checks the version each one answers; the older files are then
-removed. Every /generate answer carries the version that generated it, which must be the last one
-pushed: a server that missed a push (or that another trainer pushed to) is never used silently.
+removed. Every /generate answer carries the version that generated it, which must be the one pushed
+before the request was made: a server that missed a push (or that another trainer pushed to) is
+never used silently.
+
+One lane: every request (a generation, a weight load) goes through one worker thread in the order
+the trainer made it, so a server sees them in that order. `submit` sends a generation and returns at
+once (a Future): grpo train's lagged rollouts (rollout.max_staleness >= 1) train on step k while the
+servers generate for step k + eta. `update_weights` writes the file at once (a snapshot of weights
+the next optimizer step will change) and queues the load behind the generations already sent; a
+load that fails surfaces at the next generation's result. `generate` is `submit(...).result()`, so
+waiting or not, the same requests go out in the same order with the same seeds.
 """
 
 from __future__ import annotations
@@ -27,7 +36,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -85,12 +94,15 @@ class ServerEngine:
         self.timeout = float(timeout_s)
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # straight to the servers
         self._prefix = f"grpo-weights-{os.getpid()}-{id(self):x}"
-        self.version = 0
+        self.version = 0  # the last version pushed (its load may still wait in the lane)
         self.loaded: dict[str, list[int]] = {u: [] for u in self.urls}  # the versions each server confirmed
         self._each(lambda url: self._call(url, "/health"))
+        self._lane = ThreadPoolExecutor(1, thread_name_prefix="grpo-rollout-lane")
+        self._failed: BaseException | None = None  # a queued load's failure, raised by the next generation
         from grpo.parts.rollout import whole_parameters
 
         self.update_weights(whole_parameters(model))
+        self.wait()  # the first load done (or its failure raised) now
 
     # ---- HTTP ---------------------------------------------------------------------------------
     def _call(self, url: str, route: str, body: Any = None) -> dict:
@@ -152,13 +164,28 @@ class ServerEngine:
     # ---- the engine interface ----------------------------------------------------------------
     def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingParams) -> Rollout:
         """The rollout of `prompt_ids` x `n`, split across the servers alive (see the module's doc)."""
+        return self.submit(prompt_ids, n, sampling).result()
+
+    def submit(self, prompt_ids: list[list[int]], n: int, sampling: SamplingParams) -> Future:
+        """Send the generation now, in the lane, and return its Future (-> Rollout). The seed is drawn
+        here, from the trainer's RNG in the trainer's order, and the weights version the answer must
+        carry is the last one pushed."""
         base = sampling.seed if sampling.seed is not None else int(torch.randint(0, 2**31 - 1, (1,)))
+        return self._lane.submit(self._generate, prompt_ids, n, replace(sampling, seed=base), self.version)
+
+    def _generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingParams, version: int) -> Rollout:
+        if self._failed is not None:
+            raise self._failed
+        if not prompt_ids:
+            return Rollout(prompt_ids=[], completion_ids=[], texts=[], logprobs=[], finished=[])
+        base = sampling.seed
         k = min(len(self._alive()), max(len(prompt_ids), 1))
         bounds = [len(prompt_ids) * i // k for i in range(k + 1)]
         shares = [(prompt_ids[bounds[i]:bounds[i + 1]], replace(sampling, seed=(base + 1_000_003 * i) % 2**31))
                   for i in range(k)]
         with ThreadPoolExecutor(k) as pool:
-            futures = [pool.submit(self._generate_share, i, prompts, n, sp) for i, (prompts, sp) in enumerate(shares)]
+            futures = [pool.submit(self._generate_share, i, prompts, n, sp, version)
+                       for i, (prompts, sp) in enumerate(shares)]
         ro = Rollout(prompt_ids=[p for p in prompt_ids for _ in range(n)], completion_ids=[], texts=[], logprobs=[],
                      finished=[])
         for f in futures:
@@ -172,7 +199,7 @@ class ServerEngine:
                                      f"for {len(ro.prompt_ids)} rows")
         return ro
 
-    def _generate_share(self, i: int, prompts: list[list[int]], n: int, sampling: SamplingParams) -> dict:
+    def _generate_share(self, i: int, prompts: list[list[int]], n: int, sampling: SamplingParams, version: int) -> dict:
         """Share i on its server, else (that one gone) on the next one alive, until none is left."""
         body = {"prompt_ids": prompts, "n": n, "sampling": asdict(sampling)}
         while True:
@@ -183,13 +210,14 @@ class ServerEngine:
             except _Gone as e:
                 self._drop(url, e)
                 continue
-            if out.get("version") != self.version:
+            if out.get("version") != version:
                 raise RolloutServerError(f"rollout server {url}: generated with weights version {out.get('version')}, "
-                                         f"but this trainer pushed version {self.version} (another trainer uses it?)")
+                                         f"but this trainer pushed version {version} (another trainer uses it?)")
             return out
 
     def update_weights(self, named_params: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Write the weights once into the shared directory, have every server load them, check the versions."""
+        """Write the weights once into the shared directory now; queue every server's load of them in
+        the lane (checked there: the versions answered)."""
         from safetensors.torch import save_file
 
         version = self.version + 1
@@ -203,22 +231,41 @@ class ServerEngine:
             tmp.unlink(missing_ok=True)
             raise RolloutServerError(f"rollout.server_weights_dir={self.dir}: cannot write the weights ({e})") from None
         del state
-        answers = self._each(lambda url: self._call(url, "/load_weights", {"path": str(path), "version": version}))
-        for url, out in answers.items():
-            if out.get("version") != version:
-                raise RolloutServerError(f"rollout server {url}: answered version {out.get('version')} to the push "
-                                         f"of version {version}")
-            self.loaded[url].append(version)
         self.version = version
-        self._remove_files(keep=path)
+        self._lane.submit(self._load, path, version)
 
-    def _remove_files(self, keep: Path | None = None) -> None:
+    def wait(self) -> None:
+        """Until everything sent has been answered; a queued load's failure is raised here."""
+        self._lane.submit(lambda: None).result()
+        if self._failed is not None:
+            raise self._failed
+
+    def _load(self, path: Path, version: int) -> None:
+        if self._failed is not None:
+            return
+        try:
+            answers = self._each(lambda url: self._call(url, "/load_weights", {"path": str(path), "version": version}))
+            for url, out in answers.items():
+                if out.get("version") != version:
+                    raise RolloutServerError(f"rollout server {url}: answered version {out.get('version')} to the "
+                                             f"push of version {version}")
+                self.loaded[url].append(version)
+        except RolloutServerError as e:
+            self._failed = e
+            return
+        self._remove_files(below=version)
+
+    def _remove_files(self, below: int | None = None) -> None:
+        """This trainer's weight files of versions before `below` (None: all of them)."""
         for f in self.dir.glob(f"{self._prefix}-v*.safetensors*"):
-            if f != keep:
+            v = f.name[len(self._prefix) + 2:].split(".")[0]
+            if below is None or not v.isdigit() or int(v) < below:
                 f.unlink(missing_ok=True)
 
     def close(self) -> None:
-        """Remove this trainer's weight files; the servers are not ours to stop."""
+        """Let the lane finish what was sent, then remove this trainer's weight files; the servers
+        are not ours to stop."""
+        self._lane.shutdown(wait=True)
         self._remove_files()
 
 
