@@ -40,8 +40,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -85,6 +87,7 @@ class GRPO:
     shared_prompt: bool  # one row per group: the prompt once, then its G completions
     progress: dict[str, Any]  # {"data_pos": the next sample, "buffer": kept groups, "inflight": lagged rollouts}
     max_staleness: int = 0  # eta: step k trains on the rollout of step k - eta's policy
+    scorer: Any = None  # lagged rollouts from an engine that submits: the thread that scores them as they come
 
 
 def build(cfg: C.TrainConfig, run: Run) -> GRPO:
@@ -126,9 +129,16 @@ def build(cfg: C.TrainConfig, run: Run) -> GRPO:
         progress["inflight"] = []
     run.evaluate_policy(engine, policy, eval_set, cfg.rollout, trainer.system_prompt, verifiers or rewards,
                         reward_model, kl_batch_size=trainer.micro_batch_size or 256, log_samples=trainer.log_samples)
+    scorer = None
+    if cfg.rollout.max_staleness and submits(engine):
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = ThreadPoolExecutor(1, thread_name_prefix="grpo-scoring")
+        run.own(SimpleNamespace(close=lambda: pool.shutdown(wait=True)))
+        scorer = pool
     return GRPO(algorithm, trainer.prompts_per_step, trainer.micro_batch_size, trainer.max_tokens_per_batch,
                 cfg.optim.max_grad_norm, trainer.system_prompt, task, rewards, policy, engine, opt, sched,
-                sampling_params(cfg.rollout), shared_prompt, progress, cfg.rollout.max_staleness)
+                sampling_params(cfg.rollout), shared_prompt, progress, cfg.rollout.max_staleness, scorer)
 
 
 def check_algorithm(algorithm: C.GRPOAlgorithmConfig, max_new_tokens: int, max_staleness: int = 0) -> None:
@@ -176,18 +186,44 @@ class Sampled:
     metrics: dict[str, float]  # the batch's reward and rollout metrics, reduced over ranks
 
 
-def sample(grpo: GRPO, run: Run) -> Sampled:
-    """This rank's share of the next B prompts, G completions each, scored; the data position moves on by B."""
+def sample(grpo: GRPO, run: Run, submit: bool = False) -> Sampled | Callable[[], Sampled]:
+    """This rank's share of the next B prompts, G completions each, scored; the data position moves on by B.
+    With `submit` (an engine that takes submissions, `submits`) the generation is sent and scored in
+    the background (grpo.scorer, in order): returns a function that waits for both and gathers."""
     par, G, B = run.par, grpo.algorithm.group_size, grpo.prompts_per_step
     first, last = shard(B, par.rank, par.world)  # this rank's prompts of the step's B
     start = grpo.progress["data_pos"]
     samples = [grpo.task.train_sample(start + i) for i in range(first, last)]
     grpo.progress["data_pos"] += B
     prompts = encode_prompts(run.tok, samples, grpo.system_prompt, tools_of(grpo.engine))
+    if submit:
+        sent = grpo.engine.submit(prompts, G, grpo.sampling)
+        fields = [s.fields() for s in samples for _ in range(G)]
+
+        def score():
+            ro = sent.result()
+            return ro, score_rollout(grpo.rewards, ro, fields)
+        done = grpo.scorer.submit(score)
+        return lambda: scored(grpo, run, samples, *done.result())
     ro = generate(grpo.engine, prompts, G, grpo.sampling, samples)  # one completion, or a conversation, each
+    return scored(grpo, run, samples, ro)
+
+
+def submits(engine: Any) -> bool:
+    """Whether the engine generates in the background (rollout=server's `submit`); the multi-turn
+    wrapper and the in-process engines do not."""
+    return callable(getattr(engine, "submit", None))
+
+
+def scored(grpo: GRPO, run: Run, samples: list, ro: Rollout, scores=None) -> Sampled:
+    """`sample`'s second half: this rank's rollout `ro` of `samples` scored (unless `scores` are,
+    from the background), every rank's rewards gathered."""
+    par, G = run.par, grpo.algorithm.group_size
     t1 = time.time()
-    fields = [s.fields() for s in samples for _ in range(G)]  # [n] prompt-major, like ro
-    scored = score_rollout(grpo.rewards, ro, fields)
+    scored = scores
+    if scored is None:
+        fields = [s.fields() for s in samples for _ in range(G)]  # [n] prompt-major, like ro
+        scored = score_rollout(grpo.rewards, ro, fields)
     # Every rank gets the step's N rewards (rank-major = prompt-major): the advantages and the
     # reward metrics are those of the whole batch, whatever the process count.
     # (with the completions' lengths, for the overlong penalty: one gather)
@@ -286,18 +322,30 @@ def lagged_sample(grpo: GRPO, run: Run, draw=sample) -> tuple[Rollout, torch.Ten
     last eta steps generate too, for steps past trainer.max_steps: a finished run extended later
     (a larger max_steps, resumed) then trains exactly as one run to the new end would. A rollout
     staler than eta (a run resumed with a smaller eta) is dropped and counted, never trained on.
-    At most (eta + 1) x B groups are held. Returns what dynamic_sample does."""
+    At most (eta + 1) x B groups are held. Returns what dynamic_sample does.
+
+    With an engine that generates in the background (rollout=server), the rollouts are sent, not
+    waited for: step k trains while the servers generate for step k + eta, and waits only when it
+    needs a rollout still in flight. The requests, seeds and versions are those of the waiting
+    order, so the run is the same either way; `settle` waits for them all before a checkpoint."""
     G, B, eta, k = grpo.algorithm.group_size, grpo.prompts_per_step, grpo.max_staleness, run.step
     queue: list[dict] = grpo.progress["inflight"]
-    seen, dropped = [], 0
+    seen, dropped, made = [], 0, 0
+    background = draw is sample and submits(grpo.engine)
     while len(queue) > eta + 1:  # held by a run with a larger eta: too stale by the time its step comes
         dropped += len(queue.pop()["groups"])
     while True:
         while len(queue) <= eta:
+            made += 1
+            if background:  # sent now, scored when a step needs it (or a checkpoint is due)
+                queue.append({"version": k, "pending": sample(grpo, run, submit=True)})
+                continue
             got = draw(grpo, run)
             seen.append(got.metrics)
             queue.append({"version": k, "groups": gathered_groups(got, run, G), "metrics": got.metrics})
         held = len(queue) * B
+        if "pending" in queue[0]:
+            seen.append(arrive(queue[0], run, G))
         batch = queue.pop(0)
         if k - batch["version"] <= eta:
             break
@@ -305,8 +353,23 @@ def lagged_sample(grpo: GRPO, run: Run, draw=sample) -> tuple[Rollout, torch.Ten
     metrics = dict(batch["metrics"])  # the trained samples' reward and rollout figures
     metrics["time/reward"] = sum(m["time/reward"] for m in seen)  # this step's generation's
     metrics.update({"async/staleness": float(k - batch["version"]), "async/dropped_groups": float(dropped),
-                    "async/inflight_groups": float(held), "async/generated": float(len(seen))})
+                    "async/inflight_groups": float(held), "async/generated": float(made)})
     return (*my_share(batch["groups"], run, G), metrics)
+
+
+def arrive(entry: dict, run: Run, G: int) -> dict[str, float]:
+    """A lagged rollout sent in the background, waited for and scored in place; returns its metrics."""
+    got = entry.pop("pending")()
+    entry.update(groups=gathered_groups(got, run, G), metrics=got.metrics)
+    return got.metrics
+
+
+def settle(grpo: GRPO, run: Run) -> None:
+    """Every lagged rollout still in flight waited for and scored, in order: a checkpoint holds them
+    as data (what was sent with weights the checkpoint no longer has could not be sent again)."""
+    for entry in grpo.progress.get("inflight", []):
+        if "pending" in entry:
+            arrive(entry, run, grpo.algorithm.group_size)
 
 
 def split_groups(ro: Rollout, shaped: torch.Tensor, G: int, first: int) -> list[dict]:
@@ -377,7 +440,9 @@ def update(grpo: GRPO, run: Run, ro, rewards: torch.Tensor, offset: int, behavio
     reinforce = estimator.startswith("reinforce_pp")
     with torch.no_grad():
         # REINFORCE++ puts the KL into the reward: it needs the sampling policy's log-probs up front.
-        need_old = algorithm.epochs > 1 or (reinforce and policy.ref is not None) or behaviour
+        # (With one epoch the policy at the start of the step, the decoupled loss's pi_prox, is the
+        # training forward's own detached log-probs: no forward of its own.)
+        need_old = algorithm.epochs > 1 or (reinforce and policy.ref is not None)
         old_logp = frozen(policy.fwd) if need_old else None
         ref_logp = frozen(policy.ref) if policy.ref is not None else None
     if reinforce:
@@ -471,6 +536,7 @@ def train(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     cfg = C.parse(C.TrainConfig, raw)
     with Run.from_config("grpo", cfg, raw, run_dir) as run:
         grpo = build(cfg, run)
+        run.before_save(lambda: settle(grpo, run))
         for step in run.steps():
             metrics = train_step(grpo, run)
             step.done(metrics, bar={"reward": f"{metrics['reward/mean']:.3f}"})

@@ -4,7 +4,8 @@
   through FSDP2's mixed precision), 2 steps with the hf engine and 2 with vLLM (the whole weights
   gathered from the shards and pushed to each rank's engine), then `grpo export` of the sharded
   checkpoint;
-- one process with rollout=vllm (bf16), 2 steps, so the trainer pushes its weights into the engine.
+- one process with rollout=vllm (bf16), 2 steps, so the trainer pushes its weights into the engine;
+- server mode: a `grpo rollout serve` (hf, bf16) and a trainer with rollout.max_staleness=1 on one GPU.
 
 Skipped where CUDA is not available; the vLLM run also where vllm does not import. Each run prints
 its per-step wall time from metrics.jsonl (run pytest with -rs to see skips; the figures are printed
@@ -129,3 +130,30 @@ def test_one_process_vllm_rollout_pushes_weights(model100m, tmp_path, capsys):
     gap = recs[-1]["rollout/logprob_abs_diff/mean"]
     assert math.isfinite(gap) and gap < 0.1, gap
     assert (run / "checkpoints" / "step_000002" / "model" / "config.json").exists()
+
+
+def test_server_mode_with_lagged_rollouts(model100m, tmp_path, capsys):
+    """A `grpo rollout serve` (hf engine, bf16) and a trainer on the same GPU, rollout.max_staleness=1:
+    the server generates for step k + 1 while the trainer trains step k (issue 24's server mode)."""
+    from tests.parts.test_rollout_server import Served
+
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    srv = Served(model100m, weights, "model.dtype=bfloat16")
+    try:
+        run = tmp_path / "run"
+        t0 = time.time()
+        r = run_grpo("train", f"model.path={model100m}", "model.dtype=bfloat16", "rollout=server",
+                     f"rollout.server_urls=[{srv.url}]", f"rollout.server_weights_dir={weights}",
+                     "rollout.max_staleness=1", "trainer.prompts_per_step=8", "optim.lr=1e-3", "optim.warmup_steps=0",
+                     *COMMON, "trainer.max_steps=3", f"hydra.run.dir={run}", timeout=1200)
+        wall = time.time() - t0
+    finally:
+        srv.stop()
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
+    recs = training_records(run)
+    report(capsys, "one process + a rollout server on the same GPU, bf16, max_staleness=1", wall, recs,
+           ("async/staleness", "offpolicy/weight_mean", "rollout/logprob_abs_diff/mean"))
+    assert [x["async/staleness"] for x in recs] == [0, 1, 1]
+    assert all(math.isfinite(x["loss"]) and math.isfinite(x["offpolicy/weight_mean"]) for x in recs), recs
+    assert not list(weights.iterdir())  # the trainer's weight files removed
