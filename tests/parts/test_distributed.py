@@ -130,26 +130,40 @@ def test_a_step_on_several_processes_equals_one(model2, one_process, tmp_path, s
         assert many["metrics"][k] == pytest.approx(base["metrics"][k], rel=1e-5, abs=1e-7), k
 
 
+def one_and_many(model2, one_process, tmp_path, mode: str, strategy: str, world: int, *extra: str):
+    """tests/dist_worker.py's `mode` (token_mean, STEP, `extra`) on one process and on `world` under `strategy`."""
+    base = one_process("token_mean", *extra, mode=mode)
+    many = worker(world, mode, model2, tmp_path / "out.pt", tmp_path / "run", *STEP, "algorithm.loss_agg=token_mean",
+                  *extra, f"parallel={strategy}")
+    return base, many
+
+
+def assert_same_update(model2, base, many, moved: float) -> None:
+    """The one-process step moved some weight by more than `moved` from the initial model, and the
+    W-process step landed within 1e-6 of it (float32 reordering noise; a gradient scaled by 1/W or W
+    would miss by half the move or more)."""
+    from transformers import AutoModelForCausalLM
+
+    init = AutoModelForCausalLM.from_pretrained(model2).state_dict()
+    assert max(float((base["model"][k] - init[k]).abs().max()) for k in base["model"]) > moved  # the step moved
+    gap = max(float((many["model"][k] - base["model"][k]).abs().max()) for k in base["model"])
+    assert gap < 1e-6, gap
+
+
 @pytest.mark.parametrize("strategy,world", [("ddp", 2), ("fsdp2", 3)])
 def test_dynamic_sampling_on_several_processes_equals_one(model2, one_process, tmp_path, strategy, world):
     # Two fixed rollouts of B = 5 groups (tests/dist_worker.py): the first has 3 groups with differing
     # rewards (0, 2 equal), the second 4 (1 equal): 3 < 5 after the first, 7 after the second, so the
     # step trains on 5 (3 + the second's groups 0, 2) and carries 2 (its groups 3, 4) to the next.
-    base = one_process("token_mean", "algorithm.dynamic_sampling=true", mode="dynamic")
-    many = worker(world, "dynamic", model2, tmp_path / "out.pt", tmp_path / "run", *STEP, "algorithm.loss_agg=token_mean",
-                  "algorithm.dynamic_sampling=true", f"parallel={strategy}")
+    base, many = one_and_many(model2, one_process, tmp_path, "dynamic", strategy, world,
+                              "algorithm.dynamic_sampling=true")
     for got in (base, many):
         assert (got["metrics"]["dapo/gen_batches"], got["metrics"]["dapo/kept_groups"], got["metrics"]["dapo/buffer"]) \
             == (2.0, 5.0, 2.0)
     assert many["buffer"] == base["buffer"] and len(base["buffer"]) == 2
     second = base["buffer"][0]["prompt_ids"], base["buffer"][1]["prompt_ids"]
     assert second[0] != second[1]
-    from transformers import AutoModelForCausalLM
-
-    init = AutoModelForCausalLM.from_pretrained(model2).state_dict()
-    assert max(float((base["model"][k] - init[k]).abs().max()) for k in base["model"]) > 1e-3  # the step moved
-    gap = max(float((many["model"][k] - base["model"][k]).abs().max()) for k in base["model"])
-    assert gap < 1e-6, gap
+    assert_same_update(model2, base, many, moved=1e-3)
     assert many["metrics"]["loss"] == pytest.approx(base["metrics"]["loss"], rel=1e-5, abs=1e-7)
 
 
@@ -159,19 +173,12 @@ def test_lagged_rollouts_on_several_processes_equal_one(model2, one_process, tmp
     # B = 5 groups, trains on the first with the decoupled loss (mu = e^-1 per token, far from the
     # random model's pi_prox, so every weight is < 1 and the gradient is not the on-policy one) and
     # holds the second, every rank's groups on every rank.
-    base = one_process("token_mean", "rollout.max_staleness=1", mode="lagged")
-    many = worker(world, "lagged", model2, tmp_path / "out.pt", tmp_path / "run", *STEP, "algorithm.loss_agg=token_mean",
-                  "rollout.max_staleness=1", f"parallel={strategy}")
+    base, many = one_and_many(model2, one_process, tmp_path, "lagged", strategy, world, "rollout.max_staleness=1")
     for got in (base, many):
         assert got["metrics"]["async/generated"] == 2.0 and got["metrics"]["async/inflight_groups"] == 10.0
         assert got["metrics"]["offpolicy/weight_mean"] < 0.5  # mu = e^-1 > pi_prox on this vocabulary
     assert many["inflight"] == base["inflight"] and len(base["inflight"][0]["groups"]) == 5
-    from transformers import AutoModelForCausalLM
-
-    init = AutoModelForCausalLM.from_pretrained(model2).state_dict()
-    assert max(float((base["model"][k] - init[k]).abs().max()) for k in base["model"]) > 1e-4  # the step moved
-    gap = max(float((many["model"][k] - base["model"][k]).abs().max()) for k in base["model"])
-    assert gap < 1e-6, gap
+    assert_same_update(model2, base, many, moved=1e-4)  # weights < 1: a smaller step
     for k in ("loss", "offpolicy/weight_mean"):
         assert many["metrics"][k] == pytest.approx(base["metrics"][k], rel=1e-5, abs=1e-7), k
 
