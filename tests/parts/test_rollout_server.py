@@ -130,8 +130,8 @@ def test_bad_server_settings_are_one_line(tiny_model_dir, tmp_path):
 class Served:
     """A `grpo rollout serve` subprocess on loopback (any free port); `stop()` ends and reaps it."""
 
-    def __init__(self, model_dir, weights_dir, *extra: str):
-        env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    def __init__(self, model_dir, weights_dir, *extra: str, env: dict | None = None):
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
         self.proc = subprocess.Popen([sys.executable, "-m", "grpo", "rollout", "serve", "--port", "0", "--weights-dir",
                                       str(weights_dir), f"model.path={model_dir}", *extra],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
@@ -189,6 +189,55 @@ def test_grpo_train_through_a_server_keeps_the_log_prob_gap_small(tiny_model_dir
     printed = srv.stop()
     # the weights at the start, then one push after each of the 3 optimizer steps
     assert [ln.split()[2] for ln in printed.splitlines() if ln.startswith("weights version")] == ["1", "2", "3", "4"]
+
+
+@pytest.mark.slow
+def test_grpo_train_through_a_vllm_server(tiny_model_dir, tmp_path):
+    """`grpo rollout serve rollout=vllm` (float32, CPU) behind `rollout=server`: 3 steps on-policy, then
+    3 with rollout.max_staleness=1, both against the one server (each run pushes its versions from 1)."""
+    pytest.importorskip("vllm", reason="vllm is not installed: `make setup-vllm` installs it (CI does)")
+    from grpo.commands.train import train
+    from tests.commands.test_train_e2e import cfg_for, read_metrics
+    from tests.parts.test_vllm_lifetime import ENV, descendants, kill_leftovers, survivors
+
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    t0 = time.monotonic()
+    srv = Served(tiny_model_dir, weights, "rollout=vllm", "rollout.max_model_len=256", "rollout.kv_cache_gib=0.0625",
+                 "rollout.max_num_seqs=64", env={k: os.environ.get(k, v) for k, v in ENV.items()})
+    started = time.monotonic() - t0
+    engine_procs = descendants(srv.proc.pid)  # the watchdog, EngineCore (comm cut to 15 chars), its Worker
+    try:
+        assert any(row[2].startswith("VLLM::EngineCor") for row in engine_procs.values()), engine_procs
+
+        def run(name, *extra):
+            cfg = cfg_for(tiny_model_dir, "rollout=server", f"rollout.server_urls=[{srv.url}]",
+                          f"rollout.server_weights_dir={weights}", "rollout.server_timeout_s=120",
+                          "trainer.max_steps=3", "trainer.eval_every=0", "trainer.save_every=0", "optim.lr=1e-2",
+                          "rollout.max_new_tokens=6", *extra)
+            train(cfg, tmp_path / name)
+            assert not list(weights.iterdir())  # the trainer's weight files removed
+            return [r for r in read_metrics(tmp_path / name) if "loss" in r]
+
+        children_before = set(_children())
+        on = run("on_policy")
+        gaps = [r["rollout/logprob_abs_diff/max"] for r in on]
+        print(f"vLLM server (started in {started:.0f} s), float32: engine/trainer log-prob gap (max) per step:", gaps)
+        assert [r["step"] for r in on] == [1, 2, 3] and all(g < 1e-3 for g in gaps), gaps
+        lagged = run("lagged", "rollout.max_staleness=1")
+        print("max_staleness=1: gap per step (step 2+ against one version older):",
+              [r["rollout/logprob_abs_diff/max"] for r in lagged])
+        assert [r["async/staleness"] for r in lagged] == [0, 1, 1]
+        assert set(_children()) == children_before  # the trainer started nothing that outlives it
+    finally:
+        printed = srv.stop()
+        left = survivors(engine_procs, timeout=30)  # vLLM's own shutdown may take a few seconds
+        kill_leftovers(engine_procs)
+    assert srv.proc.returncode == 0 and not left, (srv.proc.returncode, left)
+    assert not pids_with(str(weights))
+    loads = [ln.split()[2] for ln in printed.splitlines() if ln.startswith("weights version")]
+    # each run: its weights at the start, then one push after each of the 3 optimizer steps
+    assert loads == ["1", "2", "3", "4"] * 2, loads
 
 
 def _children() -> list[int]:
