@@ -181,6 +181,9 @@ def test_lag_one_killed_mid_run_resumes_to_the_uninterrupted_weights(tiny_model_
     full, part = tmp_path / "full", tmp_path / "part"
     train(cfg_for(tiny_model_dir, *common), full)
     monkeypatch.setenv("GRPO_TEST_KILL_AT", "7")
+    # the killed run is a subprocess, the others run here: the same torch thread count, or the
+    # reductions differ in the last bits (earlier tests in this process may have set it to 1)
+    monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))
     overrides = ["model.path=" + str(tiny_model_dir), "logger=jsonl", "trainer.prompts_per_step=4",
                  "algorithm.group_size=4", "rollout.max_new_tokens=6", "trainer.eval_size=8", "task.eval_size=8", *common]
     r = run_grpo("train", f"hydra.run.dir={part}", *overrides)
