@@ -369,6 +369,12 @@ class RewardFunction:
     def labels(self) -> list[str]:
         return [e.label for e in self.entries]
 
+    @property
+    def passes(self) -> bool:
+        """Whether a reward of 1 is a pass (pass@k means something): true unless every weighted
+        verifier declares `passes = False` (a score, such as prefs_rule's)."""
+        return any(getattr(e.verifier, "passes", True) for e in self.entries if e.weight)
+
     def missing_field(self, sample: Mapping) -> str | None:
         """The first field a verifier declares in ``required_fields`` that ``sample`` lacks (absent,
         null or empty), as "'answer' (verifier 'math' needs it)"; None when nothing is missing."""

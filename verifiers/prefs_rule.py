@@ -65,6 +65,7 @@ def rule(text: Any, answer: Any) -> tuple[float, dict[str, Any]]:
 
 class PrefsRuleVerifier:
     name = "prefs_rule"
+    passes = False  # a score: 1.0 is the best answer, not a pass; no pass@k is reported for it
     required_fields = ("answer",)
 
     def score(self, completions: Sequence[str], samples: Sequence[Mapping[str, Any]]) -> list[Score]:

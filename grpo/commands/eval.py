@@ -43,13 +43,16 @@ def extracted_answers(infos: list[dict[str, Any]]) -> tuple[str | None, list[Any
 def format_table(s: dict[str, Any]) -> str:
     lines = [f"grpo eval: {s['model']} on {s['task']}: {s['prompts']} prompts x {s['samples']} samples "
              f"(temperature {s['temperature']})",
-             f"  reward/mean  {s['reward/mean']:.4f}",
-             f"  {'k':>4}  {'pass@k':>8}  {'maj@k':>8}"]
-    for k in k_values(s["samples"]):
-        maj = s.get(f"maj@{k}")
-        lines.append(f"  {k:>4}  {s[f'pass@{k}']:>8.4f}  {'-' if maj is None else f'{maj:.4f}':>8}")
-    if s.get("answers_from") is None:
-        lines.append("  maj@k: no verifier reports extracted answers")
+             f"  reward/mean  {s['reward/mean']:.4f}"]
+    if not s.get("passes", True):  # a score (prefs_rule): its share of 1s reads like a failure
+        lines.append("  pass@k, maj@k: none (the verifiers give a score, not a pass)")
+    else:
+        lines.append(f"  {'k':>4}  {'pass@k':>8}  {'maj@k':>8}")
+        for k in k_values(s["samples"]):
+            maj = s.get(f"maj@{k}")
+            lines.append(f"  {k:>4}  {s[f'pass@{k}']:>8.4f}  {'-' if maj is None else f'{maj:.4f}':>8}")
+        if s.get("answers_from") is None:
+            lines.append("  maj@k: no verifier reports extracted answers")
     lines.append(f"  completion length {s['completion/len_mean']:.1f} tokens, "
                  f"{s['completion/truncated_frac']:.1%} cut at max_new_tokens")
     lines += where(("run dir", s["run_dir"]), ("samples", s["output"]), ("summary", s["summary"]))
@@ -79,6 +82,7 @@ def run_eval(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     tok = load_tokenizer(model_dir)
     device = pick_device(model_cfg.device)
     _, verifiers, _ = build_rewards_from(cfg.task, cfg.verifier, None, tok, device)
+    passes = bool(getattr(verifiers, "passes", True))  # false: a score, pass@k and maj@k are not shown
     engine = None
     try:
         model = load_model(model_dir, model_cfg.dtype, device=device).eval()
@@ -126,6 +130,7 @@ def run_eval(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
         "prompts": P, "samples": n, "temperature": temperature,
         "max_new_tokens": cfg.rollout.max_new_tokens, "engine": cfg.rollout.engine, "seed": trainer.seed,
         **summarize(grid, agrid),
+        "passes": passes,
         "answers_from": source,
         **{k: v for k, v in rmetrics.items() if k.startswith(("reward/", "verifier/"))},
         "completion/len_mean": sum(len(c) for c in ro.completion_ids) / len(ro.completion_ids),

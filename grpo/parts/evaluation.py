@@ -192,10 +192,11 @@ def policy_eval(engine, prompt_ids: list[list[int]], samples: list[Any], samplin
         "eval/reward/mean": sum(rs.rewards) / P,
         **{f"eval/{k}": v for k, v in rs.metrics.items() if k.startswith(("reward/", "verifier/"))},
         "eval/greedy/reward/mean": sum(rg.rewards) / P,
-        "eval/pass@1": sum(r >= 1.0 for r in rg.rewards) / P,
         "eval/completion/len_mean": sum(len(c) for c in sampled.completion_ids) / P,
         "eval/prompts": P,
     }
+    if getattr(verifiers, "passes", True):  # a score (prefs_rule, a reward model) has no pass
+        metrics["eval/pass@1"] = sum(r >= 1.0 for r in rg.rewards) / P
     if rm is not None:
         metrics["eval/rm_score"] = float(rm.score(sampled.prompt_ids, sampled.completion_ids).mean())
     if kl_models is not None and sampling.temperature > 0 and sampling.top_p >= 1.0 and sampling.top_k == 0:
@@ -211,10 +212,10 @@ def policy_eval(engine, prompt_ids: list[list[int]], samples: list[Any], samplin
 
 
 def pass_fail(evaluation: dict[str, Any]) -> bool:
-    """Whether an evaluation's greedy rewards were all 0 or 1 (a verifier's pass or fail), so that its
-    pass@1 means something. Rewards are at most 1, so the share of 1s equals their mean only when
-    none lies in between: a continuous score (the preference task's hidden rule) has no pass."""
-    return abs(evaluation["eval/pass@1"] - evaluation["eval/greedy/reward/mean"]) < 1e-9
+    """Whether an evaluation has a pass@1: its reward source has a pass (a verifier's reward of 1:
+    math's right answer, code's every test passed, partial credit or not), not only a score
+    (prefs_rule, a reward model), where the share of 1s reads like a failure."""
+    return "eval/pass@1" in evaluation
 
 
 def eval_headline(first: dict[str, Any], last: dict[str, Any], name: str = "eval reward") -> list[str]:

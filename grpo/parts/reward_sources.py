@@ -82,6 +82,11 @@ class VerifierRewards:
         self.fn = RewardFunction(list(specs), fail_fast=fail_fast, timeout=timeout)
         self.closed = False
 
+    @property
+    def passes(self) -> bool:
+        """Whether a reward of 1 is a pass (see RewardFunction.passes)."""
+        return self.fn.passes
+
     def __call__(self, inputs: RewardInputs) -> Rewards:
         rewards, infos, metrics = self.fn(inputs.texts, inputs.samples)
         return Rewards(rewards, infos, metrics)
@@ -102,6 +107,7 @@ def squash(scores: torch.Tensor, how: str = "sigmoid", scale: float = 1.0) -> to
 
 
 class ModelRewards:
+    passes = False  # a squashed score: no reward of 1 is a pass
     def __init__(self, model, eos_id: int, pad_id: int, squash_fn: str = "sigmoid", scale: float = 1.0,
                  batch_size: int = 64, eos_ids: Sequence[int] = ()):
         self.model, self.eos_id, self.pad_id = model, eos_id, pad_id
@@ -160,6 +166,12 @@ class Mixture:
 
     def __init__(self, parts: Sequence[tuple[float, Any]]):
         self.parts = list(parts)
+
+    @property
+    def passes(self) -> bool:
+        """A reward of 1 is a pass only when every weighted part has passes (a reward model's
+        squashed score has none)."""
+        return all(getattr(src, "passes", False) for w, src in self.parts if w)
 
     def __call__(self, inputs: RewardInputs) -> Rewards:
         outs = [(w, src(inputs)) for w, src in self.parts]

@@ -182,19 +182,38 @@ def test_embedded_model_on_arithmetic_with_the_math_verifier(tmp_path):
     assert any(r["info"]["math"]["reason"] == "correct" for r in recs)
 
 
-def test_the_trainers_summary_line_says_over_how_many_prompts_and_shows_pass_at_1_only_for_pass_or_fail():
-    """eval_headline, the summary line of grpo train, ppo and dpo. A continuous score (the preference
-    task's hidden rule) has greedy rewards between 0 and 1: its pass@1 (the share of greedy rewards
-    that are 1) is far below its greedy mean and reads like a failure, so it is left out; for a
-    verifier's pass or fail the two are equal (here 0.25 and 0.5) and it is shown."""
+def test_pass_at_k_is_reported_where_a_reward_of_1_is_a_pass():
+    """The summary line of grpo train, ppo and dpo says over how many held-out prompts. Math's and code's rewards have a pass (1: right, every test passed; code's partial credit
+    lies between), prefs_rule's and a reward model's are scores. The trainers' summaries and
+    `grpo eval` show pass@k only for the first: a code run whose greedy rewards were 1/3, 2/3 and
+    1 keeps its pass@1 (0.25 -> 0.5 here), where the share of 1s among scores read like a failure."""
+    from grpo.commands.eval import format_table
     from grpo.parts.evaluation import eval_headline
+    from grpo.parts.reward_sources import Mixture, ModelRewards, VerifierRewards
 
-    def ev(mean, greedy, pass1, **more):
-        return {"eval/reward/mean": mean, "eval/greedy/reward/mean": greedy, "eval/pass@1": pass1,
-                "eval/prompts": 64, **more}
+    def ev(mean, greedy, pass1=None):
+        out = {"eval/reward/mean": mean, "eval/greedy/reward/mean": greedy, "eval/prompts": 64}
+        return out if pass1 is None else {**out, "eval/pass@1": pass1}
 
-    continuous = eval_headline(ev(0.302, 0.41, 0.0), ev(0.951, 0.93, 0.047))
-    assert continuous == ["eval reward over 64 held-out prompts: 0.302 -> 0.951"]
-    binary = eval_headline(ev(0.3, 0.25, 0.25), ev(0.8, 0.5, 0.5, **{"eval/kl": 2.345}), "eval true score")
+    code = eval_headline(ev(0.40, 0.55, 0.25), ev(0.70, 0.80, 0.5))  # partial credit: greedy mean > pass@1
+    assert code == ["eval reward over 64 held-out prompts: 0.400 -> 0.700   greedy pass@1: 0.250 -> 0.500"]
+    score = eval_headline(ev(0.302, 0.41), ev(0.951, 0.93))  # no eval/pass@1: a score
+    assert score == ["eval reward over 64 held-out prompts: 0.302 -> 0.951"]
+    binary = eval_headline(ev(0.3, 0.25, 0.25), {**ev(0.8, 0.5, 0.5), "eval/kl": 2.345}, "eval true score")
     assert binary == ["eval true score over 64 held-out prompts: 0.300 -> 0.800   greedy pass@1: 0.250 -> 0.500   "
                       "KL 2.35"]
+
+    prefs, math = VerifierRewards(["prefs_rule"]), VerifierRewards(["math"])
+    try:
+        assert not prefs.passes and math.passes
+        assert not Mixture([(1.0, math), (0.5, ModelRewards.__new__(ModelRewards))]).passes
+        assert Mixture([(1.0, math), (0.0, prefs)]).passes  # weight 0: scored for its metrics only
+    finally:
+        prefs.close(), math.close()
+
+    s = {"model": "m", "task": "prefs", "prompts": 2, "samples": 4, "temperature": 1.0, "reward/mean": 0.5,
+         "pass@1": 0.0, "pass@2": 0.0, "pass@4": 0.0, "answers_from": None, "passes": False,
+         "completion/len_mean": 3.0, "completion/truncated_frac": 0.0, "run_dir": "r", "output": "o", "summary": "s"}
+    table = format_table(s)
+    assert "pass@k, maj@k: none (the verifiers give a score, not a pass)" in table and "0.0000" not in table
+    assert "   4    0.0000" in format_table({**s, "passes": True})
