@@ -200,20 +200,16 @@ def _hydra_job(config_name: str, fn, argv: list[str]) -> int:
             result["rc"] = 2
             if fresh:  # each rank after its own writes: the last one leaves nothing behind
                 checkpoint.remove_if_empty_run(run_dir)
-        except RuntimeError as e:
+        except BaseException as e:
+            if fresh:
+                checkpoint.remove_if_empty_run(run_dir)
             if not (distributed.world() > 1 and distributed.collective_timed_out(e)):
-                if fresh:
-                    checkpoint.remove_if_empty_run(run_dir)
                 raise
             # a rank went silent (the SilentRanks line before this one names it): one line per rank
             why = str(e).strip().splitlines()[0]
             print(f"grpo {config_name}: error (rank {distributed.rank()}): a collective gave up waiting for the other "
                   f"ranks after parallel.collective_timeout_s: {why}", file=sys.stderr, flush=True)
             result["rc"] = 1
-        except BaseException:
-            if fresh:
-                checkpoint.remove_if_empty_run(run_dir)
-            raise
 
     saved = sys.argv
     sys.argv = [f"grpo {config_name}"] + argv + _HYDRA_OWN

@@ -28,8 +28,8 @@ Where this differs from the DeepSeekMath GRPO paper (Shao et al., 2024), and why
   rollout the policy of step k - eta generated, with the decoupled loss (ratio to the policy at the
   start of the step, times min(pi_prox / mu, algorithm.behav_cap); Hilton et al. 2021, AReaL 2025).
   The lag is fixed, so the run is deterministic and resumes exactly (the rollouts in flight are
-  checkpointed); the generation itself is not yet overlapped with the update (that needs rollouts on
-  their own devices).
+  checkpointed). With rollout=server the generation overlaps the update; the in-process engines
+  wait for each rollout.
 
 `train` is the command. `build` makes a run's GRPO parts and `train_step` takes one step on them, so a
 caller that times steps one by one (bench/bench_vs_trl.py) or checks one update (tests) runs exactly
@@ -220,21 +220,20 @@ def scored(grpo: GRPO, run: Run, samples: list, ro: Rollout, scores=None) -> Sam
     from the background), every rank's rewards gathered."""
     par, G = run.par, grpo.algorithm.group_size
     t1 = time.time()
-    scored = scores
-    if scored is None:
+    if scores is None:
         fields = [s.fields() for s in samples for _ in range(G)]  # [n] prompt-major, like ro
-        scored = score_rollout(grpo.rewards, ro, fields)
+        scores = score_rollout(grpo.rewards, ro, fields)
     # Every rank gets the step's N rewards (rank-major = prompt-major): the advantages and the
     # reward metrics are those of the whole batch, whatever the process count.
     # (with the completions' lengths, for the overlong penalty: one gather)
-    parts = par.gather((scored.rewards, [len(c) for c in ro.completion_ids]))
+    parts = par.gather((scores.rewards, [len(c) for c in ro.completion_ids]))
     rewards = torch.tensor([x for r, _ in parts for x in r])  # [N]
     shaped = shaped_rewards(grpo, rewards, torch.tensor([x for _, n in parts for x in n]))  # [N]
     N, groups = len(rewards), rewards.view(-1, G)
     metrics = {
         "reward/mean": float(rewards.mean()),
         "reward/std": float(rewards.std()) if N > 1 else 0.0,
-        **par.reduce_metrics(scored.metrics, len(ro.completion_ids)),
+        **par.reduce_metrics(scores.metrics, len(ro.completion_ids)),
         **(par.reduce_metrics(conversation_metrics(ro.conversations), len(ro.conversations)) if ro.conversations else {}),
         "groups/zero_std_frac": float((groups.std(1) == 0).float().mean()) if G > 1 else 1.0,
         "time/reward": time.time() - t1,
@@ -327,7 +326,8 @@ def lagged_sample(grpo: GRPO, run: Run, draw=sample) -> tuple[Rollout, torch.Ten
     With an engine that generates in the background (rollout=server), the rollouts are sent, not
     waited for: step k trains while the servers generate for step k + eta, and waits only when it
     needs a rollout still in flight. The requests, seeds and versions are those of the waiting
-    order, so the run is the same either way; `settle` waits for them all before a checkpoint."""
+    order, so the run is the same either way; `settle` waits for them all before a checkpoint or an
+    evaluation."""
     G, B, eta, k = grpo.algorithm.group_size, grpo.prompts_per_step, grpo.max_staleness, run.step
     queue: list[dict] = grpo.progress["inflight"]
     seen, dropped, made = [], 0, 0
@@ -536,7 +536,7 @@ def train(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     cfg = C.parse(C.TrainConfig, raw)
     with Run.from_config("grpo", cfg, raw, run_dir) as run:
         grpo = build(cfg, run)
-        run.before_save(lambda: settle(grpo, run))
+        run.settle_with(lambda: settle(grpo, run))
         for step in run.steps():
             metrics = train_step(grpo, run)
             step.done(metrics, bar={"reward": f"{metrics['reward/mean']:.3f}"})

@@ -153,7 +153,7 @@ class Run:
         self._evaluate: Callable[[], tuple[dict[str, Any], list[dict[str, Any]]]] | None = None
         self._eval_key, self._eval_label = "eval/reward/mean", "eval"
         self._closed = False
-        self._before_save: list[Callable[[], None]] = []
+        self._settlers: list[Callable[[], None]] = []
 
     @classmethod
     def from_config(cls, command: str, cfg: Any, raw: dict[str, Any], run_dir: Path, log_first: bool = False) -> Run:
@@ -324,14 +324,14 @@ class Run:
                                 self.max_steps, self.command) if self.par.main else Silent())
         return self.progress
 
-    def before_save(self, fn: Callable[[], None]) -> None:
+    def settle_with(self, fn: Callable[[], None]) -> None:
         """fn() runs before every checkpoint and every evaluation: to settle what a checkpoint must hold
         and what must not run beside an evaluation (rollouts still in flight, their scoring)."""
-        self._before_save.append(fn)
+        self._settlers.append(fn)
 
     def save(self) -> Path:
         """A checkpoint of everything `restore` named, at the current step (called by every rank)."""
-        for fn in self._before_save:
+        for fn in self._settlers:
             fn()
         policy = self._policy
         merged = policy is not None and policy.save_merged and self.par.world == 1 and is_lora(policy.model)
@@ -351,7 +351,7 @@ class Run:
     def evaluate(self) -> dict[str, Any]:
         if self._evaluate is None:
             return {}
-        for fn in self._before_save:
+        for fn in self._settlers:
             fn()
         t0 = time.time()
         self.par.doing = f"the evaluation after step {self.step}"
