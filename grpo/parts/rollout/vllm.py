@@ -95,6 +95,10 @@ class WeightSyncExtension:
         self._grpo_refresh_tied(model)
         return sorted({name for name, _ in model.named_parameters()} - loaded)
 
+    def grpo_refresh_tied(self) -> None:
+        """_grpo_refresh_tied after a reload through vLLM's own weight-transfer API."""
+        self._grpo_refresh_tied(self.model_runner.get_model())
+
     def _grpo_refresh_tied(self, model) -> None:
         """Re-derive the kernel state of layers that share a tied parameter but received no weights.
 
@@ -152,9 +156,12 @@ class VLLMEngine:
                  temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, max_model_len: int | None = None,
                  max_num_seqs: int = 256, max_num_batched_tokens: int | None = None, enforce_eager: bool = True,
                  enable_prefix_caching: bool = True, engine_seed: int = 0, kv_cache_gib: float = 0.25,
-                 gpu_memory_utilization: float = 0.3, tensor_parallel_size: int = 1, sleep_level: int = 0):
+                 gpu_memory_utilization: float = 0.3, tensor_parallel_size: int = 1, sleep_level: int = 0,
+                 weight_transfer: str = "files"):
         """`path` is the model's source (its config and tokenizer); the trainer's own weights are pushed
-        right after the engine starts. The sampling options decide which log-probs vLLM reports."""
+        right after the engine starts. The sampling options decide which log-probs vLLM reports.
+        `weight_transfer="nccl"` (a rollout server on GPUs) also opens vLLM's weight-transfer API, through
+        which a trainer broadcasts its weights over NCCL (grpo/parts/rollout/nccl.py)."""
         from grpo.parts.modeling import eos_ids, resolve_model_path
 
         self.tokenizer = tokenizer
@@ -174,6 +181,13 @@ class VLLMEngine:
         )
         if max_model_len:
             kwargs["max_model_len"] = int(max_model_len)
+        if weight_transfer not in ("files", "nccl"):
+            raise ValueError(f"weight_transfer={weight_transfer!r}: use files or nccl")
+        if weight_transfer == "nccl":
+            if not self.on_gpu:
+                raise ValueError("weight transfer over NCCL needs CUDA GPUs on both sides: on CPU the weights "
+                                 "travel as files (the default)")
+            kwargs["weight_transfer_config"] = {"backend": "nccl"}
         if self.on_gpu:
             kwargs.update(gpu_memory_utilization=float(gpu_memory_utilization),
                           tensor_parallel_size=int(tensor_parallel_size), enable_sleep_mode=self.sleep_level > 0)
@@ -269,6 +283,28 @@ class VLLMEngine:
                 raise RuntimeError(f"vLLM did not load these parameters from the trainer: {worker_missing[:8]} "
                                    "(names differ between the trainer's model and vLLM's implementation?)")
         # KV blocks cached for shared prefixes were computed with the old weights.
+        self.llm.reset_prefix_cache()
+
+    # ---- weights over vLLM's weight-transfer API (weight_transfer="nccl") -------------------------
+    # A rollout server calls these in this order for each push; the trainer's side (its NCCL
+    # broadcast, which update_weights_from receives) is grpo/parts/rollout/nccl.py.
+    def init_weight_transfer(self, init_info: dict) -> None:
+        """Join the trainer's NCCL group (blocks until the trainer has opened its end)."""
+        self.llm.init_weight_transfer_engine({"init_info": init_info})
+
+    def start_weight_update(self) -> None:
+        if "weights" in self._asleep:
+            self.llm.wake_up(tags=["weights"])
+            self._asleep.discard("weights")
+        self.llm.start_weight_update()
+
+    def update_weights_from(self, update_info: dict) -> None:
+        """Receive the tensors `update_info` names (names, dtype_names, shapes) from the trainer's broadcast."""
+        self.llm.update_weights({"update_info": update_info})
+
+    def finish_weight_update(self) -> None:
+        self.llm.finish_weight_update()
+        self.llm.collective_rpc("grpo_refresh_tied")  # see WeightSyncExtension._grpo_refresh_tied
         self.llm.reset_prefix_cache()
 
     def _wake(self) -> None:
