@@ -57,6 +57,7 @@ from grpo.parts.batch import (batch_logprobs, engine_logprobs, group_logprobs, m
                               supports_shared_prompt)
 from grpo.parts.distributed import full_tensor, shard
 from grpo.parts.evaluation import eval_headline
+from grpo.parts.lag import gathered_groups, lagged, my_share, restored_queue, settle as settle_queue
 from grpo.parts.reward_sources import score_rollout
 from grpo.parts.rollout import SamplingParams, encode_prompts, push_weights, sampling_params, task_prompts, tools_of
 from grpo.parts.rollout.base import Rollout
@@ -122,11 +123,7 @@ def build(cfg: C.TrainConfig, run: Run) -> GRPO:
     # inflight: the lagged rollouts generated for the coming steps (rollout.max_staleness > 0)
     progress = run.restore({"model": (policy.model, opt)}, {"scheduler": sched},
                            {"data_pos": 0, "buffer": [], "inflight": []})
-    progress.setdefault("inflight", [])  # a checkpoint from before the key
-    if progress["inflight"] and not cfg.rollout.max_staleness:
-        log.warning("rollout.max_staleness=0: dropping the %d lagged rollouts the checkpoint holds (their prompts "
-                    "are skipped)", len(progress["inflight"]))
-        progress["inflight"] = []
+    restored_queue(progress, cfg.rollout.max_staleness)
     run.evaluate_policy(engine, policy, eval_set, cfg.rollout, trainer.system_prompt, verifiers or rewards,
                         reward_model, kl_batch_size=trainer.micro_batch_size or 256, log_samples=trainer.log_samples)
     scorer = None
@@ -296,105 +293,27 @@ def dynamic_sample(grpo: GRPO, run: Run, draw=sample) -> tuple[Rollout | None, t
     return (*my_share(use, run, G), metrics)
 
 
-def gathered_groups(got: Sampled, run: Run, G: int) -> list[dict]:
-    """The groups of one rollout (split_groups' dicts), every rank's, prompt-major, on every rank."""
-    first = shard(len(got.shaped) // G, run.par.rank, run.par.world)[0]
-    return [g for part in run.par.gather(split_groups(got.ro, got.shaped, G, first)) for g in part]
-
-
-def my_share(use: list[dict], run: Run, G: int) -> tuple[Rollout, torch.Tensor, int]:
-    """This rank's share of K groups: its rollout, the K groups' shaped rewards [K * G], its row offset."""
-    lo, hi = shard(len(use), run.par.rank, run.par.world)
-    shaped = torch.tensor([r for g in use for r in g["rewards"]])  # [K * G]
-    return join_groups(use[lo:hi]), shaped, lo * G
-
-
 def lagged_sample(grpo: GRPO, run: Run, draw=sample) -> tuple[Rollout, torch.Tensor, int, dict[str, float]]:
-    """Off-policy rollouts by a fixed lag eta (rollout.max_staleness): step k trains on the rollout
-    generated at the start of step k - eta (the first eta + 1 steps' by the initial policy), as an
-    asynchronous system with one rollout in flight per step of lag would, but deterministically.
-
-    grpo.progress["inflight"] holds the rollouts for steps k, k + 1, ... (checkpointed, every rank's
-    groups on every rank), each tagged with the version (the number of optimizer steps) of the
-    policy that sampled it; the engine's sampling log-probs travel with them as mu. This step
-    generates with the current policy until the queue reaches step k + eta, then takes its own. The
-    last eta steps generate too, for steps past trainer.max_steps: a finished run extended later
-    (a larger max_steps, resumed) then trains exactly as one run to the new end would. A rollout
-    staler than eta (a run resumed with a smaller eta) is dropped and counted, never trained on.
-    At most (eta + 1) x B groups are held. Returns what dynamic_sample does.
+    """Off-policy rollouts by a fixed lag eta (rollout.max_staleness, grpo/parts/lag.py): step k trains
+    on the rollout generated at the start of step k - eta, from grpo.progress["inflight"]. Returns
+    what dynamic_sample does. draw(grpo, run) -> Sampled is one rollout (`sample`; tests give fixed
+    batches).
 
     With an engine that generates in the background (rollout=server), the rollouts are sent, not
     waited for: step k trains while the servers generate for step k + eta, and waits only when it
     needs a rollout still in flight. The requests, seeds and versions are those of the waiting
     order, so the run is the same either way; `settle` waits for them all before a checkpoint or an
     evaluation."""
-    G, B, eta, k = grpo.algorithm.group_size, grpo.prompts_per_step, grpo.max_staleness, run.step
-    queue: list[dict] = grpo.progress["inflight"]
-    seen, dropped, made = [], 0, 0
     background = draw is sample and submits(grpo.engine)
-    while len(queue) > eta + 1:  # held by a run with a larger eta: too stale by the time its step comes
-        dropped += len(queue.pop()["groups"])
-    while True:
-        while len(queue) <= eta:
-            made += 1
-            if background:  # sent now, scored when a step needs it (or a checkpoint is due)
-                queue.append({"version": k, "pending": sample(grpo, run, submit=True)})
-                continue
-            got = draw(grpo, run)
-            seen.append(got.metrics)
-            queue.append({"version": k, "groups": gathered_groups(got, run, G), "metrics": got.metrics})
-        held = len(queue) * B
-        if "pending" in queue[0]:
-            seen.append(arrive(queue[0], run, G))
-        batch = queue.pop(0)
-        if k - batch["version"] <= eta:
-            break
-        dropped += len(batch["groups"])
-    metrics = dict(batch["metrics"])  # the trained samples' reward and rollout figures
-    metrics["time/reward"] = sum(m["time/reward"] for m in seen)  # this step's generation's
-    metrics.update({"async/staleness": float(k - batch["version"]), "async/dropped_groups": float(dropped),
-                    "async/inflight_groups": float(held), "async/generated": float(made)})
-    return (*my_share(batch["groups"], run, G), metrics)
-
-
-def arrive(entry: dict, run: Run, G: int) -> dict[str, float]:
-    """A lagged rollout sent in the background, waited for and scored in place; returns its metrics."""
-    got = entry.pop("pending")()
-    entry.update(groups=gathered_groups(got, run, G), metrics=got.metrics)
-    return got.metrics
+    return lagged(grpo.progress["inflight"], run, grpo.algorithm.group_size, grpo.prompts_per_step,
+                  grpo.max_staleness, lambda: draw(grpo, run),
+                  (lambda: sample(grpo, run, submit=True)) if background else None)
 
 
 def settle(grpo: GRPO, run: Run) -> None:
-    """Every lagged rollout still in flight waited for and scored, in order: a checkpoint holds them
-    as data (what was sent with weights the checkpoint no longer has could not be sent again)."""
-    for entry in grpo.progress.get("inflight", []):
-        if "pending" in entry:
-            arrive(entry, run, grpo.algorithm.group_size)
-
-
-def split_groups(ro: Rollout, shaped: torch.Tensor, G: int, first: int) -> list[dict]:
-    """This rank's rollout as one plain dict per group (checkpointable: lists, numbers, strings),
-    with its G shaped rewards; `first` is the rank's first prompt in the step's batch."""
-    out = []
-    for b in range(len(ro.completion_ids) // G):
-        rows = slice(b * G, (b + 1) * G)
-        out.append({"prompt_ids": ro.prompt_ids[b * G], "completion_ids": ro.completion_ids[rows],
-                    "texts": ro.texts[rows], "logprobs": ro.logprobs[rows], "finished": ro.finished[rows],
-                    "model_mask": ro.model_mask[rows] if ro.model_mask is not None else None,
-                    "conversations": ro.conversations[rows] if ro.conversations is not None else None,
-                    "rewards": shaped[(first + b) * G:(first + b + 1) * G].tolist()})
-    return out
-
-
-def join_groups(groups: list[dict]) -> Rollout:
-    """The Rollout (prompt-major) of split_groups' dicts."""
-    def cat(key):
-        return [x for g in groups for x in g[key]]
-    multi = all(g["model_mask"] is not None for g in groups)
-    return Rollout(prompt_ids=[g["prompt_ids"] for g in groups for _ in g["completion_ids"]],
-                   completion_ids=cat("completion_ids"), texts=cat("texts"), logprobs=cat("logprobs"),
-                   finished=cat("finished"), model_mask=cat("model_mask") if multi else None,
-                   conversations=cat("conversations") if all(g["conversations"] is not None for g in groups) else None)
+    """Every lagged rollout still in flight waited for and scored, in order (before a checkpoint or an
+    evaluation)."""
+    settle_queue(grpo.progress.get("inflight", []), run, grpo.algorithm.group_size)
 
 
 def update(grpo: GRPO, run: Run, ro, rewards: torch.Tensor, offset: int, behaviour: bool = False) -> dict[str, float]:
