@@ -20,14 +20,23 @@ Where this differs from InstructGPT (Ouyang et al., 2022) and why:
 - The score is the reward model's normalised score, unsquashed (`reward_model.squash` and `scale`
   are for [0, 1] rewards and do not apply), times `reward_model.weight`, plus
   `reward_model.verifier_weight` times the verifiers' reward; without a reward model, the verifiers'.
+- Rollouts may be off-policy by a fixed lag (`rollout.max_staleness` = eta > 0, grpo/parts/lag.py, as
+  grpo train does): step k trains on the rollout the policy of step k - eta generated (a group is a
+  prompt's `ppo.samples` completions with their scores). The ratio is to pi_prox = the policy at the
+  start of the step (`old_logp`, its own forward as always), every token weighted by
+  min(pi_prox / mu, ppo.behav_cap) with mu the engine's sampling probability (Hilton et al. 2021,
+  AReaL 2025); the values, the KL in the reward and GAE are the current critic's and policy's. The
+  rollouts in flight are checkpointed, so a resumed run is exact. Each rollout is waited for (an
+  engine that generates in the background, rollout=server, does not overlap the update here).
 Invariants checked at run time: at the first minibatch of every step the ratio is 1 (the
-trainer's log-probs are the sampling policy's) and the engine/trainer log-prob gap is logged; a
-non-finite loss skips that minibatch's update with a warning.
+trainer's log-probs are the sampling policy's, with lagged rollouts pi_prox's) and the
+engine/trainer log-prob gap is logged; a non-finite loss skips that minibatch's update with a warning.
 
 Collectives per step under torchrun: one for the batch's tokens, its log-prob gap and every
 minibatch's token count, two for whitening, one per minibatch (the non-finite vote, which
 also carries the first minibatch's ratio), and two for the step's metrics (the loop's sums, and the
-reward sources' means and stds).
+reward sources' means and stds); with lagged rollouts, two gathers per rollout generated (its
+scores and its groups).
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ import logging
 import random
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -45,6 +55,7 @@ from grpo.algorithm.losses import policy_loss
 from grpo.algorithm.value import AdaptiveKL, gae, ppo_rewards, value_loss, whiten
 from grpo.parts import checkpoint
 from grpo.parts import config as C
+from grpo.parts import lag
 from grpo.parts.batch import RolloutBatch, batch_logprobs, batch_tensors, encode_rows, engine_logprobs, pack
 from grpo.parts.distributed import call, full_tensor, shard
 from grpo.parts.evaluation import eval_headline
@@ -136,9 +147,6 @@ def run_ppo(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
             raise C.ConfigError("ppo needs a reward: set reward_model.path or task.verifiers")
         if hp.ptx_coef > 0 and not hp.ptx_path:
             raise C.ConfigError("ppo.ptx_coef > 0 needs ppo.ptx_path (prompt/completion rows)")
-        if cfg.rollout.max_staleness:
-            raise C.ConfigError(f"rollout.max_staleness={cfg.rollout.max_staleness}: off-policy rollouts are "
-                                "grpo train's only, not yet ppo's: leave it 0")
         task = build_task(cfg.task, seed=trainer.seed)
         eval_set = run.held_out(task, trainer.eval_size)
         tok = run.tokenizer(model.path)
@@ -173,19 +181,25 @@ def run_ppo(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
         if hp.value == "shared":  # the head alone: the trunk is the policy's
             models = {"model": (policy.model, opt)}
             stateful.update(value_head=critic.score, value_optimizer=vopt)
-        progress = run.restore(models, stateful, {"data_pos": 0})
+        # data_pos: the next training sample; inflight: the lagged rollouts generated for the coming steps
+        eta = cfg.rollout.max_staleness
+        progress = run.restore(models, stateful, {"data_pos": 0, "inflight": []})
+        queue = lag.restored_queue(progress, eta)
         run.evaluate_policy(engine, policy, eval_set, cfg.rollout, trainer.system_prompt, verifiers or rewards,
                             reward_model, log_samples=trainer.log_samples)
         sampling = sampling_params(cfg.rollout)
         temp, pad = sampling.temperature or 1.0, tok.pad_token_id
 
-        for step in run.steps():
-            t0 = time.time()
+        def draw():
+            """This rank's share of the next B prompts, `ppo.samples` completions each, scored; the data
+            position moves on by B. Returns its rollout `ro`, its scores `shaped` [n] and the batch's
+            reward and rollout `metrics` (reduced over ranks)."""
             first, last = shard(B, par.rank, W)  # this rank's prompts of the step's B
             samples = [task.train_sample(progress["data_pos"] + i) for i in range(first, last)]
             progress["data_pos"] += B
             prompts = encode_prompts(tok, samples, trainer.system_prompt, tools_of(engine))
             ro = generate(engine, prompts, hp.samples, sampling, samples)  # one completion, or a conversation, each
+            t1 = time.time()
             fields = [s.fields() for s in samples for _ in range(hp.samples)]
             scored = score_rollout(rewards, ro, fields)
             score = torch.tensor(scored.raw, device=device)  # [n] the configured score (see the docstring)
@@ -194,13 +208,34 @@ def run_ppo(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
                 score = score - hp.missing_eos_penalty * (~finished).float()
             if hp.score_clip:
                 score = score.clamp(-hp.score_clip, hp.score_clip)
+            n = len(ro.completion_ids)
+            own = {k: v for k, v in scored.metrics.items() if k.startswith(("reward/", "rm/"))}
+            metrics = {**par.reduce_metrics(own, n),
+                       **(par.reduce_metrics(conversation_metrics(ro.conversations), n) if ro.conversations else {}),
+                       "time/reward": time.time() - t1}
+            return SimpleNamespace(ro=ro, shaped=score, metrics=metrics)
+
+        def draw_all():
+            """`draw` with every rank's scores [N] (rank-major = prompt-major), as the lag's groups need."""
+            got = draw()
+            got.shaped = torch.tensor([x for part in par.gather(got.shaped.tolist()) for x in part])
+            return got
+
+        for step in run.steps():
+            t0 = time.time()
+            if eta:  # this rank's share of the rollout of step k - eta (lagged: grpo/parts/lag.py)
+                ro, scores, offset, drawn = lag.lagged(queue, run, hp.samples, B, eta, draw_all)
+                score = scores[offset:offset + len(ro.completion_ids)].to(device)  # [n]
+            else:
+                got = draw()
+                ro, score, drawn = got.ro, got.shaped, got.metrics
+                offset = shard(B, par.rank, W)[0] * hp.samples
 
             # a conversation's mask holds the model's tokens only: tool results are no actions (no
             # loss, KL or value target; GAE skips them)
             batch = pack(ro.prompt_ids, ro.completion_ids, pad, ro.model_mask).to(device)
             mask = batch.mask  # [n, T] this rank's rows: offset .. offset + n of the step's N
             n, T = mask.shape
-            offset = first * hp.samples
             with torch.no_grad():
                 old_logp = batch_logprobs(policy.fwd, batch, temp)  # [n, T]
                 ref_logp = batch_logprobs(policy.ref, batch, temp)  # [n, T]
@@ -234,8 +269,10 @@ def run_ppo(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
                 all_tokens = max(all_tokens, 1.0)
                 mb = batch[idx]
                 logp = batch_logprobs(policy.fwd, mb, temp)  # [k, T]
+                # lagged: the ratio to pi_prox = old_logp, each token weighted by min(pi_prox / mu, behav_cap)
                 pl, pm = policy_loss(logp, old_logp[idx], adv[idx], mask[idx], hp.clip, hp.clip,
-                                     num_tokens=all_tokens / W)
+                                     num_tokens=all_tokens / W,
+                                     **({"behav_logp": eng[idx], "behav_cap": hp.behav_cap} if eta else {}))
                 values = call(cwd, token_values, mb)  # [k, T]
                 vl, vm = value_loss(values, old_values[idx], returns[idx], mask[idx], hp.value_clip,
                                     num_tokens=all_tokens / W)
@@ -281,7 +318,9 @@ def run_ppo(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
                                ("loss/value", float(vl.detach()) * keep / W),
                                ("policy/clipfrac", pm["clip/frac"] * share), ("policy/approxkl", approxkl),
                                ("val/clipfrac", vm["val/clipfrac"] * share), ("grad_norm", float(gn) / W),
-                               ("grad_norm/value", float(vgn) / W)):
+                               ("grad_norm/value", float(vgn) / W),
+                               *((k, pm[k] * share) for k in ("offpolicy/weight_mean", "offpolicy/truncated_frac")
+                                 if k in pm)):
                     acc.setdefault(key, []).append(v)
             push_weights(engine, policy.model)
             # The step's metrics in one all-reduce: each minibatch's shares, the batch's sequence KL,
@@ -310,8 +349,7 @@ def run_ppo(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
                 "lr": sched.get_last_lr()[0],
                 "completion/len_mean": totals["len"] / N,
                 "completion/no_eos_frac": 1.0 - totals["done"] / N,
-                **par.reduce_metrics({k: v for k, v in scored.metrics.items() if k.startswith(("reward/", "rm/"))}, n),
-                **(par.reduce_metrics(conversation_metrics(ro.conversations), n) if ro.conversations else {}),
+                **drawn,  # the trained samples' reward figures (lagged: with the async/ counts)
                 "time/step": time.time() - t0,
             }
             step.done(metrics, bar={"score": f"{metrics['objective/scores']:.3f}"})

@@ -268,6 +268,7 @@ class PPOAlgorithmConfig:
     ptx_coef: float = num(0.0, ge=0)  # PPO-ptx gamma
     ptx_path: str | None = None  # prompt/completion rows (as grpo sft reads) for the ptx LM loss
     ptx_batch_size: int = num(8, ge=1)
+    behav_cap: float = num(5.0, ge=1)  # rollout.max_staleness > 0: the behaviour weight min(pi_prox / mu, cap)
 
 
 @dataclass
