@@ -55,6 +55,28 @@ def run_grpo(*args: str, timeout: int = 600):
                           cwd=ROOT, env=env)
 
 
+def run_killed(kill_at: int, *args: str):
+    """`run_grpo(*args)` with a verifier that SIGKILLs the run at its kill_at-th call
+    (tests.toy_verifiers.DigitFractionEvenOnlyKilled); asserts it died so. The subprocess uses this
+    process's torch thread count: a run here and one there then reduce alike, bit for bit (earlier
+    tests in this process may have set it to 1)."""
+    import torch
+
+    env = {"GRPO_TEST_KILL_AT": str(kill_at), "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        r = run_grpo(*args)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k)
+            else:
+                os.environ[k] = v
+    assert r.returncode == -9, r.stderr[-2000:]
+    return r
+
+
 def torchrun(world: int, *args: str, timeout: int = 600):
     """Run `torchrun --standalone --nproc_per_node world ARGS` (gloo on the CPU); asserts it exits 0."""
     import subprocess
@@ -98,9 +120,10 @@ def pids_with(token: str) -> list[str]:
     return hits
 
 
-def assert_resumed_exactly(full: Path, part: Path, steps, keys, last: int) -> None:
+def assert_resumed_exactly(full: Path, part: Path, steps, keys, last: int, marker: str = "loss") -> None:
     """The resumed run in `part` logged the same `keys` as the uninterrupted one in `full` at each of
-    `steps`, and its checkpoint at step `last` holds the same weights, bit for bit."""
+    `steps` (in the records that hold `marker`: a step's), and its checkpoint at step `last` holds the
+    same weights, bit for bit."""
     import json
 
     import torch
@@ -108,7 +131,7 @@ def assert_resumed_exactly(full: Path, part: Path, steps, keys, last: int) -> No
 
     def logged(d):
         recs = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
-        return {r["step"]: r for r in recs if "loss" in r}
+        return {r["step"]: r for r in recs if marker in r}
     a, b = logged(full), logged(part)
     for step in steps:
         for key in keys:

@@ -13,10 +13,14 @@ pytestmark = pytest.mark.slow
 TOY = "task.verifiers=[{_target_: tests.toy_verifiers.DigitFraction}]"
 
 
+def overrides(model_dir, *extra):
+    """A small run's command-line overrides: the tiny model, 4 prompts x 2 samples of 6 tokens."""
+    return [f"model.path={model_dir}", "task=arithmetic", TOY, "task.eval_size=8", "trainer.eval_size=8",
+            "rollout.max_new_tokens=6", "trainer.prompts_per_step=4", "ppo.samples=2", "trainer.eval_every=0", *extra]
+
+
 def cfg(model_dir, *extra):
-    return compose_config("ppo", [f"model.path={model_dir}", "task=arithmetic", TOY, "task.eval_size=8",
-                                  "trainer.eval_size=8", "rollout.max_new_tokens=6", "trainer.prompts_per_step=4",
-                                  "ppo.samples=2", "trainer.eval_every=0", *extra])
+    return compose_config("ppo", overrides(model_dir, *extra))
 
 
 def metrics(run_dir):

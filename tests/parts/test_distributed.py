@@ -413,3 +413,54 @@ def test_ppo_step_on_two_and_three_processes_equals_one(model2, rm2, sft_rows, t
             # Whitening divides by the batch's std, so float32 reordering noise grows to ~1e-5 of the
             # step here; a gradient off by a factor of W would miss by ~half the step.
             assert gap < 1e-4 * moved, (module, world, gap, moved)
+
+
+def test_lagged_ppo_on_two_processes_equals_one(model2, rm2, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    # rollout.max_staleness = 1 in grpo ppo, greedy rollouts (every process count sees the same
+    # completions), B = 5 prompts (3 + 2 on two ranks), 2 shuffled minibatches, SGD, advantages not
+    # whitened (no division by a batch std to amplify the reordering noise). Step 1 draws the rollouts
+    # for steps 1 and 2 with the initial policy and trains on the first (pi_prox = mu); step 2 trains
+    # on the second, every rank's groups gathered then split again, with the policy after step 1:
+    # pi_prox != mu, the behaviour weights off 1 (rm2's scores are ~-8 and not whitened: a small
+    # rate keeps step 1 from moving pi_prox so far that every weight hits the cap). Both the policy
+    # and the critic are compared.
+    args = [f"model.path={model2}", "task=arithmetic", "task.verifiers=[{_target_: tests.toy_verifiers.DigitFraction}]",
+            f"reward_model.path={rm2}", "task.eval_size=6", "trainer.eval_size=6", "rollout.max_new_tokens=5",
+            "rollout.temperature=0", "rollout.max_staleness=1", "trainer.max_steps=2", "trainer.prompts_per_step=5",
+            "trainer.eval_every=0", "ppo.epochs=1", "ppo.minibatches=2", "ppo.whiten_advantages=false",
+            "optim.name=sgd", "optim.lr=2e-3", "optim.warmup_steps=0", "optim.max_grad_norm=1e9"]
+    got, rec, held = {}, {}, {}
+    for world in (1, 2):
+        run = tmp_path / f"w{world}"
+        torchrun(world, "-m", "grpo", "ppo", *args, "parallel=ddp", f"hydra.run.dir={run}")
+        rec[world] = {r["step"]: r for r in (json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines())
+                      if "loss/policy" in r}
+        ckpt = run / "checkpoints" / "step_000002"
+        held[world] = torch.load(ckpt / "state.pt", weights_only=False)["inflight"]
+        for module, auto in (("model", AutoModelForCausalLM), ("value", AutoModelForSequenceClassification)):
+            out = ckpt / module  # one process: the folders; two: the sharded checkpoint, exported
+            if world > 1:
+                out = tmp_path / f"w{world}_{module}"
+                p = run_grpo("export", str(run), str(out), "--module", module)
+                assert p.returncode == 0, p.stderr
+            got[world, module] = auto.from_pretrained(out).state_dict()
+    # both hold step 3's rollout (version 1's, greedy): the same completions, every rank's groups
+    assert [e["version"] for e in held[1]] == [e["version"] for e in held[2]] == [1]
+    assert [g["completion_ids"] for g in held[2][0]["groups"]] == [g["completion_ids"] for g in held[1][0]["groups"]]
+    assert len(held[1][0]["groups"]) == 5
+    for world in (1, 2):
+        assert [rec[world][s]["async/staleness"] for s in (1, 2)] == [0.0, 1.0]
+        assert rec[world][2]["policy/first_ratio"] == pytest.approx(1.0, abs=1e-5)  # the ratio is to pi_prox
+        assert abs(rec[world][2]["offpolicy/weight_mean"] - 1.0) > 1e-3
+    for k in ("loss/policy", "loss/value", "offpolicy/weight_mean", "objective/scores"):
+        assert rec[2][2][k] == pytest.approx(rec[1][2][k], rel=1e-5, abs=1e-7), k
+    start = {"model": AutoModelForCausalLM.from_pretrained(model2).state_dict(),
+             "value": AutoModelForSequenceClassification.from_pretrained(rm2).state_dict()}
+    for module in ("model", "value"):
+        moved = max(float((got[1, module][k] - v).abs().max()) for k, v in start[module].items())
+        gap = max(float((got[2, module][k] - got[1, module][k]).abs().max()) for k in got[1, module])
+        # float32 reordering noise between 1 and 2 processes (< 1e-6); a gradient scaled by 1/W or W,
+        # or a rank training on another rank's groups, would miss by a share of the move (> 1e-3)
+        assert moved > 1e-3 and gap < 1e-6, (module, moved, gap)
