@@ -82,7 +82,7 @@ class RolloutConfig:
     max_new_tokens: int = num(16, ge=1)
     stop: list[str] = field(default_factory=list)
     batch_size: int = num(256, ge=1)  # hf: completions per generate() call
-    max_staleness: int = num(0, ge=0)  # grpo train: step k trains on rollouts of the policy of step k - eta (0 = on-policy)
+    max_staleness: int = num(0, ge=0)  # grpo train, grpo ppo: step k trains on rollouts of the policy of step k - eta (0 = on-policy)
     # vllm only (see conf/rollout/vllm.yaml)
     max_model_len: int | None = None
     max_num_seqs: int = num(256, ge=1)
