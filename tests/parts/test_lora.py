@@ -69,9 +69,19 @@ def test_lora_trains_only_adapters_against_the_base_model(tiny_model_dir, tmp_pa
             assert torch.allclose(batch_logprobs(merged, batch) * m, pol, atol=1e-5), folder
 
 
-def test_lora_run_resumes_exactly(tiny_model_dir, tmp_path):
-    full, part, _ = run_interrupted(train, lambda *o: cfg_for(tiny_model_dir, *o), tmp_path, steps=3, stop=2)
+@pytest.mark.parametrize("eta", [0, 1])
+def test_lora_run_resumes_exactly(tiny_model_dir, tmp_path, eta):
+    # eta = 1: the 2-step run's checkpoint holds the rollout step 3 trains on (made at the start of
+    # step 2 by the policy after step 1, with the adapters on); the resumed step 3 must train on it
+    lag = [f"rollout.max_staleness={eta}"]
+    full, part, _ = run_interrupted(train, lambda *o: cfg_for(tiny_model_dir, *o, *lag), tmp_path, steps=3, stop=2)
     from safetensors.torch import load_file
+
+    from tests.commands.test_train_e2e import read_metrics
+
+    a, b = ({r["step"]: r for r in read_metrics(d) if "loss" in r} for d in (full, part))
+    assert a[3]["reward/mean"] == b[3]["reward/mean"] and a[3]["loss"] == b[3]["loss"]
+    assert a[3].get("async/staleness", 0.0) == eta and b[3].get("async/staleness", 0.0) == eta
 
     a = load_file(full / "checkpoints" / "step_000003" / "model" / "adapter_model.safetensors")
     b = load_file(part / "checkpoints" / "step_000003" / "model" / "adapter_model.safetensors")
