@@ -41,11 +41,20 @@ def test_grpo_trains_on_conversations_and_logs_them(tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_in_the_middle_of_a_multi_turn_run_is_exact(tmp_path):
-    common = ["trainer.eval_every=0", "trainer.save_every=2", "optim.lr=1e-3"]
+@pytest.mark.parametrize("eta", [0, 1])
+def test_resume_in_the_middle_of_a_multi_turn_run_is_exact(tmp_path, eta):
+    # eta = 1: the checkpoint after step 2 holds the conversations step 3 trains on (tool turns,
+    # the mask of the model's tokens); the resumed run must train on them as they were
+    common = ["trainer.eval_every=0", "trainer.save_every=2", "optim.lr=1e-3", f"rollout.max_staleness={eta}"]
     full, part, _ = run_interrupted(train, lambda *o: cfg(*o, *common), tmp_path, 4, 2)
     assert_resumed_exactly(full, part, (3, 4), ("reward/mean", "loss", "tool/calls_mean", "env/turns_mean",
                                                 "completion/len_mean"), 4)
+    if eta:
+        steps = records(part, "loss")
+        assert [r["async/staleness"] for r in steps] == [0, 1, 1, 1]  # the part run's 2 steps, then the resumed 2
+        # step 1 trains on the initial policy's conversations with the initial policy: the gap over the
+        # model's tokens is float noise, as on-policy (tool tokens would add whole log-probs)
+        assert steps[0]["rollout/logprob_abs_diff/max"] < 1e-4 and steps[2]["tool/calls_mean"] > 0
 
 
 @pytest.mark.slow
