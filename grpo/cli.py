@@ -190,9 +190,11 @@ def _hydra_job(config_name: str, fn, argv: list[str]) -> int:
                 print(f"grpo {config_name}: {e}", flush=True)
         except (checkpoint.SaveError, runlock.RunDirBusy, RolloutServerError) as e:
             # a full disk, a read-only file system, no rollout server left (status 1); the run dir is
-            # another run's, touch nothing in it (status 2): every rank stops, one line says why
-            if main_rank:
-                print(f"grpo {config_name}: error: {e}", file=sys.stderr)
+            # another run's, touch nothing in it (status 2): every rank stops, one line says why (a
+            # rollout server's fault on every rank: each rank's servers are its own view)
+            if main_rank or isinstance(e, RolloutServerError):
+                tag = "" if main_rank else f" (rank {distributed.rank()})"
+                print(f"grpo {config_name}: error{tag}: {e}", file=sys.stderr, flush=True)
             result["rc"] = 2 if isinstance(e, runlock.RunDirBusy) else 1
         except _user_errors() as e:
             tag = "" if main_rank else f" (rank {distributed.rank()})"

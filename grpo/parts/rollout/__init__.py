@@ -29,20 +29,19 @@ def build_engine(engine: str, model, tokenizer, path: str, dtype: str = "float32
     whole weights pushed (push_weights).
 
     server: generation by `grpo rollout serve` processes (grpo/parts/rollout/remote.py); `vllm_options`
-    are then the server_* keys of the rollout group (urls, weights_dir, timeout_s, token_file)."""
+    are then the server_* keys of the rollout group (urls, weights_dir, timeout_s, token_file). Under
+    torchrun every rank sends its own share to the servers, and rank 0 alone writes the weights."""
+    from grpo.parts.distributed import Lockstep
+
     if engine == "server":
         from grpo.parts.rollout.remote import ServerEngine
 
-        if par is not None and par.world > 1:
-            raise ConfigError("rollout.engine=server runs under one trainer process for now (every rank would push "
-                              "its weights to the same servers): use rollout=hf or rollout=vllm under torchrun")
-        return ServerEngine(model, **vllm_options)
+        many = par is not None and par.world > 1
+        return ServerEngine(model, **vllm_options, lockstep=Lockstep(par, tokenizer.pad_token_id) if many else None)
     if engine == "hf":
         from grpo.parts.rollout.hf import HFEngine
 
         if par is not None and par.sharded:
-            from grpo.parts.distributed import Lockstep
-
             return HFEngine(wrapped, tokenizer, batch_size=batch_size, lockstep=Lockstep(par, tokenizer.pad_token_id))
         return HFEngine(model, tokenizer, batch_size=batch_size)
     if engine == "vllm":

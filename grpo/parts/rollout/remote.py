@@ -22,6 +22,19 @@ servers generate for step k + eta. `update_weights` writes the file at once (a s
 the next optimizer step will change) and queues the load behind the generations already sent; a
 load that fails surfaces at the next generation's result. `generate` is `submit(...).result()`, so
 waiting or not, the same requests go out in the same order with the same seeds.
+
+Several trainer ranks (torchrun; `lockstep` given): every rank sends its own share of a step's
+prompts, and the ranks' lanes agree in a gloo group of their own, so an overlapped request that
+leaves after the main thread moved on is covered too. Every lane item ends on every rank at once:
+after each generation the ranks exchange what failed and which servers they still use (a server one
+rank dropped is dropped by all, with the warning line on the rank that saw it fail; any rank's
+failure is raised on every rank, one line each); a weight push writes its file once, on rank 0, and
+its load waits until every rank's earlier generations are answered, is sent by rank 0 alone and
+ends, on every rank, only once the servers hold the new version. So a server never loads a version
+while a request for the one before is in flight, never gets a request for a version before it has
+loaded it, and loads each version once; rank 0 removes a file once the servers hold the next one.
+The multi-turn engine takes as many turns on every rank (`lockstep`), so the ranks' lanes hold the
+same items.
 """
 
 from __future__ import annotations
@@ -64,7 +77,7 @@ class ServerEngine:
     (a resumed run, an SFT'd policy)."""
 
     def __init__(self, model, urls: list[str], weights_dir: str | None, timeout_s: float = 600.0,
-                 token_file: str | None = None):
+                 token_file: str | None = None, lockstep=None):
         from grpo.sandbox.client import load_token
 
         if not urls:
@@ -96,6 +109,11 @@ class ServerEngine:
         self._prefix = f"grpo-weights-{os.getpid()}-{id(self):x}"
         self.version = 0  # the last version pushed (its load may still wait in the lane)
         self.loaded: dict[str, list[int]] = {u: [] for u in self.urls}  # the versions each server confirmed
+        # several trainer ranks: the multi-turn engine's turn count agreed (Lockstep), the lanes' own group
+        self.lockstep = lockstep
+        self.par = lockstep.par if lockstep is not None and lockstep.par.world > 1 else None
+        self._group = _lane_group() if self.par is not None else None
+        self._writes = self.par is None or self.par.rank == 0  # the one rank that writes and loads the weights
         self._each(lambda url: self._call(url, "/health"))
         self._lane = ThreadPoolExecutor(1, thread_name_prefix="grpo-rollout-lane")
         self._failed: BaseException | None = None  # a queued load's failure, raised by the next generation
@@ -174,6 +192,28 @@ class ServerEngine:
         return self._lane.submit(self._generate, prompt_ids, n, replace(sampling, seed=base), self.version)
 
     def _generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingParams, version: int) -> Rollout:
+        if self._group is None:
+            return self._generate_here(prompt_ids, n, sampling, version)
+        if self._failed is not None:  # every rank has it, at the same item: no exchange
+            raise self._failed
+        try:
+            ro, error = self._generate_here(prompt_ids, n, sampling, version), None
+        except Exception as e:  # noqa: BLE001 - told to the other ranks, then raised here
+            ro, error = None, e
+        said = self._agree((None if error is None else str(error), self.live))
+        self._adopt([live for _, live in said])
+        if error is not None:
+            self._failed = error if isinstance(error, RolloutServerError) else RolloutServerError(str(error))
+            raise error
+        failed = [(r, why) for r, (why, _) in enumerate(said) if why is not None]
+        if failed:
+            self._failed = RolloutServerError(f"{failed[0][1]} (seen by trainer rank {failed[0][0]})")
+        if self._failed is not None:
+            raise self._failed
+        return ro
+
+    def _generate_here(self, prompt_ids: list[list[int]], n: int, sampling: SamplingParams, version: int) -> Rollout:
+        """This rank's generation, split across the servers alive."""
         if self._failed is not None:
             raise self._failed
         if not prompt_ids:
@@ -221,18 +261,27 @@ class ServerEngine:
         from safetensors.torch import save_file
 
         version = self.version + 1
-        state = {name: p.detach().to("cpu").contiguous() for name, p in named_params}
         path = self.dir / f"{self._prefix}-v{version}.safetensors"
+        if not self._writes:  # another rank writes; this one runs through the gathers (fsdp2) with it
+            for _ in named_params:
+                pass
+            self.version = version
+            self._lane.submit(self._load, path, version)
+            return
+        state = {name: p.detach().to("cpu").contiguous() for name, p in named_params}
         tmp = path.with_name(path.name + ".tmp")
+        unwritten = None
         try:
             save_file(state, str(tmp))
             os.replace(tmp, path)  # a server never reads a half-written file
         except OSError as e:
             tmp.unlink(missing_ok=True)
-            raise RolloutServerError(f"rollout.server_weights_dir={self.dir}: cannot write the weights ({e})") from None
+            unwritten = RolloutServerError(f"rollout.server_weights_dir={self.dir}: cannot write the weights ({e})")
+            if self._group is None:
+                raise unwritten from None
         del state
         self.version = version
-        self._lane.submit(self._load, path, version)
+        self._lane.submit(self._load, path, version, unwritten)  # the other ranks hear of a failure there
 
     def wait(self) -> None:
         """Until everything sent has been answered; a queued load's failure is raised here."""
@@ -240,20 +289,76 @@ class ServerEngine:
         if self._failed is not None:
             raise self._failed
 
-    def _load(self, path: Path, version: int) -> None:
+    def _load(self, path: Path, version: int, unwritten: RolloutServerError | None = None) -> None:
         if self._failed is not None:
             return
+        if self._group is not None:
+            return self._load_ranks(path, version, unwritten)
         try:
-            answers = self._each(lambda url: self._call(url, "/load_weights", {"path": str(path), "version": version}))
-            for url, out in answers.items():
-                if out.get("version") != version:
-                    raise RolloutServerError(f"rollout server {url}: answered version {out.get('version')} to the "
-                                             f"push of version {version}")
-                self.loaded[url].append(version)
+            self._push(path, version)
         except RolloutServerError as e:
             self._failed = e
             return
         self._remove_files(below=version)
+
+    def _push(self, path: Path, version: int) -> list[str]:
+        """Every live server loads `path` as `version`; returns the ones that confirmed it."""
+        answers = self._each(lambda url: self._call(url, "/load_weights", {"path": str(path), "version": version}))
+        for url, out in answers.items():
+            if out.get("version") != version:
+                raise RolloutServerError(f"rollout server {url}: answered version {out.get('version')} to the "
+                                         f"push of version {version}")
+            self.loaded[url].append(version)
+        return list(answers)
+
+    # ---- several trainer ranks: the lanes' agreement -------------------------------------------
+    def _load_ranks(self, path: Path, version: int, unwritten: RolloutServerError | None) -> None:
+        """A push under torchrun, on every rank's lane: wait for every rank (their generations sent
+        before this push are answered), rank 0 has the servers load the file, every rank learns the
+        outcome (the servers left, a failure) before its next generation leaves."""
+        self._adopt(self._agree(self.live))
+        why, confirmed = None, []
+        if self._writes and self._failed is None:
+            try:
+                if unwritten is not None:
+                    raise unwritten
+                confirmed = self._push(path, version)
+            except RolloutServerError as e:
+                why = str(e)
+        why, live, confirmed = self._agree((why, self.live, confirmed))[0]  # rank 0's
+        self._adopt([live])
+        if not self._writes:
+            for url in confirmed:
+                self.loaded[url].append(version)
+        if why is not None:
+            self._failed = self._failed or RolloutServerError(why)
+        elif self._failed is None and self._writes:
+            self._remove_files(below=version)
+
+    def _agree(self, mine: Any) -> list[Any]:
+        """Every rank's `mine`, in rank order, exchanged in the lanes' group; a rank gone is a failure
+        that ends every later lane item at once (no exchange left waiting)."""
+        import torch.distributed as dist
+
+        said: list[Any] = [None] * self.par.world
+        try:
+            dist.all_gather_object(said, mine, group=self._group)
+        except Exception as e:  # noqa: BLE001 - a rank ended (its process gone) or the group timed out
+            self._failed = RolloutServerError(f"rollout server lane: the other trainer ranks stopped answering "
+                                              f"({_why(e)})")
+            raise self._failed from None
+        return said
+
+    def _adopt(self, lives: list[list[str]]) -> None:
+        """Use only the servers every rank still uses (`lives`: each rank's list); the one that saw a
+        server fail said so in its warning line. None left is this lane's failure, on every rank."""
+        with self._lock:
+            for url in [u for u in self.live if not all(u in live for live in lives)]:
+                self.live.remove(url)
+                self.dropped[url] = f"rollout server {url}: dropped by another trainer rank"
+                log.info("rollout server %s: dropped by another trainer rank", url)
+        if not self.live and self._failed is None:
+            self._failed = RolloutServerError(f"no rollout server left: {list(self.dropped.values())[-1]}")
 
     def _remove_files(self, below: int | None = None) -> None:
         """This trainer's weight files of versions before `below` (None: all of them)."""
@@ -267,6 +372,21 @@ class ServerEngine:
         are not ours to stop."""
         self._lane.shutdown(wait=True)
         self._remove_files()
+
+
+def _lane_group():
+    """A gloo group of the trainer ranks for the lanes' exchanges (beside the trainer's own
+    collectives, from another thread), waiting as long as the trainer's (parallel.collective_timeout_s)."""
+    import torch.distributed as dist
+
+    timeout = None
+    for device in ("cpu", "cuda"):
+        try:
+            timeout = dist.distributed_c10d._get_default_group()._get_backend(torch.device(device)).options._timeout
+            break
+        except Exception:  # noqa: BLE001 - no such backend (or a torch without the field): gloo's default
+            continue
+    return dist.new_group(backend="gloo", timeout=timeout)
 
 
 def _why(e: Any) -> str:
