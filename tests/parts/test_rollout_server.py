@@ -160,7 +160,10 @@ def serve(tiny_model_dir, tmp_path):
     started: list[Served] = []
 
     def start(n: int = 1) -> list[Served]:
-        started.extend(Served(tiny_model_dir, weights) for _ in range(n))
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(n) as pool:  # started side by side
+            started.extend(pool.map(lambda _: Served(tiny_model_dir, weights), range(n)))
         return started[-n:]
     start.weights = weights
     yield start
@@ -362,3 +365,130 @@ def test_lagged_rollouts_in_the_background_are_the_waiting_run_and_resume_exactl
     assert [steps[s]["async/staleness"] for s in range(1, 7)] == [0, 1, 1, 1, 1, 1]
     # the servers' log-probs travel as mu: one version old from step 2 on, so the weights move off 1
     assert all(steps[s]["offpolicy/weight_mean"] != 1.0 for s in range(2, 7))
+
+
+# ---- under torchrun: several trainer ranks sharing the servers ----------------------------------
+def torchrun_train(model_dir, serve, servers, run_dir, *extra: str, worker: str | None = None):
+    """`grpo train rollout=server` (or `worker`, a script taking its overrides) on 2 ranks against
+    `servers`, 3 steps; asserts it ends with status 0 and leaves no weight file behind. Returns its
+    step records."""
+    from tests.commands.test_train_e2e import TOY, read_metrics
+    from tests.conftest import torchrun
+
+    urls = ",".join(s.url for s in servers)
+    target = [str(ROOT / "tests" / worker)] if worker else ["-m", "grpo", "train"]
+    torchrun(2, *target, f"model.path={model_dir}", "logger=jsonl", "trainer.prompts_per_step=4",
+             "algorithm.group_size=4", "rollout.max_new_tokens=6", "trainer.eval_size=8", "task.eval_size=8", TOY,
+             "rollout=server", f"rollout.server_urls=[{urls}]", f"rollout.server_weights_dir={serve.weights}",
+             "rollout.server_timeout_s=60", "trainer.max_steps=3", "trainer.eval_every=0", "trainer.save_every=0",
+             "optim.lr=1e-2", f"hydra.run.dir={run_dir}", *extra, timeout=300)
+    assert not list(serve.weights.iterdir())  # rank 0's weight files removed, the last one at its close
+    return [r for r in read_metrics(run_dir) if "loss" in r]
+
+
+def loaded_versions(printed: str) -> list[str]:
+    return [ln.split()[2] for ln in printed.splitlines() if ln.startswith("weights version")]
+
+
+def assert_same_runs(a, b, keys) -> None:
+    """Runs in run dirs `a` and `b` logged the same `keys` at every step and ended with the same
+    weights (their last checkpoints, sharded under torchrun), bit for bit."""
+    from grpo.commands.export import load_checkpoint_model
+    from tests.commands.test_train_e2e import read_metrics
+
+    ra, rb = ([{k: r[k] for k in keys} for r in read_metrics(d) if "loss" in r] for d in (a, b))
+    assert ra == rb and len(ra) == 3
+    wa, wb = (load_checkpoint_model(d / "checkpoints" / "step_000003")[0].state_dict() for d in (a, b))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.slow
+def test_grpo_train_on_two_ranks_through_a_server_is_on_policy_and_reproducible(tiny_model_dir, serve, tmp_path):
+    # Each rank generates its own 2 prompts x 4 through the server; rank 0 alone writes the weights,
+    # and the ranks agree that the server holds a version before either asks it for one.
+    (srv,) = serve(1)
+    first = torchrun_train(tiny_model_dir, serve, [srv], tmp_path / "first", "parallel=ddp")
+    gaps = [r["rollout/logprob_abs_diff/max"] for r in first]
+    print("2 ranks (ddp) through one server, float32: engine/trainer log-prob gap (max over ranks) per step:", gaps)
+    # float32 on both sides: only reordering noise (4.8e-7 in one process); a rank sampling with the
+    # weights of a version before (lr 1e-2 moves them) is off by ~0.3 (max_staleness=1's gap)
+    assert [r["step"] for r in first] == [1, 2, 3] and all(g < 1e-3 for g in gaps), gaps
+    second = torchrun_train(tiny_model_dir, serve, [srv], tmp_path / "second", "parallel=ddp")
+    assert [r["reward/mean"] for r in second] == [r["reward/mean"] for r in first]
+    keys = ("reward/mean", "loss", "grad_norm", "rollout/logprob_abs_diff/max")
+    assert_same_runs(tmp_path / "first", tmp_path / "second", keys)
+    # each run: its weights at the start, then one push after each of its 3 steps, each loaded once
+    # (one writer: two ranks pushing would load every version twice)
+    assert loaded_versions(srv.stop()) == ["1", "2", "3", "4"] * 2
+
+
+@pytest.mark.slow
+def test_lagged_rollouts_on_two_fsdp2_ranks_in_the_background_are_the_waiting_run(tiny_model_dir, serve, tmp_path):
+    # rollout.max_staleness = 1 under fsdp2 (whole_parameters gathers on both ranks, rank 0 writes):
+    # the overlapped run sends step k + 1's requests from the lanes while the ranks train on step k.
+    # The same run made to wait (tests/rollout_worker.py) sends the same requests with the same
+    # seeds and versions one at a time: the same metrics and weights, bit for bit.
+    (srv,) = serve(1)
+    lag = ("parallel=fsdp2", "rollout.max_staleness=1")
+    background = torchrun_train(tiny_model_dir, serve, [srv], tmp_path / "background", *lag)
+    torchrun_train(tiny_model_dir, serve, [srv], tmp_path / "waiting", *lag, worker="rollout_worker.py")
+    assert [r["async/staleness"] for r in background] == [0, 1, 1]
+    assert background[0]["rollout/logprob_abs_diff/max"] < 1e-3  # step 1 is on-policy
+    keys = ("reward/mean", "loss", "grad_norm", "offpolicy/weight_mean", "rollout/logprob_abs_diff/max")
+    assert_same_runs(tmp_path / "waiting", tmp_path / "background", keys)
+    assert loaded_versions(srv.stop()) == ["1", "2", "3", "4"] * 2
+
+
+@pytest.mark.slow
+def test_servers_killed_under_torchrun_end_every_rank_in_one_line(tiny_model_dir, serve, tmp_path):
+    # Two servers, two ranks, the overlapped path (max_staleness=1). The first server killed once it
+    # holds version 2: each rank that sees it fail drops it in one warning line and the run goes on
+    # with the other; that one killed at version 4: no server left, every rank ends with one line.
+    from tests.commands.test_train_e2e import TOY
+
+    first, second = serve(2)
+    run_dir = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    t0 = time.monotonic()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "grpo", "train",
+         f"model.path={tiny_model_dir}", "logger=jsonl", "trainer.prompts_per_step=4", "algorithm.group_size=4",
+         "rollout.max_new_tokens=6", "trainer.eval_size=8", "task.eval_size=8", TOY, "rollout=server",
+         f"rollout.server_urls=[{first.url},{second.url}]", f"rollout.server_weights_dir={serve.weights}",
+         "rollout.server_timeout_s=10", "rollout.max_staleness=1", "trainer.max_steps=200", "trainer.eval_every=0",
+         "trainer.save_every=0", f"hydra.run.dir={run_dir}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+    try:
+        for srv, version in ((first, "2"), (second, "4")):
+            until_loaded(srv, version, proc)
+            srv.proc.send_signal(signal.SIGKILL)
+            srv.proc.wait(30)
+        killed = time.monotonic()
+        _, err = proc.communicate(timeout=60)
+        took = time.monotonic() - killed
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    print(f"torchrun ended {took:.1f} s after the last server was killed ({killed - t0:.0f} s in)")
+    lines = [ln for ln in err.splitlines() if ln.startswith("grpo train: error")]
+    assert proc.returncode != 0 and took < 10 + 5, (proc.returncode, took)  # rollout.server_timeout_s=10
+    assert len(lines) == 2 and lines[0] != lines[1], err[-4000:]  # one per rank, the other tagged
+    assert {ln.startswith("grpo train: error (rank 1): ") for ln in lines} == {True, False}
+    assert all(second.url in ln for ln in lines), lines
+    assert "[rank" not in err, err[-4000:]  # no worker's traceback
+    drops = [ln for ln in err.splitlines() if f"rollout server {first.url}" in ln and "dropped; 1 rollout server" in ln]
+    assert 1 <= len(drops) <= 2, err[-4000:]  # by each rank that saw it fail, once
+    assert not list(serve.weights.iterdir())  # rank 0 removed its files on the way out
+    assert not pids_with(str(run_dir))  # no rank left running
+
+
+def until_loaded(srv: Served, version: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Read `srv`'s output until it has loaded `version` (the run `proc` still going)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if select.select([srv.proc.stdout], [], [], 0.5)[0]:
+            line = srv.proc.stdout.readline()
+            if line.startswith(f"weights version {version} loaded"):
+                return
+    raise AssertionError(f"{srv.url} did not load version {version} (the run: {proc.poll()})")
