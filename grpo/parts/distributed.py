@@ -242,6 +242,7 @@ class Parallel:
         self.rank, self.world = rank(), world()
         self.doing = "the start"
         self.silent: SilentRanks | None = None
+        self.timeout_s = 1800.0  # a collective's longest wait (parallel.collective_timeout_s, set by watch)
         self.strategy = strategy if self.world > 1 else "none"
         self.device = device
         if self.world > 1 and device.startswith("cuda"):
@@ -255,6 +256,7 @@ class Parallel:
             return
         # The group was joined before the config was read (the ranks agree on the run dir first)
         dist.distributed_c10d._set_pg_timeout(datetime.timedelta(seconds=timeout_s))
+        self.timeout_s = timeout_s
         if silent_after_s > 0 and self.silent is None and "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:
             try:
                 self.silent = SilentRanks(self.rank, self.world, silent_after_s, timeout_s, lambda: self.doing)

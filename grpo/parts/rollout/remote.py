@@ -77,7 +77,8 @@ class ServerEngine:
     (a resumed run, an SFT'd policy)."""
 
     def __init__(self, model, urls: list[str], weights_dir: str | None, timeout_s: float = 600.0,
-                 token_file: str | None = None, lockstep=None):
+                 token_file: str | None = None, lockstep=None, weight_transfer: str = "files",
+                 nccl_host: str | None = None):
         from grpo.sandbox.client import load_token
 
         if not urls:
@@ -87,11 +88,13 @@ class ServerEngine:
             parts = urllib.parse.urlsplit(str(url))
             if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
                 raise ConfigError(f"rollout.server_urls: {url!r} is not a server's address (http://HOST:PORT)")
-        if not weights_dir:
+        if weight_transfer not in ("files", "nccl"):
+            raise ConfigError(f"rollout.server_weight_transfer={weight_transfer}: use files or nccl")
+        if not weights_dir and weight_transfer == "files":
             raise ConfigError("rollout.engine=server needs rollout.server_weights_dir: a directory the trainer "
                               "writes and every server reads (the one given to `grpo rollout serve --weights-dir`)")
-        self.dir = Path(weights_dir).resolve()
-        if not self.dir.is_dir() or not os.access(self.dir, os.W_OK):
+        self.dir = Path(weights_dir).resolve() if weight_transfer == "files" else None
+        if self.dir is not None and (not self.dir.is_dir() or not os.access(self.dir, os.W_OK)):
             raise ConfigError(f"rollout.server_weights_dir={weights_dir}: not a directory this process can write")
         try:
             token = load_token(None, token_file, TOKEN_ENV, TOKEN_FILE_ENV, "rollout server")
@@ -112,11 +115,14 @@ class ServerEngine:
         # several trainer ranks: the multi-turn engine's turn count agreed (Lockstep), the lanes' own group
         self.lockstep = lockstep
         self.par = lockstep.par if lockstep is not None and lockstep.par.world > 1 else None
-        self._group = _lane_group() if self.par is not None else None
+        self._group = _lane_group(self.par) if self.par is not None else None
         self._writes = self.par is None or self.par.rank == 0  # the one rank that writes and loads the weights
-        self._each(lambda url: self._call(url, "/health"))
+        health = self._each(lambda url: self._call(url, "/health"))
         self._lane = ThreadPoolExecutor(1, thread_name_prefix="grpo-rollout-lane")
         self._failed: BaseException | None = None  # a queued load's failure, raised by the next generation
+        self._nccl = None  # rollout.server_weight_transfer=nccl: the trainer's end (grpo/parts/rollout/nccl.py)
+        if weight_transfer == "nccl":
+            self._open_nccl(health, nccl_host)
         from grpo.parts.rollout import whole_parameters
 
         self.update_weights(whole_parameters(model))
@@ -257,8 +263,11 @@ class ServerEngine:
 
     def update_weights(self, named_params: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Write the weights once into the shared directory now; queue every server's load of them in
-        the lane (checked there: the versions answered)."""
+        the lane (checked there: the versions answered). Over NCCL: `_push_nccl`."""
         from safetensors.torch import save_file
+
+        if self.dir is None:
+            return self._push_nccl(named_params)
 
         version = self.version + 1
         path = self.dir / f"{self._prefix}-v{version}.safetensors"
@@ -360,8 +369,49 @@ class ServerEngine:
         if not self.live and self._failed is None:
             self._failed = RolloutServerError(f"no rollout server left: {list(self.dropped.values())[-1]}")
 
+    # ---- weights over NCCL (rollout.server_weight_transfer=nccl) --------------------------------
+    def _open_nccl(self, health: dict[str, dict], host: str | None) -> None:
+        """Every server must take weights over NCCL; rank 0 opens one NCCL group with each."""
+        from grpo.parts.rollout.nccl import NCCLPush, rendezvous_host
+
+        for url, h in health.items():
+            if h.get("weight_transfer") != "nccl":
+                raise ConfigError(f"rollout.server_weight_transfer=nccl: the rollout server {url} takes weights as "
+                                  "files (start it with `grpo rollout serve --weight-transfer nccl`)")
+        if self._writes:
+            self._nccl = NCCLPush(self._call, {url: int(h.get("workers", 1)) for url, h in health.items()},
+                                  rendezvous_host(self.urls, host))
+
+    def _push_nccl(self, named_params: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """The weights broadcast to every live server over NCCL, synchronously: every rank runs
+        through the parameters (fsdp2's gathers), and waits until its generations sent before are
+        answered (a server receives with its engine); rank 0 broadcasts; every rank learns the
+        outcome before its next generation leaves with the new version."""
+        pairs = list(named_params)
+        self.wait()
+        if self.par is not None:
+            self.par.barrier()  # every rank's earlier generations answered
+        version, why = self.version + 1, None
+        if self._writes:
+            try:
+                live = self._alive()
+                self._nccl.push(pairs, version, live)
+                for url in live:
+                    self.loaded[url].append(version)
+            except RolloutServerError as e:
+                why = str(e)
+        del pairs
+        if self.par is not None:
+            why = self.par.gather(why)[0]  # rank 0's outcome, on every rank
+        if why is not None:
+            self._failed = RolloutServerError(why)
+            raise self._failed
+        self.version = version
+
     def _remove_files(self, below: int | None = None) -> None:
         """This trainer's weight files of versions before `below` (None: all of them)."""
+        if self.dir is None:
+            return
         for f in self.dir.glob(f"{self._prefix}-v*.safetensors*"):
             v = f.name[len(self._prefix) + 2:].split(".")[0]
             if below is None or not v.isdigit() or int(v) < below:
@@ -372,21 +422,18 @@ class ServerEngine:
         are not ours to stop."""
         self._lane.shutdown(wait=True)
         self._remove_files()
+        if self._nccl is not None:
+            self._nccl.close()
 
 
-def _lane_group():
+def _lane_group(par):
     """A gloo group of the trainer ranks for the lanes' exchanges (beside the trainer's own
     collectives, from another thread), waiting as long as the trainer's (parallel.collective_timeout_s)."""
+    import datetime
+
     import torch.distributed as dist
 
-    timeout = None
-    for device in ("cpu", "cuda"):
-        try:
-            timeout = dist.distributed_c10d._get_default_group()._get_backend(torch.device(device)).options._timeout
-            break
-        except Exception:  # noqa: BLE001 - no such backend (or a torch without the field): gloo's default
-            continue
-    return dist.new_group(backend="gloo", timeout=timeout)
+    return dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=par.timeout_s))
 
 
 def _why(e: Any) -> str:
