@@ -29,6 +29,10 @@ def rollout_main(argv: list[str]) -> int:
                         "weight files are read from under it only")
     s.add_argument("--token-file", help="file whose first line is the token trainers must send "
                    "(default: $GRPO_ROLLOUT_TOKEN, or the file named by $GRPO_ROLLOUT_TOKEN_FILE)")
+    s.add_argument("--weight-transfer", choices=("files", "nccl"), default="files",
+                   help="files: load the trainer's safetensors pushes from --weights-dir (anywhere); nccl: receive "
+                        "them over NCCL through vLLM's weight-transfer API (rollout.engine=vllm on GPUs; the "
+                        "trainer sets rollout.server_weight_transfer=nccl)")
     s.add_argument("--insecure", action="store_true", help="allow a bind beyond loopback without a token")
     s.add_argument("--request-timeout", type=float, default=60.0,
                    help="seconds a client has to send a whole request")
@@ -52,7 +56,7 @@ def rollout_main(argv: list[str]) -> int:
     model, rollout = parse(ModelConfig, cfg["model"], "model"), parse(RolloutConfig, cfg["rollout"], "rollout")
     try:
         token = load_token(None, a.token_file, TOKEN_ENV, TOKEN_FILE_ENV, "rollout server")
-        serve(model, rollout, a.weights_dir, a.host, a.port, max_body=a.max_body, request_timeout=a.request_timeout,
+        serve(model, rollout, a.weights_dir, a.host, a.port, a.weight_transfer, max_body=a.max_body, request_timeout=a.request_timeout,
               token=token, insecure=a.insecure)
     except ValueError as e:  # a bad flag (port, token, directory): one line
         raise UserError(str(e)) from None

@@ -99,6 +99,8 @@ class RolloutConfig:
     server_weights_dir: str | None = None  # the trainer writes its weights here; the servers read them
     server_timeout_s: float = num(600.0, gt=0)  # longest wait for a server's answer before it counts as gone
     server_token_file: str | None = None  # null: $GRPO_ROLLOUT_TOKEN, or the file $GRPO_ROLLOUT_TOKEN_FILE names
+    server_weight_transfer: str = choice("files", "files", "nccl")  # nccl: vLLM's weight-transfer API (GPUs)
+    server_nccl_host: str | None = None  # nccl: this trainer's address the servers reach (null: loopback servers)
 
 
 @dataclass

@@ -5,7 +5,8 @@
   gathered from the shards and pushed to each rank's engine), then `grpo export` of the sharded
   checkpoint;
 - one process with rollout=vllm (bf16), 2 steps, so the trainer pushes its weights into the engine;
-- server mode: a `grpo rollout serve` (hf, bf16) and a trainer with rollout.max_staleness=1 on one GPU.
+- server mode: a `grpo rollout serve` (hf, bf16) and a trainer with rollout.max_staleness=1 on one GPU;
+  with two GPUs, a vLLM server on the second taking the weights over NCCL (vLLM's weight-transfer API).
 
 Skipped where CUDA is not available; the vLLM run also where vllm does not import. Each run prints
 its per-step wall time from metrics.jsonl (run pytest with -rs to see skips; the figures are printed
@@ -157,3 +158,38 @@ def test_server_mode_with_lagged_rollouts(model100m, tmp_path, capsys):
     assert [x["async/staleness"] for x in recs] == [0, 1, 1]
     assert all(math.isfinite(x["loss"]) and math.isfinite(x["offpolicy/weight_mean"]) for x in recs), recs
     assert not list(weights.iterdir())  # the trainer's weight files removed
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs the trainer and the server on two GPUs")
+def test_server_mode_with_weights_over_nccl(model100m, tmp_path, capsys, monkeypatch):
+    """A vLLM `grpo rollout serve --weight-transfer nccl` on GPU 1 and a trainer on GPU 0 with
+    rollout.server_weight_transfer=nccl: every push is a broadcast through vLLM's weight-transfer API,
+    no file. On-policy (max_staleness=0): step 2 samples from the pushed weights, so its gap is a
+    synced bf16 engine's (a few 1e-2; stale weights show 0.1 or more)."""
+    pytest.importorskip("vllm", reason="vllm does not import: `make setup-vllm` installs it")
+    from tests.parts.test_rollout_server import Served
+
+    weights = tmp_path / "weights"  # the server's --weights-dir; nothing is written there
+    weights.mkdir()
+    srv = Served(model100m, weights, "model.dtype=bfloat16", "rollout.engine=vllm",
+                 "rollout.gpu_memory_utilization=0.3", "--weight-transfer", "nccl",
+                 env={"CUDA_VISIBLE_DEVICES": "1"})
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    try:
+        run = tmp_path / "run"
+        t0 = time.time()
+        r = run_grpo("train", f"model.path={model100m}", "model.dtype=bfloat16", "rollout=server",
+                     f"rollout.server_urls=[{srv.url}]", "rollout.server_weight_transfer=nccl",
+                     "trainer.prompts_per_step=8", "optim.lr=1e-3", "optim.warmup_steps=0", *COMMON,
+                     f"hydra.run.dir={run}", timeout=1200)
+        wall = time.time() - t0
+    finally:
+        out = srv.stop()
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
+    recs = training_records(run)
+    report(capsys, "one process + a vLLM server on another GPU, weights over NCCL, bf16", wall, recs,
+           ("rollout/logprob_abs_diff/mean", "rollout/logprob_abs_diff/max"))
+    assert [x["step"] for x in recs] == [1, 2]
+    assert out.count("received over NCCL") == 3  # the start, then one push per step
+    assert recs[-1]["rollout/logprob_abs_diff/mean"] < 0.1, recs[-1]
+    assert not list(weights.iterdir())

@@ -9,12 +9,16 @@ line, and the CPU-side refusals are one line each.
 from __future__ import annotations
 
 import dataclasses
+import json
+import urllib.request
 
 import pytest
 import torch
 
 from grpo.parts.config import ConfigError
 from grpo.parts.rollout.nccl import NCCLPush, parse_init_info, parse_update_info, rendezvous_host
+
+from tests.parts.test_rollout_server import in_process_server  # noqa: F401 - a fixture
 
 vllm = pytest.importorskip("vllm", reason="vllm is not installed: `make setup-vllm` installs it (CI does)")
 
@@ -82,3 +86,42 @@ def test_nccl_without_cuda_is_one_line(tiny_model_dir):
     model = load_model(str(tiny_model_dir), "float32", device="cpu")
     with pytest.raises(ValueError, match="needs CUDA GPUs on both sides"):  # before any engine process starts
         VLLMEngine(model, load_tokenizer(str(tiny_model_dir)), str(tiny_model_dir), device="cpu", weight_transfer="nccl")
+
+
+# ---- the wiring, on a server that takes files -------------------------------------------------
+def test_a_files_server_says_so_and_refuses_the_nccl_routes(in_process_server):
+    from tests.parts.test_rollout_server import post
+
+    srv, _ = in_process_server
+    url = f"http://127.0.0.1:{srv.server_address[1]}"
+    with urllib.request.urlopen(url + "/health", timeout=30) as r:
+        health = json.loads(r.read())
+    assert health["weight_transfer"] == "files" and health["workers"] == 1
+    for route in ("/weight_transfer/init", "/weight_transfer/start", "/weight_transfer/update",
+                  "/weight_transfer/finish"):
+        code, out = post(url, route, {})
+        assert code == 400 and "start it with --weight-transfer nccl" in out["error"], (route, code, out)
+    assert srv.version == 0  # nothing changed
+
+
+def test_a_trainer_asking_nccl_of_a_files_server_is_one_line_naming_it(in_process_server, tiny_model_dir):
+    # checked from the servers' /health before any NCCL group is opened, so it runs without a GPU
+    from grpo.parts.modeling import load_model
+    from grpo.parts.rollout.remote import ServerEngine
+
+    srv, _ = in_process_server
+    url = f"http://127.0.0.1:{srv.server_address[1]}"
+    with pytest.raises(ConfigError) as e:
+        ServerEngine(load_model(str(tiny_model_dir)), [url], None, weight_transfer="nccl")
+    assert f"the rollout server {url} takes weights as files" in str(e.value) and "\n" not in str(e.value)
+    assert srv.version == 0
+
+
+@pytest.mark.slow
+def test_grpo_rollout_serve_refuses_nccl_for_the_hf_engine(tmp_path):
+    from tests.conftest import run_grpo
+
+    p = run_grpo("rollout", "serve", "--port", "0", "--weights-dir", str(tmp_path), "--weight-transfer", "nccl",
+                 "model.path=embedded", "rollout.engine=hf", timeout=120)
+    err = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(err) == 1 and "serve rollout.engine=vllm" in err[0], p.stderr[-2000:]

@@ -76,14 +76,15 @@ _SERVER_PREFIX = "server_"
 
 def build_engine_from(rollout, model, tokenizer, path: str, dtype: str = "float32", device: str = "auto",
                       prompts: Callable[[], Iterable[Sample]] | None = None, system_prompt: str | None = None,
-                      par=None, wrapped=None, tools: list | None = None):
-    """build_engine from the `rollout` config group (a RolloutConfig): the config's edge for every command."""
+                      par=None, wrapped=None, tools: list | None = None, engine_options: dict | None = None):
+    """build_engine from the `rollout` config group (a RolloutConfig): the config's edge for every command.
+    `engine_options` are the engine's own beyond the group's (a rollout server's weight transfer)."""
     import dataclasses
 
     keys = dataclasses.asdict(rollout)
     vllm = {k: v for k, v in keys.items() if k not in _NOT_VLLM_OPTIONS and not k.startswith(_SERVER_PREFIX)}
     server = {k[len(_SERVER_PREFIX):]: v for k, v in keys.items() if k.startswith(_SERVER_PREFIX)}
-    options = {"vllm": vllm, "server": server}.get(rollout.engine, {})
+    options = {**{"vllm": vllm, "server": server}.get(rollout.engine, {}), **(engine_options or {})}
     return build_engine(rollout.engine, model, tokenizer, path, dtype, device, batch_size=rollout.batch_size,
                         max_new_tokens=rollout.max_new_tokens, prompts=prompts, system_prompt=system_prompt, par=par,
                         wrapped=wrapped, tools=tools, **options)

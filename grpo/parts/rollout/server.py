@@ -11,6 +11,10 @@ POST /generate      {"prompt_ids": [[int]], "n": int, "sampling": {temperature, 
                        fields (grpo/parts/rollout/base.py), `version` the weights that generated them
 POST /load_weights  {"path": a safetensors file under the server's --weights-dir, "version": int}
                     -> {"version": v} once the engine holds those weights
+POST /weight_transfer/{init,start,update,finish}
+                    with --weight-transfer nccl (vLLM on GPUs): vLLM's own weight-transfer calls, the
+                    tensors broadcast over NCCL beside the request (grpo/parts/rollout/nccl.py);
+                    finish {"version": int} -> {"version": v}
 
 Version 0 is the model's own files. A malformed request is 400 with {"error": why}; a failure of the
 engine is 500, and the server goes on. One request uses the engine at a time (generation and weight
@@ -32,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from grpo.parts.rollout.base import SamplingParams
+from grpo.parts.rollout.nccl import ROUTES, parse_init_info, parse_update_info
 from grpo.sandbox.server import JSONHandler, JSONServer, parse_json
 
 TOKEN_ENV = "GRPO_ROLLOUT_TOKEN"
@@ -44,8 +49,12 @@ class _Handler(JSONHandler):
 
     def post_routes(self) -> dict[str, Any]:
         srv = self.server
-        return {"/generate": lambda raw: self._answer(srv.generate, raw),
-                "/load_weights": lambda raw: self._answer(srv.load_weights, raw)}
+        routes = {"/generate": lambda raw: self._answer(srv.generate, raw),
+                  "/load_weights": lambda raw: self._answer(srv.load_weights, raw)}
+        for route in ROUTES:
+            stage = route.rsplit("/", 1)[1]
+            routes[route] = lambda raw, stage=stage: self._answer(lambda req: srv.transfer(stage, req), raw)
+        return routes
 
     def _answer(self, route, raw: bytes) -> None:
         try:
@@ -115,7 +124,7 @@ class RolloutServer(JSONServer):
     def __init__(self, engine, engine_name: str, vocab_size: int, weights_dir: str, host: str = "127.0.0.1",
                  port: int = 0, *, max_body: int = 256 << 20, request_timeout: float = 60.0,
                  io_timeout: float = 600.0, max_connections: int = 64, token: str | None = None,
-                 insecure: bool = False):
+                 insecure: bool = False, weight_transfer: str = "files", workers: int = 1):
         self.weights_dir = Path(weights_dir).resolve()
         if not self.weights_dir.is_dir():
             raise ValueError(f"--weights-dir {weights_dir}: no such directory")
@@ -123,12 +132,13 @@ class RolloutServer(JSONServer):
                          request_timeout=request_timeout, io_timeout=io_timeout, token=token, insecure=insecure)
         self.engine, self.engine_name, self.vocab_size = engine, engine_name, vocab_size
         self.version = 0
+        self.weight_transfer, self.workers = weight_transfer, workers  # workers: the engine's NCCL ranks
         self._engine_lock = threading.Lock()
 
     def health(self) -> dict[str, Any]:
-        """GET /health: the weights version held, the engine, the vocabulary size."""
+        """GET /health: the weights version held, the engine, the vocabulary size, how weights arrive."""
         return {"ok": True, "version": self.version, "engine": self.engine_name, "vocab_size": self.vocab_size,
-                "connections": self.connections}
+                "connections": self.connections, "weight_transfer": self.weight_transfer, "workers": self.workers}
 
     def generate(self, req: dict) -> dict:
         """/generate: the engine's Rollout fields and the weights version that produced them."""
@@ -157,15 +167,50 @@ class RolloutServer(JSONServer):
         return {"version": version}
 
 
-def serve(model, rollout, weights_dir: str, host: str = "127.0.0.1", port: int = 8420, **kw: Any) -> None:
+    def transfer(self, stage: str, req: dict) -> dict:
+        """/weight_transfer/<stage>: one of vLLM's weight-transfer calls (init, start, update, finish),
+        in that order per push; finish makes `version` the one the server holds."""
+        if self.weight_transfer != "nccl":
+            raise ValueError("this server takes weights as files: start it with --weight-transfer nccl")
+        if stage == "init":
+            info = parse_init_info(req)
+            with self._engine_lock:
+                self.engine.init_weight_transfer(info)
+            return {}
+        if stage == "update":
+            info = parse_update_info(req)
+            with self._engine_lock:
+                self.engine.update_weights_from(info)
+            return {}
+        if stage == "start":
+            if req:
+                raise ValueError("weight_transfer/start takes {}")
+            with self._engine_lock:
+                self.engine.start_weight_update()
+            return {}
+        if set(req) != {"version"}:
+            raise ValueError("weight_transfer/finish takes exactly {\"version\": int}")
+        version = _int(req["version"], "version", 0)
+        with self._engine_lock:
+            self.engine.finish_weight_update()
+            self.version = version
+        print(f"weights version {version} received over NCCL", flush=True)
+        return {"version": version}
+
+
+def serve(model, rollout, weights_dir: str, host: str = "127.0.0.1", port: int = 8420,
+          weight_transfer: str = "files", **kw: Any) -> None:
     """Load `model` (a ModelConfig), start the `rollout` engine (a RolloutConfig: hf or vllm) on it and
-    serve it until SIGINT or SIGTERM; the engine (and its processes) is closed on the way out."""
+    serve it until SIGINT or SIGTERM; the engine (and its processes) is closed on the way out.
+    `weight_transfer="nccl"` (vllm on GPUs) also takes weights through vLLM's weight-transfer API."""
     from grpo.parts.config import ConfigError
     from grpo.parts.modeling import load_model, load_tokenizer, pick_device
     from grpo.parts.rollout import build_engine_from
 
     if rollout.engine not in ("hf", "vllm"):
         raise ConfigError(f"rollout.engine={rollout.engine}: a rollout server runs hf or vllm")
+    if weight_transfer == "nccl" and rollout.engine != "vllm":
+        raise ConfigError("--weight-transfer nccl goes through vLLM's weight-transfer API: serve rollout.engine=vllm")
     RolloutServer.check_access(host, kw.get("token"), kw.get("insecure", False))  # before the model loads
     if not Path(weights_dir).is_dir():
         raise ValueError(f"--weights-dir {weights_dir}: no such directory")
@@ -173,10 +218,12 @@ def serve(model, rollout, weights_dir: str, host: str = "127.0.0.1", port: int =
     device = pick_device(model.device)
     policy = load_model(model.path, model.dtype, device=device)
     policy.eval()
-    engine = build_engine_from(rollout, policy, tok, model.path, model.dtype, device)
+    engine = build_engine_from(rollout, policy, tok, model.path, model.dtype, device,
+                               engine_options={"weight_transfer": weight_transfer} if weight_transfer != "files" else None)
     try:
         vocab = policy.get_input_embeddings().weight.shape[0]
-        srv = RolloutServer(engine, rollout.engine, vocab, weights_dir, host, port, **kw)
+        srv = RolloutServer(engine, rollout.engine, vocab, weights_dir, host, port, weight_transfer=weight_transfer,
+                            workers=rollout.tensor_parallel_size if rollout.engine == "vllm" else 1, **kw)
         signal.signal(signal.SIGTERM, _exit)  # the engine's processes are closed below, not orphaned
         srv.run(f" (engine {rollout.engine}, model {model.path}, weights from {srv.weights_dir}; pid {os.getpid()})")
     finally:
