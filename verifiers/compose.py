@@ -407,6 +407,14 @@ class RewardFunction:
             metrics[f"verifier/{e.label}/errors"] = float(errors)
         return [min(1.0, max(0.0, r)) for r in total], infos, metrics
 
+    def warmup(self) -> None:
+        """Start what the verifiers start lazily (a worker pool), without waiting for it: a trainer
+        calls this at build, so its first step does not pay for the workers' imports."""
+        for e in self.entries:
+            warm = getattr(e.verifier, "warmup", None)
+            if callable(warm):
+                warm()
+
     def close(self) -> None:
         for e in self.entries:
             e.close()

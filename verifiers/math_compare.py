@@ -487,3 +487,12 @@ _LATEX_TEXT_INNER_RE = re.compile(r"\\(?:text|textbf|textit|mathrm|mbox|textnorm
 def judge_payload(payload: tuple) -> tuple[bool, str, str | None, bool]:
     """Pool entry point: ``payload`` is the argument tuple of :func:`judge`."""
     return judge(*payload)
+
+
+def warm() -> None:
+    """Run once by each pool worker at start (grpo/verifiers/pool.py): comparisons down the paths the
+    math verifier's calls take (a plain gold answer against a boxed one, a boxed one that is no
+    number, plain text) build the parsers math-verify and sympy make on first use."""
+    judge(("1/2",), ("\\frac{1}{2}",), False, True, "last", True)
+    judge(("12",), ("12c9",), False, True, "last", True)
+    judge(("x^2 + 1",), ("1 + x^2",))

@@ -14,6 +14,9 @@ Design points, each for a reason:
   process that was itself started with 'spawn'.
 - Tasks travel in chunks (one pipe write per chunk, not per task); results come back one message
   per task, so the caller always knows which task a worker is on and when it started it.
+- A target module may define ``warm()``: each worker runs it once before it says it is ready, to
+  pay lazy first-use costs (math-verify builds its parsers on the first comparison: 0.4-0.8 s) at
+  start, not inside a task's deadline; with ``start()`` at a trainer's build, before any step.
 - The pool starts lazily on the first ``map`` and is reused; ``close()`` and an ``atexit`` hook
   stop it. Workers also watch their parent and exit if it dies, so a crashed trainer leaves no
   orphans computing a power tower forever.
@@ -292,7 +295,8 @@ def _worker_main(rx_fd: int, tx_fd: int, target: str, memory_limit_mb: int | Non
     tx = Connection(tx_fd, readable=False)
     threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
     module, _, name = target.partition(":")
-    fn = getattr(importlib.import_module(module), name)
+    mod = importlib.import_module(module)
+    fn = getattr(mod, name)
     if memory_limit_mb:
         import resource
 
@@ -301,6 +305,12 @@ def _worker_main(rx_fd: int, tx_fd: int, target: str, memory_limit_mb: int | Non
             resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
         except (ValueError, OSError):
             pass  # a lower hard limit is already in force; keep it
+    warm = getattr(mod, "warm", None)
+    if callable(warm):
+        try:
+            warm()
+        except Exception:  # noqa: BLE001 - a warm-up that fails costs its head start, never the worker
+            pass
     tx.send("ready")
     while True:
         try:

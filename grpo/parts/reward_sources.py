@@ -91,6 +91,9 @@ class VerifierRewards:
         rewards, infos, metrics = self.fn(inputs.texts, inputs.samples)
         return Rewards(rewards, infos, metrics)
 
+    def warmup(self) -> None:
+        self.fn.warmup()
+
     def close(self) -> None:
         if not self.closed:  # a Mixture and its trainer may both close it
             self.closed = True

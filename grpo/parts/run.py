@@ -303,6 +303,8 @@ class Run:
         parts = build_rewards_from(task, verifier, reward_model, self.tok, self.frozen_device,
                                    model.dtype if model else "float32", model.path if model else None)
         self.own(*parts)
+        if parts[1] is not None:  # the verifiers' workers start now, beside the model's loading
+            parts[1].warmup()
         return parts
 
     # ---- checkpoints -----------------------------------------------------------------------------

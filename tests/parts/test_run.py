@@ -144,3 +144,25 @@ def test_a_closed_run_lets_go_of_its_models(tiny_model_dir, tmp_path):
         assert model() is None
     finally:
         gc.enable()
+
+
+def test_the_verifiers_workers_start_when_the_run_builds_its_rewards(tiny_model_dir, tmp_path):
+    # The math verifier's pool starts lazily on its first comparison; a trainer's first step that
+    # needed it paid for the workers' imports (0.5-0.9 s of sympy and math-verify in bench_async's
+    # runs). Run.rewards starts them at build, not waiting for them: the workers are processes of
+    # this one before any completion is scored.
+    import os
+
+    from grpo.parts.config import VerifierConfig
+
+    run = Run("toy", tmp_path / "run", {"toy": True}, max_steps=1, seed=0, resume=False, eval_every=0,
+              save_every=0, keep_checkpoints=1, log_every=1, log_first=True, logger=LoggerConfig())
+    with run:
+        run.tokenizer(str(tiny_model_dir))
+        rewards, verifiers, _ = run.rewards({"verifiers": ["math"]}, VerifierConfig())
+        (entry,) = verifiers.fn.entries
+        pids = entry.verifier._pool.pids()  # the pool exists: started, not left to the first map
+        assert len(pids) == entry.verifier.num_workers
+        assert all(os.path.exists(f"/proc/{p}") for p in pids)
+    assert not any(os.path.exists(f"/proc/{p}") and "zombie" not in open(f"/proc/{p}/status").read().lower()
+                   for p in pids)  # and the run closes them

@@ -2,9 +2,17 @@
 
 import time
 
+WARMED = []  # warm() appends: how many times this worker ran it
+
+
+def warm():
+    WARMED.append(time.monotonic())
+
 
 def run(task):
     kind, arg = task
+    if kind == "warmed":
+        return len(WARMED)
     if kind == "add":
         return arg[0] + arg[1]
     if kind == "sleep":

@@ -225,3 +225,11 @@ def test_128_latex_completions_reuse_the_pool_and_cache():
         assert v.pool.pids() == pids  # same workers: started once, not per call
     assert [s.reward for s in first] == [s.reward for s in second] == [1.0] * 128
     assert took < 0.1, f"{took * 1000:.1f} ms"  # every pair is a cache hit now
+
+
+def test_each_worker_runs_its_target_module_s_warm_once_before_its_first_task():
+    # pool_tasks.warm counts its calls in the worker; every worker (two, each given tasks) says 1
+    with WorkerPool("tests.verifiers.math.pool_tasks:run", num_workers=2, timeout=5.0) as pool:
+        pool.start()
+        out = pool.map([("warmed", None)] * 8)
+    assert out == [("ok", 1)] * 8
