@@ -492,3 +492,33 @@ def until_loaded(srv: Served, version: str, proc: subprocess.Popen, timeout: flo
             if line.startswith(f"weights version {version} loaded"):
                 return
     raise AssertionError(f"{srv.url} did not load version {version} (the run: {proc.poll()})")
+
+
+def test_a_push_the_disk_refuses_is_one_line_and_leaves_no_file(in_process_server, tiny_model_dir):
+    # safetensors reports a failed write (a full disk, a file too large) as its own SafetensorError,
+    # not an OSError: the push is still one RolloutServerError line naming rollout.server_weights_dir,
+    # and the half-written temporary file is removed from the shared directory. The failure is real:
+    # this process may write no file past 4 KiB while it pushes (the tiny model's file is larger).
+    import resource
+
+    from grpo.parts.rollout import whole_parameters
+
+    srv, weights = in_process_server
+    model = perturbed(tiny_model_dir)
+    engine = ServerEngine(model, [srv.url], str(weights), timeout_s=30)
+    try:
+        saved = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, saved[0][1]))
+        try:
+            with pytest.raises(RolloutServerError) as e:
+                engine.update_weights(whole_parameters(model))
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, saved[0])
+            signal.signal(signal.SIGXFSZ, saved[1])
+        line = str(e.value)
+        assert line.startswith(f"rollout.server_weights_dir={weights.resolve()}: cannot write the weights"), line
+        assert "\n" not in line and "File too large" in line
+        assert [f.name.rsplit("-", 1)[1] for f in weights.iterdir()] == ["v1.safetensors"]  # no v2 file, whole or half
+        assert engine.version == srv.version == 1
+    finally:
+        engine.close()

@@ -283,7 +283,11 @@ class ServerEngine:
         try:
             save_file(state, str(tmp))
             os.replace(tmp, path)  # a server never reads a half-written file
-        except OSError as e:
+        except Exception as e:  # noqa: BLE001 - safetensors' failed write (a full disk) is a SafetensorError
+            from grpo.parts.checkpoint import os_cause
+
+            if not isinstance(e, OSError) and os_cause(e) is None:
+                raise  # not the disk: a bug, with its traceback
             tmp.unlink(missing_ok=True)
             unwritten = RolloutServerError(f"rollout.server_weights_dir={self.dir}: cannot write the weights ({e})")
             if self._group is None:
