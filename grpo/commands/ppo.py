@@ -26,8 +26,8 @@ Where this differs from InstructGPT (Ouyang et al., 2022) and why:
   start of the step (`old_logp`, its own forward as always), every token weighted by
   min(pi_prox / mu, ppo.behav_cap) with mu the engine's sampling probability (Hilton et al. 2021,
   AReaL 2025); the values, the KL in the reward and GAE are the current critic's and policy's. The
-  rollouts in flight are checkpointed, so a resumed run is exact. Each rollout is waited for (an
-  engine that generates in the background, rollout=server, does not overlap the update here).
+  rollouts in flight are checkpointed, so a resumed run is exact. With rollout=server the generation
+  overlaps the update (as in grpo train: sent in the background, scored by a thread as it arrives).
 Invariants checked at run time: at the first minibatch of every step the ratio is 1 (the
 trainer's log-probs are the sampling policy's, with lagged rollouts pi_prox's) and the
 engine/trainer log-prob gap is logged; a non-finite loss skips that minibatch's update with a warning.
@@ -190,41 +190,64 @@ def run_ppo(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
         sampling = sampling_params(cfg.rollout)
         temp, pad = sampling.temperature or 1.0, tok.pad_token_id
 
-        def draw():
+        # lagged rollouts from rollout=server are sent, not waited for: generated while a step trains
+        background = bool(eta) and lag.submits(engine)
+        scorer = lag.scoring_thread(run) if background else None
+        run.settle_with(lambda: lag.settle(queue, run, hp.samples))  # before checkpoints and evaluations
+
+        def draw(submit: bool = False):
             """This rank's share of the next B prompts, `ppo.samples` completions each, scored; the data
             position moves on by B. Returns its rollout `ro`, its scores `shaped` [n] and the batch's
-            reward and rollout `metrics` (reduced over ranks)."""
+            reward and rollout `metrics` (reduced over ranks). With `submit` (an engine that generates
+            in the background) the generation is sent and scored by the scoring thread, in order:
+            returns a function that waits for both."""
             first, last = shard(B, par.rank, W)  # this rank's prompts of the step's B
             samples = [task.train_sample(progress["data_pos"] + i) for i in range(first, last)]
             progress["data_pos"] += B
             prompts = encode_prompts(tok, samples, trainer.system_prompt, tools_of(engine))
-            ro = generate(engine, prompts, hp.samples, sampling, samples)  # one completion, or a conversation, each
-            t1 = time.time()
             fields = [s.fields() for s in samples for _ in range(hp.samples)]
-            scored = score_rollout(rewards, ro, fields)
-            score = torch.tensor(scored.raw, device=device)  # [n] the configured score (see the docstring)
+            if submit:
+                sent = engine.submit(prompts, hp.samples, sampling)
+
+                def score():
+                    ro = sent.result()
+                    return ro, score_rollout(rewards, ro, fields)
+                done = scorer.submit(score)
+                return lambda: scored(fields, *done.result())
+            ro = generate(engine, prompts, hp.samples, sampling, samples)  # one completion, or a conversation, each
+            return scored(fields, ro)
+
+        def scored(fields, ro, got=None):
+            """`draw`'s second half: the rollout `ro` scored (unless `got` is, in the background)."""
+            t1 = time.time()
+            got = got if got is not None else score_rollout(rewards, ro, fields)
+            score = torch.tensor(got.raw, device=device)  # [n] the configured score (see the docstring)
             finished = torch.tensor(ro.finished, device=device)  # [n]
             if hp.missing_eos_penalty:
                 score = score - hp.missing_eos_penalty * (~finished).float()
             if hp.score_clip:
                 score = score.clamp(-hp.score_clip, hp.score_clip)
             n = len(ro.completion_ids)
-            own = {k: v for k, v in scored.metrics.items() if k.startswith(("reward/", "rm/"))}
+            own = {k: v for k, v in got.metrics.items() if k.startswith(("reward/", "rm/"))}
             metrics = {**par.reduce_metrics(own, n),
                        **(par.reduce_metrics(conversation_metrics(ro.conversations), n) if ro.conversations else {}),
                        "time/reward": time.time() - t1}
             return SimpleNamespace(ro=ro, shaped=score, metrics=metrics)
 
-        def draw_all():
-            """`draw` with every rank's scores [N] (rank-major = prompt-major), as the lag's groups need."""
-            got = draw()
+        def everyone(got):
+            """A draw with every rank's scores [N] (rank-major = prompt-major), as the lag's groups need."""
             got.shaped = torch.tensor([x for part in par.gather(got.shaped.tolist()) for x in part])
             return got
+
+        def send():
+            pending = draw(submit=True)
+            return lambda: everyone(pending())
 
         for step in run.steps():
             t0 = time.time()
             if eta:  # this rank's share of the rollout of step k - eta (lagged: grpo/parts/lag.py)
-                ro, scores, offset, drawn = lag.lagged(queue, run, hp.samples, B, eta, draw_all)
+                ro, scores, offset, drawn = lag.lagged(queue, run, hp.samples, B, eta, lambda: everyone(draw()),
+                                                       send if background else None)
                 score = scores[offset:offset + len(ro.completion_ids)].to(device)  # [n]
             else:
                 got = draw()

@@ -43,7 +43,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -57,7 +56,8 @@ from grpo.parts.batch import (batch_logprobs, engine_logprobs, group_logprobs, m
                               supports_shared_prompt)
 from grpo.parts.distributed import full_tensor, shard
 from grpo.parts.evaluation import eval_headline
-from grpo.parts.lag import gathered_groups, lagged, my_share, restored_queue, settle as settle_queue
+from grpo.parts.lag import (gathered_groups, lagged, my_share, restored_queue, scoring_thread, settle as settle_queue,
+                            submits)
 from grpo.parts.reward_sources import score_rollout
 from grpo.parts.rollout import SamplingParams, encode_prompts, push_weights, sampling_params, task_prompts, tools_of
 from grpo.parts.rollout.base import Rollout
@@ -126,13 +126,7 @@ def build(cfg: C.TrainConfig, run: Run) -> GRPO:
     restored_queue(progress, cfg.rollout.max_staleness)
     run.evaluate_policy(engine, policy, eval_set, cfg.rollout, trainer.system_prompt, verifiers or rewards,
                         reward_model, kl_batch_size=trainer.micro_batch_size or 256, log_samples=trainer.log_samples)
-    scorer = None
-    if cfg.rollout.max_staleness and submits(engine):
-        from concurrent.futures import ThreadPoolExecutor
-
-        pool = ThreadPoolExecutor(1, thread_name_prefix="grpo-scoring")
-        run.own(SimpleNamespace(close=lambda: pool.shutdown(wait=True)))
-        scorer = pool
+    scorer = scoring_thread(run) if cfg.rollout.max_staleness and submits(engine) else None
     return GRPO(algorithm, trainer.prompts_per_step, trainer.micro_batch_size, trainer.max_tokens_per_batch,
                 cfg.optim.max_grad_norm, trainer.system_prompt, task, rewards, policy, engine, opt, sched,
                 sampling_params(cfg.rollout), shared_prompt, progress, cfg.rollout.max_staleness, scorer)
@@ -204,12 +198,6 @@ def sample(grpo: GRPO, run: Run, submit: bool = False) -> Sampled | Callable[[],
         return lambda: scored(grpo, run, samples, *done.result())
     ro = generate(grpo.engine, prompts, G, grpo.sampling, samples)  # one completion, or a conversation, each
     return scored(grpo, run, samples, ro)
-
-
-def submits(engine: Any) -> bool:
-    """Whether the engine generates in the background (rollout=server's `submit`); the multi-turn
-    wrapper and the in-process engines do not."""
-    return callable(getattr(engine, "submit", None))
 
 
 def scored(grpo: GRPO, run: Run, samples: list, ro: Rollout, scores=None) -> Sampled:

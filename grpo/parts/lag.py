@@ -29,6 +29,23 @@ from grpo.parts.rollout.base import Rollout
 log = logging.getLogger(__name__)
 
 
+def submits(engine: Any) -> bool:
+    """Whether the engine generates in the background (rollout=server's `submit`); the multi-turn
+    wrapper and the in-process engines do not."""
+    return callable(getattr(engine, "submit", None))
+
+
+def scoring_thread(run: Any):
+    """The one thread that scores lagged rollouts sent in the background, in the order they were
+    sent, as they arrive (an executor the run closes)."""
+    from concurrent.futures import ThreadPoolExecutor
+    from types import SimpleNamespace
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix="grpo-scoring")
+    run.own(SimpleNamespace(close=lambda: pool.shutdown(wait=True)))
+    return pool
+
+
 def restored_queue(progress: dict[str, Any], eta: int) -> list[dict]:
     """The queue a run (perhaps resumed) starts from: a checkpoint from before the key has none, and
     an on-policy run (eta = 0) drops what an off-policy one left, with a warning."""

@@ -367,6 +367,47 @@ def test_lagged_rollouts_in_the_background_are_the_waiting_run_and_resume_exactl
     assert all(steps[s]["offpolicy/weight_mean"] != 1.0 for s in range(2, 7))
 
 
+@pytest.mark.slow
+def test_lagged_ppo_in_the_background_is_the_waiting_run_and_resumes_exactly(tiny_model_dir, serve, tmp_path,
+                                                                            monkeypatch):
+    # grpo ppo with rollout.max_staleness = 1 through a server: generation for step k + 1 overlaps
+    # step k's update, as in grpo train. Made to wait for every rollout (submit hidden), the run sends
+    # the same requests with the same seeds: the same policy and critic, bit for bit; stopped after
+    # step 4 (the checkpoint settles the rollout in flight) and resumed, it lands there too.
+    from grpo.cli import compose_config
+    from grpo.commands.ppo import run_ppo
+    from grpo.parts import lag
+    from tests.commands.test_ppo import overrides
+    from tests.commands.test_train_e2e import read_metrics
+    from tests.conftest import assert_resumed_exactly
+
+    (srv,) = serve(1)
+
+    def cfg(*extra):
+        return compose_config("ppo", overrides(
+            tiny_model_dir, "rollout=server", f"rollout.server_urls=[{srv.url}]",
+            f"rollout.server_weights_dir={serve.weights}", "rollout.server_timeout_s=60", "rollout.max_new_tokens=6",
+            "trainer.save_every=2", "optim.lr=1e-2", "rollout.max_staleness=1", "logger=jsonl", *extra))
+
+    run_ppo(cfg("trainer.max_steps=6"), tmp_path / "background")
+    run_ppo(cfg("trainer.max_steps=4"), tmp_path / "part")
+    run_ppo(cfg("trainer.max_steps=6", "trainer.resume=true"), tmp_path / "part")
+    with monkeypatch.context() as m:
+        m.setattr(lag, "submits", lambda engine: False)
+        run_ppo(cfg("trainer.max_steps=6"), tmp_path / "waiting")
+    keys = ("objective/scores", "loss/policy", "loss/value", "offpolicy/weight_mean", "async/staleness")
+    for a, b, steps in ((tmp_path / "waiting", tmp_path / "background", range(1, 7)),
+                        (tmp_path / "background", tmp_path / "part", (5, 6))):
+        assert_resumed_exactly(a, b, steps, keys, 6, marker="objective/scores")
+        from safetensors.torch import load_file
+
+        va, vb = (load_file(d / "checkpoints/step_000006/value/model.safetensors") for d in (a, b))
+        assert all(torch.equal(va[k], vb[k]) for k in va)  # the critic too
+    steps = {r["step"]: r for r in read_metrics(tmp_path / "background") if "objective/scores" in r}
+    assert [steps[s]["async/staleness"] for s in range(1, 7)] == [0, 1, 1, 1, 1, 1]
+    assert all(steps[s]["offpolicy/weight_mean"] != 1.0 for s in range(2, 7))
+
+
 # ---- under torchrun: several trainer ranks sharing the servers ----------------------------------
 def torchrun_train(model_dir, serve, servers, run_dir, *extra: str, worker: str | None = None):
     """`grpo train rollout=server` (or `worker`, a script taking its overrides) on 2 ranks against
