@@ -96,7 +96,7 @@ class RolloutConfig:
     sleep_level: int = num(0, ge=0, le=2)
     # server only (see conf/rollout/server.yaml): generation by `grpo rollout serve` processes
     server_urls: list[str] = field(default_factory=list)
-    server_weights_dir: str | None = None  # the trainer writes its weights here; the servers read them
+    server_weights_dir: str | None = None  # the trainer writes its weights here, the servers read them (files)
     server_timeout_s: float = num(600.0, gt=0)  # longest wait for a server's answer before it counts as gone
     server_token_file: str | None = None  # null: $GRPO_ROLLOUT_TOKEN, or the file $GRPO_ROLLOUT_TOKEN_FILE names
     server_weight_transfer: str = choice("files", "files", "nccl")  # nccl: vLLM's weight-transfer API (GPUs)

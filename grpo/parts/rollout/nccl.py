@@ -20,7 +20,10 @@ What is given up against the file push: a push is synchronous (the generations a
 waited for first, since the server receives with its engine), so with rollout.max_staleness >= 1
 the push no longer overlaps a generation; and a server that dies during the broadcast is noticed by
 the HTTP side within rollout.server_timeout_s, while the trainer's broadcast to it may block (NCCL
-has no timeout here). Needs CUDA and vllm on both sides (the trainer imports vLLM's trainer engine).
+has no timeout here); and the receiving side does not list the parameters that got nothing (the
+file path's reload does, and fails naming them): a name vLLM's model does not know shows only in
+the step's engine/trainer log-prob gap. Needs CUDA and vllm on both sides (the trainer imports
+vLLM's trainer engine).
 """
 
 from __future__ import annotations
@@ -114,16 +117,21 @@ class NCCLPush:
         self.pairs: list[tuple[str, torch.Tensor]] = []
         self.engines: dict[str, Any] = {}
         self.clients: dict[str, _Client] = {}
-        for url, n in workers.items():
-            client = _Client(call, url)
-            info = NCCLTrainerInitInfo(master_address=host, master_port=free_port(host), world_size=1 + n, rank=0)
-            self.engines[url] = NCCLTrainerWeightTransferEngine.trainer_init(
-                info, client=client, source=_source(self.pairs))
-            self.clients[url] = client
+        try:
+            for url, n in workers.items():
+                client = _Client(call, url)
+                info = NCCLTrainerInitInfo(master_address=host, master_port=free_port(host), world_size=1 + n, rank=0)
+                self.engines[url] = NCCLTrainerWeightTransferEngine.trainer_init(
+                    info, client=client, source=_source(self.pairs))
+                self.clients[url] = client
+        except BaseException:
+            self.close()  # the groups already opened
+            raise
 
     def push(self, pairs: list[tuple[str, torch.Tensor]], version: int, urls: list[str]) -> None:
-        """Broadcast `pairs` (whole tensors, on the GPU) to the servers `urls` as `version`."""
-        self.pairs[:] = pairs  # the sources iterate this list
+        """Broadcast `pairs` (whole tensors) to the servers `urls` as `version`; NCCL sends from the
+        GPU (a trainer on model.device=cpu has its tensors copied there one by one)."""
+        self.pairs[:] = [(name, t if t.is_cuda else t.to("cuda")) for name, t in pairs]  # the sources iterate this
         try:
             for url in urls:
                 self.clients[url].version = version

@@ -13,7 +13,8 @@ Weights: `update_weights` writes the trainer's whole weights once, as safetensor
 that file as the next version and checks the version each one answers; the older files are then
 removed. Every /generate answer carries the version that generated it, which must be the one pushed
 before the request was made: a server that missed a push (or that another trainer pushed to) is
-never used silently.
+never used silently. With rollout.server_weight_transfer=nccl the weights are broadcast instead,
+through vLLM's weight-transfer API (grpo/parts/rollout/nccl.py), with no file.
 
 One lane: every request (a generation, a weight load) goes through one worker thread in the order
 the trainer made it, so a server sees them in that order. `submit` sends a generation and returns at
@@ -390,8 +391,9 @@ class ServerEngine:
         """The weights broadcast to every live server over NCCL, synchronously: every rank runs
         through the parameters (fsdp2's gathers), and waits until its generations sent before are
         answered (a server receives with its engine); rank 0 broadcasts; every rank learns the
-        outcome before its next generation leaves with the new version."""
-        pairs = list(named_params)
+        outcome before its next generation leaves with the new version. Only rank 0 keeps the whole
+        tensors (the others let each gathered one go at once)."""
+        pairs = list(named_params) if self._writes else [None for _ in named_params]
         self.wait()
         if self.par is not None:
             self.par.barrier()  # every rank's earlier generations answered
@@ -402,8 +404,9 @@ class ServerEngine:
                 self._nccl.push(pairs, version, live)
                 for url in live:
                     self.loaded[url].append(version)
-            except RolloutServerError as e:
-                why = str(e)
+            except Exception as e:  # noqa: BLE001 - vLLM's and NCCL's errors too: one line on every rank
+                why = str(e) if isinstance(e, RolloutServerError) else \
+                    f"rollout.server_weight_transfer=nccl: the push of version {version} failed ({_why(e)})"
         del pairs
         if self.par is not None:
             why = self.par.gather(why)[0]  # rank 0's outcome, on every rank

@@ -166,7 +166,6 @@ class RolloutServer(JSONServer):
         print(f"weights version {version} loaded from {path.name}", flush=True)  # the server's record of pushes
         return {"version": version}
 
-
     def transfer(self, stage: str, req: dict) -> dict:
         """/weight_transfer/<stage>: one of vLLM's weight-transfer calls (init, start, update, finish),
         in that order per push; finish makes `version` the one the server holds."""

@@ -289,8 +289,12 @@ class VLLMEngine:
     # A rollout server calls these in this order for each push; the trainer's side (its NCCL
     # broadcast, which update_weights_from receives) is grpo/parts/rollout/nccl.py.
     def init_weight_transfer(self, init_info: dict) -> None:
-        """Join the trainer's NCCL group (blocks until the trainer has opened its end)."""
+        """Join the trainer's NCCL group (blocks until the trainer has opened its end), leaving the
+        group of a trainer before if there was one."""
+        if getattr(self, "_transfer_open", False):
+            self.llm.shutdown_weight_transfer_engine()
         self.llm.init_weight_transfer_engine({"init_info": init_info})
+        self._transfer_open = True
 
     def start_weight_update(self) -> None:
         if "weights" in self._asleep:
