@@ -12,7 +12,7 @@ from grpo.parts.config import ConfigError
 from grpo.parts.distributed import Parallel
 from grpo.parts.rollout.base import Rollout
 from tests.commands.test_train_e2e import cfg_for, read_metrics
-from tests.conftest import assert_resumed_exactly, run_grpo, run_interrupted
+from tests.conftest import assert_resumed_exactly, run_interrupted, run_killed
 
 
 def fake_run(step: int, max_steps: int):
@@ -171,7 +171,7 @@ def test_a_finished_lagged_run_extended_trains_as_one_run_to_the_new_end(tiny_mo
 
 
 @pytest.mark.slow
-def test_lag_one_killed_mid_run_resumes_to_the_uninterrupted_weights(tiny_model_dir, tmp_path, monkeypatch):
+def test_lag_one_killed_mid_run_resumes_to_the_uninterrupted_weights(tiny_model_dir, tmp_path):
     # eta = 1, 6 steps, a checkpoint after step 3 holding the rollout for step 4 (made at the start of
     # step 3). Verifier calls: 1-2 the step-0 evaluation (sampled, greedy), 3-4 step 1 (its own
     # rollout and step 2's), 5 step 2, 6 step 3, 7 step 4: SIGKILLed there, after the checkpoint. Resumed, step 4 must train
@@ -180,16 +180,11 @@ def test_lag_one_killed_mid_run_resumes_to_the_uninterrupted_weights(tiny_model_
               "trainer.max_steps=6", "task.verifiers=[{_target_: tests.toy_verifiers.DigitFractionEvenOnlyKilled}]"]
     full, part = tmp_path / "full", tmp_path / "part"
     train(cfg_for(tiny_model_dir, *common), full)
-    monkeypatch.setenv("GRPO_TEST_KILL_AT", "7")
-    # the killed run is a subprocess, the others run here: the same torch thread count, or the
-    # reductions differ in the last bits (earlier tests in this process may have set it to 1)
-    monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))
+    # (the killed run is a subprocess with this process's torch thread count: see run_killed)
     overrides = ["model.path=" + str(tiny_model_dir), "logger=jsonl", "trainer.prompts_per_step=4",
                  "algorithm.group_size=4", "rollout.max_new_tokens=6", "trainer.eval_size=8", "task.eval_size=8", *common]
-    r = run_grpo("train", f"hydra.run.dir={part}", *overrides)
-    assert r.returncode == -9, r.stderr[-2000:]
+    run_killed(7, "train", f"hydra.run.dir={part}", *overrides)
     assert sorted(x["step"] for x in read_metrics(part) if "loss" in x) == [1, 2, 3]  # died inside step 4
-    monkeypatch.delenv("GRPO_TEST_KILL_AT")
     train(cfg_for(tiny_model_dir, *common, "trainer.resume=true"), part)
     assert_resumed_exactly(full, part, (4, 5, 6), ("reward/mean", "loss", "grad_norm", "offpolicy/weight_mean",
                                                     "async/staleness", "async/inflight_groups"), 6)

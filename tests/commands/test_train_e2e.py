@@ -7,7 +7,7 @@ import torch
 
 from grpo.cli import compose_config
 from grpo.commands.train import train
-from tests.conftest import assert_resumed_exactly, run_grpo, run_interrupted
+from tests.conftest import assert_resumed_exactly, run_grpo, run_interrupted, run_killed
 
 pytestmark = pytest.mark.slow
 TOY = "task.verifiers=[{_target_: tests.toy_verifiers.DigitFraction}]"
@@ -131,7 +131,7 @@ def test_bad_config_stops_before_training_with_one_clear_message(args, message, 
     assert not (tmp_path / "run").exists()  # a command that cannot start leaves no run dir
 
 
-def test_dynamic_sampling_killed_while_oversampling_resumes_bit_exact(tiny_model_dir, tmp_path, monkeypatch):
+def test_dynamic_sampling_killed_while_oversampling_resumes_bit_exact(tiny_model_dir, tmp_path):
     # About half the groups have equal rewards (DigitFractionEvenOnly: 0 for odd first operands), so
     # steps take a second rollout and carry the extra kept groups; the checkpoint after step 3 holds
     # some. The killed run gets SIGKILL inside step 5's second rollout (the verifier's 11th call:
@@ -145,14 +145,11 @@ def test_dynamic_sampling_killed_while_oversampling_resumes_bit_exact(tiny_model
     assert [a[s]["dapo/gen_batches"] for s in sorted(a)] == [2, 2, 2, 1, 2]  # what the call count above assumes
     assert a[3]["dapo/buffer"] > 0 and all(a[s]["dapo/kept_groups"] == 4 for s in a)
 
-    monkeypatch.setenv("GRPO_TEST_KILL_AT", "11")
     overrides = ["model.path=" + str(tiny_model_dir), "logger=jsonl", "trainer.prompts_per_step=4", "algorithm.group_size=4",
                  "rollout.max_new_tokens=6", "trainer.eval_size=8", "task.eval_size=8", *common]
-    r = run_grpo("train", f"hydra.run.dir={part}", *overrides)
-    assert r.returncode == -9, r.stderr[-2000:]
+    run_killed(11, "train", f"hydra.run.dir={part}", *overrides)
     assert sorted(r["step"] for r in read_metrics(part) if "loss" in r) == [1, 2, 3, 4]  # died inside step 5
     assert not (part / "checkpoints/step_000004").exists()
-    monkeypatch.delenv("GRPO_TEST_KILL_AT")
 
     train(cfg_for(tiny_model_dir, *common, "trainer.resume=true"), part)
     assert_resumed_exactly(full, part, (4, 5), ("reward/mean", "loss", "grad_norm", "dapo/buffer", "dapo/gen_batches"), 5)
