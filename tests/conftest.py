@@ -8,6 +8,10 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# A run starts its verifiers' workers at build (Run.rewards) so its first steps do not wait for them;
+# most tests build a run and end in seconds, before the workers would be used: they skip that start
+# (test_run checks it with the variable at 1).
+os.environ.setdefault("GRPO_VERIFIER_WARMUP", "0")
 
 
 @pytest.fixture(scope="session")

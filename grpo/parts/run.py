@@ -303,7 +303,9 @@ class Run:
         parts = build_rewards_from(task, verifier, reward_model, self.tok, self.frozen_device,
                                    model.dtype if model else "float32", model.path if model else None)
         self.own(*parts)
-        if parts[1] is not None:  # the verifiers' workers start now, beside the model's loading
+        # The verifiers' workers start now, beside the model's loading, so the first steps that need
+        # them do not wait (GRPO_VERIFIER_WARMUP=0 leaves them to their first use: the test suite).
+        if parts[1] is not None and os.environ.get("GRPO_VERIFIER_WARMUP", "1") != "0":
             parts[1].warmup()
         return parts
 

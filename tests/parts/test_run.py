@@ -146,7 +146,7 @@ def test_a_closed_run_lets_go_of_its_models(tiny_model_dir, tmp_path):
         gc.enable()
 
 
-def test_the_verifiers_workers_start_when_the_run_builds_its_rewards(tiny_model_dir, tmp_path):
+def test_the_verifiers_workers_start_when_the_run_builds_its_rewards(tiny_model_dir, tmp_path, monkeypatch):
     # The math verifier's pool starts lazily on its first comparison; a trainer's first step that
     # needed it paid for the workers' imports (0.5-0.9 s of sympy and math-verify in bench_async's
     # runs). Run.rewards starts them at build, not waiting for them: the workers are processes of
@@ -155,6 +155,7 @@ def test_the_verifiers_workers_start_when_the_run_builds_its_rewards(tiny_model_
 
     from grpo.parts.config import VerifierConfig
 
+    monkeypatch.setenv("GRPO_VERIFIER_WARMUP", "1")  # the default (tests/conftest.py sets 0 for the others)
     run = Run("toy", tmp_path / "run", {"toy": True}, max_steps=1, seed=0, resume=False, eval_every=0,
               save_every=0, keep_checkpoints=1, log_every=1, log_first=True, logger=LoggerConfig())
     with run:
