@@ -207,12 +207,7 @@ def run_ppo(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
             prompts = encode_prompts(tok, samples, trainer.system_prompt, tools_of(engine))
             fields = [s.fields() for s in samples for _ in range(hp.samples)]
             if submit:
-                sent = engine.submit(prompts, hp.samples, sampling)
-
-                def score():
-                    ro = sent.result()
-                    return ro, score_rollout(rewards, ro, fields)
-                done = scorer.submit(score)
+                done = lag.send_and_score(engine, scorer, rewards, prompts, hp.samples, sampling, fields)
                 return lambda: scored(fields, *done.result())
             ro = generate(engine, prompts, hp.samples, sampling, samples)  # one completion, or a conversation, each
             return scored(fields, ro)

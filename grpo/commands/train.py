@@ -56,8 +56,8 @@ from grpo.parts.batch import (batch_logprobs, engine_logprobs, group_logprobs, m
                               supports_shared_prompt)
 from grpo.parts.distributed import full_tensor, shard
 from grpo.parts.evaluation import eval_headline
-from grpo.parts.lag import (gathered_groups, lagged, my_share, restored_queue, scoring_thread, settle as settle_queue,
-                            submits)
+from grpo.parts.lag import (gathered_groups, lagged, my_share, restored_queue, scoring_thread, send_and_score,
+                            settle as settle_queue, submits)
 from grpo.parts.reward_sources import score_rollout
 from grpo.parts.rollout import SamplingParams, encode_prompts, push_weights, sampling_params, task_prompts, tools_of
 from grpo.parts.rollout.base import Rollout
@@ -188,13 +188,8 @@ def sample(grpo: GRPO, run: Run, submit: bool = False) -> Sampled | Callable[[],
     grpo.progress["data_pos"] += B
     prompts = encode_prompts(run.tok, samples, grpo.system_prompt, tools_of(grpo.engine))
     if submit:
-        sent = grpo.engine.submit(prompts, G, grpo.sampling)
         fields = [s.fields() for s in samples for _ in range(G)]
-
-        def score():
-            ro = sent.result()
-            return ro, score_rollout(grpo.rewards, ro, fields)
-        done = grpo.scorer.submit(score)
+        done = send_and_score(grpo.engine, grpo.scorer, grpo.rewards, prompts, G, grpo.sampling, fields)
         return lambda: scored(grpo, run, samples, *done.result())
     ro = generate(grpo.engine, prompts, G, grpo.sampling, samples)  # one completion, or a conversation, each
     return scored(grpo, run, samples, ro)

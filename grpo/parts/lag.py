@@ -46,6 +46,20 @@ def scoring_thread(run: Any):
     return pool
 
 
+def send_and_score(engine: Any, scorer: Any, rewards: Any, prompts: list, n: int, sampling: Any,
+                   fields: list) -> Any:
+    """Send the generation of `prompts` x `n` to the engine now (its `submit`) and queue its scoring
+    against `fields` on the scoring thread; returns the Future of (Rollout, the reward source's Rewards)."""
+    from grpo.parts.reward_sources import score_rollout
+
+    sent = engine.submit(prompts, n, sampling)
+
+    def score():
+        ro = sent.result()
+        return ro, score_rollout(rewards, ro, fields)
+    return scorer.submit(score)
+
+
 def restored_queue(progress: dict[str, Any], eta: int) -> list[dict]:
     """The queue a run (perhaps resumed) starts from: a checkpoint from before the key has none, and
     an on-policy run (eta = 0) drops what an off-policy one left, with a warning."""
